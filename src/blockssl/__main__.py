@@ -1,0 +1,5 @@
+import sys
+
+from blockssl.cli import main
+
+sys.exit(main())

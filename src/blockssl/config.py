@@ -1,0 +1,447 @@
+"""One typed configuration tree: the single source of defaults.
+
+Defaults are the paper's ImageNet recipe (Siddiqui et al. 2024, section "Recipe"); the CPU-scale recipes in
+``configs/`` override what they need. YAML files and ``key=value`` overrides are merged onto the defaults and
+validated, so a typo or a bad value fails before any compute starts, naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
+Arch = Literal[
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d",
+]  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    name: DatasetName = "imagefolder"  # ImageNet in its train/ and val/ folder layout
+    root: str = ""  # "" = the dataset's standard location (e.g. Debian's package for Fashion-MNIST)
+    subset: int = 0  # use only the first N training images; 0 = all
+    image_size: int = 0  # crop size; 0 = the dataset's native size (224 for ImageFolder)
+    augment: Literal["auto", "barlow_twins", "simclr", "vicreg"] = "auto"  # auto = preset of loss.name
+    num_workers: int = 8
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    synthetic_size: int = 2048  # images in the generated `synthetic` training set
+    synthetic_classes: int = 10
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = "resnet50"
+    # Grouping of stages into blocks: blocks separated by ",", stages of one block joined by "+".
+    # Paper default: 4 blocks (stem+layer1, layer2, layer3, layer4).
+    blocks: str = "stem+layer1,layer2,layer3,layer4"
+    stem: Literal["auto", "imagenet", "small"] = "auto"  # small = 3x3 stride-1 conv, no max-pool
+    in_channels: int = 0  # 0 = the dataset's channels
+    width: float = 1.0  # multiplier of every stage's width (CPU-scale models)
+    zero_init_residual: bool = True
+    head: Literal["gap", "cbe"] = "cbe"  # CbE + global pooling, the paper's best pooling design
+    head_dim: int = 2048  # CbE expansion width
+    head_kernel: int = 1  # CbE kernel size (1x1 in the paper)
+    projector: str = "8192-8192-8192"  # MLP widths; "" = no projector
+    # Per-block overrides (one entry per block; empty = the values above for every block).
+    block_head_dims: list[int] = field(default_factory=list)
+    block_projectors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NoiseConfig:
+    type: Literal["none", "global", "channel", "spatial"] = "global"
+    std: float = 0.25  # sigma; best value in the paper (+0.33 points on ImageNet)
+
+
+@dataclass
+class LossConfig:
+    name: Literal["barlow_twins", "simclr", "vicreg"] = "barlow_twins"
+    lambd: float = 0.0051  # Barlow Twins off-diagonal weight
+    scale: float = 0.024  # Barlow Twins loss scale
+    temperature: float = 0.1  # SimCLR
+    sim_coeff: float = 25.0  # VICReg invariance
+    std_coeff: float = 25.0  # VICReg variance
+    cov_coeff: float = 1.0  # VICReg covariance
+
+
+@dataclass
+class TrainConfig:
+    # Presets of two switches: which blocks carry a loss, and whether block inputs are detached.
+    scheme: Literal["end_to_end", "simultaneous", "sequential"] = "simultaneous"
+    loss_blocks: str = "auto"  # "auto" (scheme preset), "all", "last" or block numbers "1,3,4"
+    detach: Literal["auto", "true", "false"] = "auto"  # auto = scheme preset (stop-gradient on if blockwise)
+    frozen_blocks: list[int] = field(default_factory=list)  # blocks frozen at random initialisation (1-based)
+    # lean = each block's backward and optimizer step as soon as its loss exists (same update, less memory);
+    # reference = all blocks forward, then one backward (the authors' code). auto = lean when equivalent.
+    execution: Literal["auto", "lean", "reference"] = "auto"
+    epochs: int = 300
+    batch_size: int = 2048  # global batch
+    max_steps: int = 0  # 0 = no cap
+    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    lr: float = 0.2  # per 256 images: the peak lr is lr * batch_size / 256
+    bias_lr: float = 0.0048  # lr per 256 for biases and norm parameters (Barlow Twins recipe); 0 = same as lr
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    lars_eta: float = 0.001
+    warmup_epochs: float = 10.0
+    min_lr_ratio: float = 0.001  # cosine decays to this fraction of the peak
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    device: str = "auto"  # auto = cuda if available, else cpu
+    log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    progress: bool = True  # progress bar
+
+
+@dataclass
+class ProbeConfig:
+    """Linear-probe evaluation. ``fast``: features extracted once, probes trained on them with an lr chosen on a
+    held-out part of the training set. ``paper``: SGD on augmented images (lr 0.1, momentum 0.9, batch 256,
+    100 epochs, cosine), the paper's protocol for ImageNet."""
+
+    protocol: Literal["fast", "paper"] = "fast"
+    epochs: int = 30  # fast protocol; the paper protocol uses 100
+    batch_size: int = 256
+    lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])  # fast protocol grid (Adam-free SGD)
+    val_fraction: float = 0.1  # held-out share of the training set for choosing the lr
+    weight_decay: float = 0.0
+    eval_batch_size: int = 512
+
+
+@dataclass
+class Config:
+    out: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation ``hint``; return it converted (int -> float, str list)."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value is True or value is False:  # YAML reads true/false for "true"/"false" literals
+            value = str(value).lower()
+        if value not in choices:
+            hint_text = _suggest(str(value), [str(c) for c in choices])
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}"
+                              f"{hint_text}")
+        return value
+    if origin is list:
+        (item,) = get_args(hint)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            value = [v for v in str(value).split(",") if v.strip()] if isinstance(value, str) else [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}; write e.g. {key}=[1,2]")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool | dict | list):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported annotation {hint!r} for {key}")
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _apply(node: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set ``values`` (a nested dict) on the dataclass ``node``, validating every key and value."""
+    hints = _hints(type(node))
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            valid = sorted(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown key {full!r}{_suggest(full, valid)}; valid keys here: {', '.join(valid)}")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: is a section; set its keys, e.g. {full}.{next(iter(_hints(type(current))))}=...")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(node, key, _coerce(full, value, hints[key]))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.lr=0.1"`` -> ``{"train": {"lr": 0.1}}``; the value is read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=10")
+    key, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; recipes are in configs/")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        values = loaded
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    cfg = Config()
+    _apply(cfg, values)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    cfg = Config()
+    _apply(cfg, values)
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def diff_configs(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ, as ``key: a -> b`` lines."""
+    out: list[str] = []
+
+    def walk(x: dict[str, Any], y: dict[str, Any], prefix: str) -> None:
+        for k in x:
+            if isinstance(x[k], dict):
+                walk(x[k], y[k], f"{prefix}{k}.")
+            elif x[k] != y[k]:
+                out.append(f"{prefix}{k}: {x[k]!r} -> {y[k]!r}")
+
+    walk(to_dict(a), to_dict(b), "")
+    return out
+
+
+def describe_keys() -> str:
+    """Every key with its type and default, for ``--help``."""
+    lines: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            hint = _hints(type(node))[f.name]
+            kind = "|".join(map(str, get_args(hint))) if get_origin(hint) is Literal else getattr(
+                hint, "__name__", str(hint))
+            lines.append(f"  {prefix}{f.name} = {value!r}  ({kind})")
+
+    walk(Config(), "")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Derived settings and cross-field checks
+
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def parse_blocks(spec: str) -> list[list[str]]:
+    """``"stem+layer1,layer2,layer3,layer4"`` -> ``[["stem", "layer1"], ["layer2"], ...]``, checked.
+
+    Every stage must appear exactly once and in network order, since block k+1 reads block k's output.
+    """
+    blocks = [[s.strip() for s in group.split("+") if s.strip()] for group in spec.split(",")]
+    flat = [s for b in blocks for s in b]
+    if any(not b for b in blocks) or flat != list(STAGES):
+        raise ConfigError(
+            f"model.blocks: {spec!r} must list each stage of {'+'.join(STAGES)} exactly once, in order, "
+            f"grouped into blocks by ',' (e.g. 'stem+layer1,layer2,layer3,layer4' or 'stem+layer1+layer2,layer3+layer4')")
+    return blocks
+
+
+def loss_blocks(cfg: Config) -> list[int]:
+    """0-based indices of the blocks that carry a loss."""
+    n = len(parse_blocks(cfg.model.blocks))
+    spec = cfg.train.loss_blocks.strip()
+    if spec == "auto":
+        spec = "last" if cfg.train.scheme == "end_to_end" else "all"
+    if spec == "all":
+        chosen = list(range(n))
+    elif spec == "last":
+        chosen = [n - 1]
+    else:
+        try:
+            chosen = sorted({int(s) - 1 for s in spec.split(",")})
+        except ValueError:
+            raise ConfigError(f"train.loss_blocks: {spec!r}; use auto, all, last or block numbers like 1,2,4") from None
+    frozen = {b - 1 for b in cfg.train.frozen_blocks}
+    chosen = [k for k in chosen if k not in frozen]
+    if not chosen or any(not 0 <= k < n for k in chosen):
+        raise ConfigError(f"train.loss_blocks: {cfg.train.loss_blocks!r} selects no valid trainable block of 1..{n}")
+    return chosen
+
+
+def detach_inputs(cfg: Config) -> bool:
+    """The stop-gradient switch: on for blockwise schemes, off for end-to-end, unless set explicitly."""
+    if cfg.train.detach == "auto":
+        return cfg.train.scheme != "end_to_end"
+    return cfg.train.detach == "true"
+
+
+def lean_execution(cfg: Config) -> bool:
+    """Per-block backward and step is the same update as the reference only when no gradient crosses blocks."""
+    lean_ok = detach_inputs(cfg) and cfg.train.execution != "reference"
+    if cfg.train.execution == "lean" and not detach_inputs(cfg):
+        raise ConfigError("train.execution=lean needs detached block inputs (train.detach=true or a blockwise "
+                          "scheme): with gradients crossing blocks, one block's step would change another's "
+                          "gradient; use train.execution=reference or auto")
+    return lean_ok
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks, each naming the key and the fix."""
+    blocks = parse_blocks(cfg.model.blocks)
+    n = len(blocks)
+    t, m, d = cfg.train, cfg.model, cfg.data
+    positive = {"train.epochs": t.epochs, "train.batch_size": t.batch_size, "model.head_dim": m.head_dim,
+                "model.head_kernel": m.head_kernel, "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for key, value in {"train.max_steps": t.max_steps, "data.subset": d.subset, "data.num_workers": d.num_workers,
+                       "data.image_size": d.image_size, "train.checkpoint_every": t.checkpoint_every,
+                       "model.in_channels": m.in_channels}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {value}")
+    if t.batch_size < 2:
+        raise ConfigError("train.batch_size: the losses use batch statistics and need at least 2 images per batch")
+    if m.head_kernel % 2 == 0:
+        raise ConfigError(f"model.head_kernel: must be odd to keep the spatial size, got {m.head_kernel}")
+    if m.width <= 0:
+        raise ConfigError(f"model.width: must be positive, got {m.width}")
+    if cfg.noise.std < 0:
+        raise ConfigError(f"noise.std: must be 0 or more, got {cfg.noise.std}")
+    if t.lr <= 0 or t.bias_lr < 0 or t.weight_decay < 0:
+        raise ConfigError("train.lr must be positive, train.bias_lr and train.weight_decay 0 or more")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio: must lie in [0, 1], got {t.min_lr_ratio}")
+    if t.warmup_epochs < 0:
+        raise ConfigError(f"train.warmup_epochs: must be 0 or more, got {t.warmup_epochs}")
+    for key, lst in (("model.block_head_dims", m.block_head_dims), ("model.block_projectors", m.block_projectors)):
+        if lst and len(lst) != n:
+            raise ConfigError(f"{key}: has {len(lst)} entries but model.blocks defines {n} blocks; give one per "
+                              "block or leave it empty")
+    for spec in [m.projector, *m.block_projectors]:
+        parse_projector(spec)
+    bad = [b for b in t.frozen_blocks if not 1 <= b <= n]
+    if bad:
+        raise ConfigError(f"train.frozen_blocks: {bad} outside 1..{n} (blocks are numbered from 1)")
+    if t.scheme == "sequential" and t.frozen_blocks:
+        raise ConfigError("train.frozen_blocks: not supported with train.scheme=sequential, which freezes "
+                          "blocks itself; use scheme=simultaneous with frozen_blocks")
+    if t.scheme == "sequential" and t.loss_blocks not in ("auto", "all"):
+        raise ConfigError("train.loss_blocks: the sequential scheme trains each block in turn; leave it auto")
+    loss_blocks(cfg)
+    lean_execution(cfg)
+    if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
+        raise ConfigError(f"train.device: {t.device!r}; use auto, cpu, cuda or cuda:N")
+    if d.name == "synthetic" and d.synthetic_size < t.batch_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} is larger than data.synthetic_size={d.synthetic_size}")
+    if d.subset and d.subset < t.batch_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} is larger than data.subset={d.subset}; "
+                          "lower the batch size or use more images")
+
+
+def parse_projector(spec: str) -> list[int]:
+    """``"8192-8192-8192"`` -> ``[8192, 8192, 8192]``; ``""`` -> ``[]`` (no projector)."""
+    if not spec.strip():
+        return []
+    try:
+        dims = [int(s) for s in spec.split("-")]
+    except ValueError:
+        raise ConfigError(f"model.projector: {spec!r} must be widths joined by '-', e.g. 8192-8192-8192") from None
+    if any(d < 1 for d in dims):
+        raise ConfigError(f"model.projector: widths must be positive, got {spec!r}")
+    return dims
+
+
+# Keys that may change when resuming a run: they do not change what is computed.
+RESUMABLE_KEYS = ("data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers",
+                  "train.progress", "train.device", "train.log_every")
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A run's saved ``config.yaml`` with the overrides that do not change what is computed; others are an error."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a blockssl run directory?")
+    saved = yaml.safe_load(path.read_text())
+    values = saved
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    cfg, original = from_dict(values), from_dict(saved)
+    cfg.out = str(run_dir)
+    conflicts = [line for line in diff_configs(original, cfg)
+                 if line.split(":")[0] not in (*RESUMABLE_KEYS, "out")]
+    if conflicts:
+        raise ConfigError("--resume: these overrides conflict with the run's config.yaml:\n  " + "\n  ".join(conflicts)
+                          + f"\nonly {', '.join(RESUMABLE_KEYS)} may change; start a new run for the others")
+    return cfg

@@ -1,0 +1,78 @@
+"""Deterministic pretraining batches: data order and augmentations are functions of (seed, epoch, index).
+
+The sampler yields ``(epoch, index)`` pairs and the dataset seeds each sample's augmentation from them, so a
+run gives the same batches with any number of workers, resumes mid-epoch exactly, and a global batch split
+across processes holds the same images, augmented the same way, as in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """This process's share of each global batch of a seeded per-epoch permutation; the last partial batch dropped.
+
+    Global batch ``s`` is ``perm[s*B:(s+1)*B]`` and process ``r`` of ``w`` takes the r-th contiguous slice of it.
+    ``start(epoch, step)`` positions the sampler for resuming.
+    """
+
+    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if global_batch % world:
+            raise ValueError(f"train.batch_size={global_batch} is not divisible by the {world} processes")
+        if size < global_batch:
+            raise ValueError(f"train.batch_size={global_batch} is larger than the dataset ({size} images); "
+                             "lower it or use more data")
+        self.size, self.global_batch, self.seed, self.rank, self.world = size, global_batch, seed, rank, world
+        self.epoch, self.first_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.size // self.global_batch
+
+    def start(self, epoch: int, step_in_epoch: int = 0) -> None:
+        self.epoch, self.first_step = epoch, step_in_epoch
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.first_step) * (self.global_batch // self.world)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.size, generator=g).tolist()
+        local = self.global_batch // self.world
+        for step in range(self.first_step, self.steps_per_epoch):
+            begin = step * self.global_batch + self.rank * local
+            for i in perm[begin: begin + local]:
+                yield self.epoch, i
+
+
+class TwoViews(Dataset):
+    """``dataset[(epoch, i)]`` -> (view1, view2); the views' randomness is seeded by (seed, epoch, i)."""
+
+    def __init__(self, base: Dataset, transforms: tuple[Callable, Callable], seed: int) -> None:
+        self.base, self.transforms, self.seed = base, transforms, seed
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, i = key
+        image, _ = self.base[i]
+        # fork_rng: the global RNG of the training process (noise injection) is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63)
+            return self.transforms[0](image), self.transforms[1](image)
+
+
+def pretrain_loader(views: TwoViews, sampler: EpochSampler, *, num_workers: int, pin_memory: bool,
+                    persistent_workers: bool) -> DataLoader:
+    return DataLoader(views, batch_size=sampler.global_batch // sampler.world, sampler=sampler,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
+                      persistent_workers=persistent_workers and num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None,
+                      # Its own generator: creating an iterator must not draw from the global RNG, which
+                      # drives noise injection and is restored exactly on resume.
+                      generator=torch.Generator())

@@ -1,0 +1,71 @@
+"""Two-view augmentation presets (Barlow Twins, SimCLR, VICReg) and evaluation transforms.
+
+ImageNet values are the papers'; for small images the crop scale and blur are adapted as in the CIFAR
+recipes of SimCLR (no blur at 32 px and below), and for grayscale images the colour operations that need
+colour are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from blockssl.data.datasets import DatasetInfo
+
+AUGMENT_PRESETS = ("barlow_twins", "simclr", "vicreg")
+
+
+def _view(info: DatasetInfo, *, jitter: tuple[float, float, float, float], blur_p: float, solarize_p: float
+          ) -> Callable[[Image.Image], torch.Tensor]:
+    size = info.image_size
+    small = size <= 64
+    ops: list[Callable] = [
+        T.RandomResizedCrop(size, scale=(0.2 if small else 0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+    ]
+    if info.channels == 1:
+        b, c, _, _ = jitter
+        ops.append(T.RandomApply([T.ColorJitter(b, c)], p=0.8))
+    else:
+        ops += [T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)]
+    if size > 32 and blur_p > 0:
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd (23 at 224 px)
+        ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(128, p=solarize_p))
+    ops += [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    return T.Compose(ops)
+
+
+def two_view_transforms(preset: str, info: DatasetInfo) -> tuple[Callable, Callable]:
+    """The pair of view transforms of ``preset``.
+
+    barlow_twins / vicreg: asymmetric (view 1 always blurred, view 2 blurred 10% and solarized 20%),
+    jitter (0.4, 0.4, 0.2, 0.1). simclr: symmetric, jitter (0.8, 0.8, 0.8, 0.2), blur 50%.
+    """
+    if preset in ("barlow_twins", "vicreg"):
+        jitter = (0.4, 0.4, 0.2, 0.1)
+        return (_view(info, jitter=jitter, blur_p=1.0, solarize_p=0.0),
+                _view(info, jitter=jitter, blur_p=0.1, solarize_p=0.2))
+    if preset == "simclr":
+        view = _view(info, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0)
+        return view, view
+    raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
+
+
+def eval_transform(info: DatasetInfo) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize + centre crop (256 -> 224 at ImageNet scale, the same ratio elsewhere), then normalise."""
+    size = info.image_size
+    return T.Compose([T.Resize(round(size * 256 / 224) if size > 64 else size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+def probe_train_transform(info: DatasetInfo) -> Callable[[Image.Image], torch.Tensor]:
+    """RandomResizedCrop + flip, the paper's linear-probe training augmentation."""
+    small = info.image_size <= 64
+    return T.Compose([T.RandomResizedCrop(info.image_size, scale=(0.2 if small else 0.08, 1.0),
+                                          interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(info.mean, info.std)])

@@ -1,0 +1,30 @@
+"""Export a run: a backbone state dict torchvision loads, and the per-block heads and projectors beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blockssl.checkpoint import atomic_save
+from blockssl.config import dump_config
+from blockssl.train import backbone_state_dict, checkpoint_model
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write ``backbone.pt``, ``heads.pt`` and ``config.yaml`` into ``out_dir`` from the run's last checkpoint.
+
+    With the standard stem, ``m = torchvision.models.<arch>(); m.fc = torch.nn.Identity();
+    m.load_state_dict(torch.load("backbone.pt"))`` loads the backbone with strict key checking.
+    """
+    model, cfg = checkpoint_model(run_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heads = {
+        "blocks": model.block_stages,
+        "heads": model.heads.state_dict(),
+        "projectors": model.projectors.state_dict(),
+    }
+    paths = [out / "backbone.pt", out / "heads.pt", out / "config.yaml"]
+    atomic_save(backbone_state_dict(model), paths[0])
+    atomic_save(heads, paths[1])
+    paths[2].write_text(dump_config(cfg))
+    return paths

@@ -1,0 +1,41 @@
+"""Barlow Twins (Zbontar et al. 2021), as used at every block by Siddiqui et al. 2024."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from blockssl.dist import all_reduce_sum
+
+
+def batch_standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Normalise each feature by the global batch's mean and (biased) variance: BatchNorm without affine."""
+    n = all_reduce_sum(z.new_tensor(float(z.shape[0])))
+    mean = all_reduce_sum(z.sum(0)) / n
+    var = all_reduce_sum((z - mean).pow(2).sum(0)) / n
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+def off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries of a square matrix, flattened."""
+    n = m.shape[0]
+    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+class BarlowTwinsLoss(nn.Module):
+    """``scale * (sum_i (1 - C_ii)^2 + lambd * sum_{i!=j} C_ij^2)``, C the cross-correlation of the two views.
+
+    Defaults: lambd = 0.0051, scale = 0.024 (Barlow Twins recipe, kept by the blockwise paper).
+    """
+
+    def __init__(self, lambd: float = 0.0051, scale: float = 0.024) -> None:
+        super().__init__()
+        self.lambd, self.scale = lambd, scale
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        z1, z2 = batch_standardize(z1.float()), batch_standardize(z2.float())
+        n = all_reduce_sum(z1.new_tensor(float(z1.shape[0])))
+        c = all_reduce_sum(z1.T @ z2) / n
+        on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+        off_diag = off_diagonal(c).pow(2).sum()
+        return self.scale * (on_diag + self.lambd * off_diag)

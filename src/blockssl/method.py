@@ -1,0 +1,173 @@
+"""BlockwiseSSL: a backbone cut into blocks, a head and a projector per block, one SSL loss per block.
+
+The stop-gradient between blocks is the ``detach`` switch in ``forward``; end-to-end training is the same code
+with it off and a loss at the last block only (Siddiqui et al. 2024, "Training schemes").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from blockssl.config import Config, detach_inputs, loss_blocks, parse_blocks, parse_projector
+from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
+from blockssl.models.backbone import ResNet, group_stages
+from blockssl.models.heads import Head, projector
+from blockssl.models.noise import inject_noise
+
+# Called as soon as block k's loss exists: memory-lean execution runs that block's backward and step there.
+BlockLossHook = Callable[[int, torch.Tensor], None]
+
+
+def build_loss(cfg: Config) -> nn.Module:
+    c = cfg.loss
+    losses: dict[str, Callable[[], nn.Module]] = {
+        "barlow_twins": lambda: BarlowTwinsLoss(lambd=c.lambd, scale=c.scale),
+        "simclr": lambda: SimCLRLoss(temperature=c.temperature),
+        "vicreg": lambda: VICRegLoss(sim_coeff=c.sim_coeff, std_coeff=c.std_coeff, cov_coeff=c.cov_coeff),
+    }
+    if c.name not in losses:
+        raise ValueError(f"unknown loss {c.name!r}; choose one of {', '.join(losses)}")
+    return losses[c.name]()
+
+
+class BlockwiseSSL(nn.Module):
+    """Blocks, heads and projectors built by looping over the backbone's stage metadata.
+
+    ``forward(x1, x2)`` returns ``{"loss": total, "loss/block{k}": ..., "std/block{k}": ...}`` for the blocks that
+    carry a loss (numbered from 1). Blocks in ``frozen`` run in eval mode and without gradient.
+    """
+
+    def __init__(
+        self,
+        backbone: ResNet,
+        blocks: list[list[str]],
+        *,
+        loss: nn.Module,
+        loss_blocks: list[int],
+        detach: bool = True,
+        head: str = "cbe",
+        head_dims: list[int] | None = None,
+        head_kernel: int = 1,
+        projectors: dict[int, list[int]] | None = None,
+        noise: str = "none",
+        noise_std: float = 0.0,
+        frozen: set[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.block_stages = blocks
+        views, infos = group_stages(backbone, blocks)
+        # A plain list: the blocks share parameters with self.backbone, whose names torchvision knows.
+        self.blocks: list[nn.Sequential] = views
+        self.block_channels = [i.channels for i in infos]
+        n = len(blocks)
+        head_dims = head_dims or [2048] * n
+        self.heads = nn.ModuleList(Head(c, head, d, head_kernel) for c, d in zip(self.block_channels, head_dims,
+                                                                                 strict=True))
+        # Projectors only where a loss may sit: at ImageNet scale each 8192-wide one holds about 150 M weights.
+        projectors = projectors if projectors is not None else {k: [8192, 8192, 8192] for k in loss_blocks}
+        self.projectors = nn.ModuleDict({str(k): projector(self.heads[k].out_dim, p) for k, p in projectors.items()})
+        self.loss = loss
+        self.detach = detach
+        self.noise, self.noise_std = noise, noise_std
+        self.frozen: set[int] = set(frozen or ())
+        self.loss_blocks = list(loss_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_parameters(self, k: int) -> Iterator[nn.Parameter]:
+        """Parameters trained by block k's loss alone when inputs are detached: block, head, projector."""
+        yield from self.blocks[k].parameters()
+        yield from self.heads[k].parameters()
+        if str(k) in self.projectors:
+            yield from self.projectors[str(k)].parameters()
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: unfrozen blocks up to the last loss, and the loss blocks' heads and projectors.
+
+        With detached inputs a block without a loss gets no gradient; the optimizer skips it.
+        """
+        params: list[nn.Parameter] = []
+        for k in range(max(self.loss_blocks) + 1):
+            if k not in self.frozen:
+                params += self.blocks[k].parameters()
+        for k in self.loss_blocks:
+            params += self.heads[k].parameters()
+            params += self.projectors[str(k)].parameters()
+        return params
+
+    def train(self, mode: bool = True) -> BlockwiseSSL:
+        super().train(mode)
+        for k in self.frozen:  # frozen blocks keep their BatchNorm statistics
+            self.blocks[k].eval()
+        return self
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, on_block_loss: BlockLossHook | None = None
+                ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        total = x1.new_zeros(())
+        h1, h2 = x1, x2
+        for k in range(max(self.loss_blocks) + 1):  # later blocks carry no loss: skip their compute
+            if self.detach:
+                h1, h2 = h1.detach(), h2.detach()  # the stop-gradient: loss k trains block k only
+            trainable = k not in self.frozen
+            with nullcontext() if trainable else torch.no_grad():
+                # Each view runs separately, as in Barlow Twins: BatchNorm statistics are per view.
+                h1, h2 = self.blocks[k](h1), self.blocks[k](h2)
+                if trainable and self.training:
+                    h1 = inject_noise(h1, self.noise, self.noise_std)
+                    h2 = inject_noise(h2, self.noise, self.noise_std)
+            if k not in self.loss_blocks:
+                continue
+            proj, head = self.projectors[str(k)], self.heads[k]
+            z1, z2 = proj(head(h1)), proj(head(h2))
+            loss_k = self.loss(z1, z2)
+            out[f"loss/block{k + 1}"] = loss_k
+            # Collapse monitor: mean per-feature std of the normalised embeddings (0 = collapsed).
+            out[f"std/block{k + 1}"] = nn.functional.normalize(z1.detach().float(), dim=1).std(0).mean()
+            if on_block_loss is not None:
+                on_block_loss(k, loss_k)  # may run backward now and free this block's graph
+                loss_k = loss_k.detach()
+            total = total + loss_k
+        out["loss"] = total
+        return out
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's head output (the vectors the linear probes read); no noise, no gradient needed."""
+        feats = []
+        for block, head in zip(self.blocks, self.heads, strict=True):
+            x = block(x)
+            feats.append(head(x))
+        return feats
+
+
+def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
+    """The model of a configuration; ``in_channels`` and ``image_size`` come from the dataset."""
+    m = cfg.model
+    stem = m.stem if m.stem != "auto" else ("small" if image_size <= 64 else "imagenet")
+    backbone = ResNet(m.arch, in_channels=m.in_channels or in_channels, stem=stem, width=m.width,
+                      zero_init_residual=m.zero_init_residual)
+    blocks = parse_blocks(m.blocks)
+    n = len(blocks)
+    specs = m.block_projectors or [m.projector] * n
+    trained = range(n) if cfg.train.scheme == "sequential" else loss_blocks(cfg)
+    return BlockwiseSSL(
+        backbone,
+        blocks,
+        loss=build_loss(cfg),
+        loss_blocks=loss_blocks(cfg),
+        detach=detach_inputs(cfg),
+        head=m.head,
+        head_dims=m.block_head_dims or [m.head_dim] * n,
+        head_kernel=m.head_kernel,
+        projectors={k: parse_projector(specs[k]) for k in trained},
+        noise=cfg.noise.type,
+        noise_std=cfg.noise.std,
+        frozen={b - 1 for b in cfg.train.frozen_blocks},
+    )

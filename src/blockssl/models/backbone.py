@@ -1,0 +1,131 @@
+"""torchvision ResNets described as stages with metadata, so blocks can be any grouping of stages.
+
+The module keeps torchvision's attribute names (``conv1, bn1, relu, maxpool, layer1..layer4``), so with the
+standard stem and width its ``state_dict`` loads into ``torchvision.models.<arch>()`` (which adds ``fc``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+# arch -> (block type, blocks per layer, groups, width per group); the values of torchvision's builders.
+ARCHS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int], int, int]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 1, 64),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 1, 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 1, 64),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 1, 64),
+    "resnet152": (Bottleneck, (3, 8, 36, 3), 1, 64),
+    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 1, 128),
+    "wide_resnet101_2": (Bottleneck, (3, 4, 23, 3), 1, 128),
+    "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), 32, 4),
+}
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What a head needs to know about a stage's output."""
+
+    name: str
+    channels: int
+    reduction: int  # total stride from the input image
+
+
+class ResNet(nn.Module):
+    """A torchvision-compatible ResNet trunk (no ``fc``) with stage metadata in ``stage_info``.
+
+    ``stem="small"`` replaces the 7x7 stride-2 convolution and max-pool by a 3x3 stride-1 convolution, the usual
+    choice for 32 px images (the paper's CIFAR-10 runs); ``width`` scales every stage for CPU-scale models.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        *,
+        in_channels: int = 3,
+        stem: str = "imagenet",
+        width: float = 1.0,
+        zero_init_residual: bool = True,
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        if stem not in ("imagenet", "small"):
+            raise ValueError(f"unknown stem {stem!r}; choose imagenet or small")
+        block, layers, groups, width_per_group = ARCHS[arch]
+        self.arch, self.stem_kind = arch, stem
+        self.groups, self.base_width = groups, width_per_group
+        self.inplanes = max(1, round(64 * width))
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, self.inplanes, 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, self.inplanes, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        stem_reduction = 4 if stem == "imagenet" else 1
+        infos = [StageInfo("stem", self.inplanes, stem_reduction)]
+        reduction = stem_reduction
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            layer = self._make_layer(block, max(1, round(planes * width)), n, stride)
+            setattr(self, f"layer{i + 1}", layer)
+            infos.append(StageInfo(f"layer{i + 1}", self.inplanes, reduction))
+        self.stage_info: tuple[StageInfo, ...] = tuple(infos)
+        self._init_weights(zero_init_residual)
+
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, n: int, stride: int) -> nn.Sequential:
+        out_channels = planes * block.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_channels:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width)]
+        self.inplanes = out_channels
+        layers += [block(out_channels, planes, groups=self.groups, base_width=self.base_width) for _ in range(n - 1)]
+        return nn.Sequential(*layers)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        # torchvision's initialisation; zero_init_residual makes every residual branch start as identity
+        # (Goyal et al. 2017), as in the Barlow Twins and blockwise reference code.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                    nn.init.zeros_(m.bn2.weight)
+
+    def stage(self, name: str) -> nn.Module:
+        """The module that computes stage ``name`` (the stem is built from torchvision's top-level layers)."""
+        if name == "stem":
+            return nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+        if name not in ("layer1", "layer2", "layer3", "layer4"):
+            raise KeyError(f"unknown stage {name!r}; stages are {', '.join(s.name for s in self.stage_info)}")
+        return getattr(self, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for info in self.stage_info:
+            x = self.stage(info.name)(x)
+        return x
+
+
+def group_stages(backbone: ResNet, blocks: list[list[str]]) -> tuple[list[nn.Sequential], list[StageInfo]]:
+    """Blocks as ``nn.Sequential`` views over the backbone's stages, and each block's output metadata.
+
+    The views share parameters with ``backbone``; register them under a name that ``state_dict`` skips or the
+    weights appear twice.
+    """
+    info = {s.name: s for s in backbone.stage_info}
+    modules = [nn.Sequential(*(backbone.stage(name) for name in group)) for group in blocks]
+    return modules, [info[group[-1]] for group in blocks]

@@ -1,0 +1,46 @@
+"""Per-block pooling heads and projector MLPs (Siddiqui et al. 2024, "CbE + GSP" and the Barlow Twins projector)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Head(nn.Module):
+    """Turns a block's feature map into the vector its loss and its linear probe read.
+
+    ``gap``: global average pooling. ``cbe`` ("conv-based expansion"): a ``kernel x kernel`` convolution to
+    ``dim`` channels, BatchNorm, ReLU, then global average pooling; the paper's best design uses 1x1 and 2048.
+    """
+
+    def __init__(self, in_channels: int, kind: str = "cbe", dim: int = 2048, kernel: int = 1) -> None:
+        super().__init__()
+        if kind == "gap":
+            self.expand: nn.Module = nn.Identity()
+            self.out_dim = in_channels
+        elif kind == "cbe":
+            self.expand = nn.Sequential(
+                nn.Conv2d(in_channels, dim, kernel, padding=kernel // 2, bias=False),
+                nn.BatchNorm2d(dim),
+                nn.ReLU(inplace=True),
+            )
+            self.out_dim = dim
+        else:
+            raise ValueError(f"unknown head {kind!r}; choose gap or cbe")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(x).mean(dim=(2, 3))
+
+
+def projector(in_dim: int, dims: list[int]) -> nn.Module:
+    """MLP ``in_dim -> dims[0] -> ... -> dims[-1]``: Linear (no bias), BN, ReLU between layers, a plain last Linear.
+
+    ``[8192, 8192, 8192]`` is the Barlow Twins projector the paper uses at every block; ``[]`` is the identity.
+    """
+    layers: list[nn.Module] = []
+    widths = [in_dim, *dims]
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b, bias=False))
+        if i < len(dims) - 1:
+            layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers) if layers else nn.Identity()

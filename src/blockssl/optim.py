@@ -1,0 +1,92 @@
+"""LARS, parameter groups and the learning-rate schedule (a pure function of the step)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from blockssl.config import TrainConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in Barlow Twins.
+
+    A group with ``lars_exclude=True`` (biases and norm parameters) gets neither weight decay nor adaptation.
+    """
+
+    def __init__(self, params: Iterable, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                 eta: float = 0.001) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if not group["lars_exclude"]:
+                    dp = dp.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    trust = torch.where(param_norm > 0,
+                                        torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one), one)
+                    dp = dp.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(dp)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def param_groups(params: Iterable[nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """Two groups: weights, and biases + norm parameters (1-d), the latter without weight decay or LARS scaling.
+
+    Each group carries ``base_lr`` (the peak for a global batch of ``batch_size``) for ``set_lr``.
+    """
+    params = [p for p in params if p.requires_grad]
+    weights = [p for p in params if p.ndim > 1]
+    others = [p for p in params if p.ndim <= 1]
+    scale = cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017)
+    bias_lr = cfg.bias_lr or cfg.lr
+    return [
+        {"params": weights, "base_lr": cfg.lr * scale, "weight_decay": cfg.weight_decay},
+        {"params": others, "base_lr": bias_lr * scale, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(params, cfg)
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=0.0, momentum=cfg.momentum, eta=cfg.lars_eta)
+    for g in groups:
+        g.pop("lars_exclude", None)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose lars, sgd or adamw")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Fraction of the peak learning rate at ``step``: linear warm-up, then cosine down to ``min_ratio``.
+
+    The paper's recipe: 10 warm-up epochs, cosine to 0.001 x peak.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(progress, 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Set every group's lr to ``base_lr * factor``; returns the weights' lr for logging."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]

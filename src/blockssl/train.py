@@ -1,0 +1,306 @@
+"""Pretraining: one loop in a fixed order (batch, lr, forward with per-block losses, backward, step, log, save).
+
+Execution modes (``train.execution``):
+- reference: all blocks forward, the summed loss backward once, every optimizer steps (the authors' code);
+  every block's activations and gradients are alive together.
+- lean: block k's backward runs as soon as its loss exists, then block k's optimizer steps and its gradients
+  are freed, before block k+1 runs. With detached inputs this is the same update (block k+1's input was
+  computed before block k's step), but only one block's graph and gradients are alive at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from blockssl import dist
+from blockssl.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from blockssl.config import Config, ConfigError, diff_configs, dump_config, from_dict, lean_execution, loss_blocks
+from blockssl.data.datasets import build_dataset, dataset_info
+from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
+from blockssl.data.transforms import two_view_transforms
+from blockssl.method import BlockwiseSSL, build_model
+from blockssl.optim import build_optimizer, lr_factor, set_lr
+
+class NonFiniteLossError(FloatingPointError):
+    """A block's loss became NaN or infinite."""
+
+
+@dataclass
+class Phase:
+    """A stretch of steps with fixed trainable blocks: one for every scheme but sequential, which has one per block."""
+
+    loss_blocks: list[int]
+    frozen: set[int]
+    start: int
+    end: int
+
+
+def plan_phases(cfg: Config, num_blocks: int, total_steps: int) -> list[Phase]:
+    """The sequential scheme gives each block an equal share of the steps, earlier blocks frozen."""
+    if cfg.train.scheme == "sequential":
+        bounds = [total_steps * k // num_blocks for k in range(num_blocks + 1)]
+        return [Phase([k], set(range(k)), bounds[k], bounds[k + 1]) for k in range(num_blocks)]
+    return [Phase(loss_blocks(cfg), {b - 1 for b in cfg.train.frozen_blocks}, 0, total_steps)]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizers(model: BlockwiseSSL, phase: Phase, cfg: Config, lean: bool) -> dict[int, torch.optim.Optimizer]:
+    """One optimizer per loss block in lean mode (each steps right after its block's backward), else one.
+
+    Per-parameter optimizers (LARS, SGD, AdamW) make the split exact: the update does not depend on grouping.
+    """
+    if lean:
+        return {k: build_optimizer(model.block_parameters(k), cfg.train) for k in phase.loss_blocks}
+    return {-1: build_optimizer(model.trained_parameters(), cfg.train)}
+
+
+def _check_finite(k: int, loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"block {k + 1}: loss is {loss.item()} at step {step}; the last checkpoint is "
+                                 "left as it was. Lower train.lr, or check the data for broken images")
+
+
+def train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, optimizers: dict[int, torch.optim.Optimizer],
+               *, lean: bool, scaler: torch.amp.GradScaler, autocast: Any, step: int) -> dict[str, torch.Tensor]:
+    """One optimisation step; returns the forward dict (total and per-block terms, detached)."""
+
+    def backward_and_step(k: int, loss: torch.Tensor) -> None:
+        _check_finite(k, loss, step)
+        with torch.autocast(x1.device.type, enabled=False):  # backward outside autocast
+            scaler.scale(loss).backward()
+        scaler.step(optimizers[k])
+        optimizers[k].zero_grad(set_to_none=True)  # free this block's gradients before the next block runs
+
+    if lean:
+        with autocast:
+            out = model(x1, x2, on_block_loss=backward_and_step)
+    else:
+        with autocast:
+            out = model(x1, x2)
+        for key, value in out.items():
+            if key.startswith("loss/"):
+                _check_finite(int(key.removeprefix("loss/block")) - 1, value, step)
+        scaler.scale(out["loss"]).backward()
+        for opt in optimizers.values():
+            scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+    scaler.update()
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def prepare_run_dir(cfg: Config, resume: bool) -> Path:
+    """Create the run directory, or check that resuming it is consistent. Raises before any compute."""
+    out = Path(cfg.out)
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise ConfigError(f"--resume {out}: no config.yaml there; is it a blockssl run directory?")
+        return out
+    if saved.is_file():
+        raise ConfigError(f"out={out} already holds a run; continue it with `blockssl pretrain --resume {out}` "
+                          "or choose another out=")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
+             command: list[str] | None = None) -> Path:
+    """Train ``cfg`` into ``cfg.out``; returns the run directory.
+
+    ``resume`` continues from ``checkpoints/last.pt``. ``stop_after`` runs at most that many steps in this call,
+    then checkpoints and returns, as a preempted job does.
+    """
+    out = prepare_run_dir(cfg, resume)
+    main = dist.is_main_process()
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.seed + dist.rank())
+    info = dataset_info(cfg.data)
+    base = build_dataset(cfg.data, "pretrain")
+    preset = cfg.loss.name if cfg.data.augment == "auto" else cfg.data.augment
+    views = TwoViews(base, two_view_transforms(preset, info), cfg.seed)
+    sampler = EpochSampler(len(views), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
+    loader = pretrain_loader(views, sampler, num_workers=cfg.data.num_workers,
+                             pin_memory=cfg.data.pin_memory and device.type == "cuda",
+                             persistent_workers=cfg.data.persistent_workers)
+    model = build_model(cfg, info.channels, info.image_size).to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)  # type: ignore[call-overload]
+
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    phases = plan_phases(cfg, model.num_blocks, total_steps)
+    lean = lean_execution(cfg)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+
+    step = 0
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+        model.load_state_dict(ckpt["model"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _restore_rng(ckpt["rng"])
+        step = ckpt["step"]
+        _truncate_metrics(out / "metrics.jsonl", step)
+    elif main:
+        (out / "config.yaml").write_text(dump_config(cfg))
+        run_info = {"command": command or sys.argv, "git_revision": _git_revision(), "python": platform.python_version(),
+                    "torch": torch.__version__, "host": platform.node(), "world_size": dist.world_size(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+
+    progress = _progress_bar(cfg, total_steps, step, main)
+    images_per_step = cfg.train.batch_size
+    window_start, window_steps = time.perf_counter(), 0
+    steps_this_call = 0
+    stop = False
+    for phase_index, phase in enumerate(phases):
+        if step >= phase.end or stop:
+            continue
+        model.loss_blocks, model.frozen = phase.loss_blocks, phase.frozen
+        optimizers = build_optimizers(model, phase, cfg, lean)
+        if ckpt is not None and ckpt["phase"] == phase_index:
+            for key, opt in optimizers.items():
+                opt.load_state_dict(ckpt["optimizers"][str(key)])
+        model.train()
+        phase_steps = phase.end - phase.start
+        warmup = round(cfg.train.warmup_epochs * steps_per_epoch * phase_steps / total_steps)
+        while step < phase.end and not stop:
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            sampler.start(epoch, step_in_epoch)
+            for x1, x2 in loader:
+                factor = lr_factor(step - phase.start, phase_steps, warmup, cfg.train.min_lr_ratio)
+                lr = 0.0
+                for opt in optimizers.values():
+                    lr = set_lr(opt, factor)
+                x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+                x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+                terms = train_step(model, x1, x2, optimizers, lean=lean, scaler=scaler, autocast=autocast,
+                                   step=step)
+                step += 1
+                steps_this_call += 1
+                window_steps += 1
+                if progress is not None:
+                    progress.update(1)
+                last = step == phase.end
+                if step % cfg.train.log_every == 0 or last:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                              **{k: float(v) for k, v in terms.items()},
+                              "images_per_sec": window_steps * images_per_step / max(elapsed, 1e-9)}
+                    if main:
+                        with open(out / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    if progress is not None:
+                        progress.set_postfix({k.removeprefix("loss/"): f"{v:.3g}" for k, v in record.items()
+                                              if k.startswith("loss/")} | {"img/s": f"{record['images_per_sec']:.0f}"})
+                    window_start, window_steps = time.perf_counter(), 0
+                stop = stop_after is not None and steps_this_call >= stop_after
+                end_of_epoch = step % steps_per_epoch == 0
+                periodic = (step % cfg.train.checkpoint_every == 0) if cfg.train.checkpoint_every else end_of_epoch
+                if main and (periodic or last or stop):
+                    _save(out, model, optimizers, scaler, step, phase_index, cfg)
+                if last or stop:
+                    break
+    if progress is not None:
+        progress.close()
+    if main and step >= total_steps:
+        _export_backbone(model, out / "backbone.pt")
+    return out
+
+
+def _progress_bar(cfg: Config, total: int, initial: int, main: bool) -> Any:
+    if not (cfg.train.progress and main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
+
+
+def _save(out: Path, model: BlockwiseSSL, optimizers: dict[int, torch.optim.Optimizer],
+          scaler: torch.amp.GradScaler, step: int, phase: int, cfg: Config) -> None:
+    from blockssl.checkpoint import FORMAT_VERSION
+    from blockssl.config import to_dict
+
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    atomic_save({
+        "format_version": FORMAT_VERSION, "config": to_dict(cfg), "step": step, "phase": phase,
+        "model": model.state_dict(), "optimizers": {str(k): o.state_dict() for k, o in optimizers.items()},
+        "scaler": scaler.state_dict(), "rng": rng,
+    }, out / "checkpoints" / "last.pt")
+
+
+def _restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint a resumed run restarts from, so no step appears twice."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def backbone_state_dict(model: BlockwiseSSL) -> dict[str, torch.Tensor]:
+    """The backbone's weights under torchvision's names (no ``fc``)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+
+
+def _export_backbone(model: nn.Module, path: Path) -> None:
+    assert isinstance(model, BlockwiseSSL)
+    atomic_save(backbone_state_dict(model), path)
+
+
+def checkpoint_model(run_dir: str | Path, device: str = "cpu") -> tuple[BlockwiseSSL, Config]:
+    """Rebuild a run's model from ``checkpoints/last.pt`` (for evaluation and export)."""
+    run_dir = Path(run_dir)
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    cfg = from_dict(ckpt["config"])
+    info = dataset_info(cfg.data)
+    model = build_model(cfg, info.channels, info.image_size)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{run_dir}: checkpoint does not match its own config ({e})") from None
+    return model.to(device), cfg
+
