@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,8 +157,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return value
     if origin is list:
         (item,) = get_args(hint)
-        if isinstance(value, str | int) and not isinstance(value, bool):
-            value = [v for v in str(value).split(",") if v.strip()] if isinstance(value, str) else [value]
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else [value]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}; write e.g. {key}=[1,2]")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
@@ -168,8 +169,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if hint is int:
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
@@ -179,8 +183,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 value = float(value)
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if isinstance(value, bool | dict | list):
@@ -205,7 +209,8 @@ def _apply(node: Any, values: dict[str, Any], prefix: str = "") -> None:
         current = getattr(node, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{full}: is a section; set its keys, e.g. {full}.{next(iter(_hints(type(current))))}=...")
+                example = next(iter(_hints(type(current))))
+                raise ConfigError(f"{full}: is a section; set its keys, e.g. {full}.{example}=...")
             _apply(current, value, f"{full}.")
         else:
             setattr(node, key, _coerce(full, value, hints[key]))
@@ -313,7 +318,8 @@ def parse_blocks(spec: str) -> list[list[str]]:
     if any(not b for b in blocks) or flat != list(STAGES):
         raise ConfigError(
             f"model.blocks: {spec!r} must list each stage of {'+'.join(STAGES)} exactly once, in order, "
-            f"grouped into blocks by ',' (e.g. 'stem+layer1,layer2,layer3,layer4' or 'stem+layer1+layer2,layer3+layer4')")
+            "grouped into blocks by ',' (e.g. 'stem+layer1,layer2,layer3,layer4' or "
+            "'stem+layer1+layer2,layer3+layer4')")
     return blocks
 
 

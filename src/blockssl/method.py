@@ -66,11 +66,11 @@ class BlockwiseSSL(nn.Module):
         self.block_channels = [i.channels for i in infos]
         n = len(blocks)
         head_dims = head_dims or [2048] * n
-        self.heads = nn.ModuleList(Head(c, head, d, head_kernel) for c, d in zip(self.block_channels, head_dims,
-                                                                                 strict=True))
+        heads = [Head(c, head, d, head_kernel) for c, d in zip(self.block_channels, head_dims, strict=True)]
+        self.heads = nn.ModuleList(heads)
         # Projectors only where a loss may sit: at ImageNet scale each 8192-wide one holds about 150 M weights.
         projectors = projectors if projectors is not None else {k: [8192, 8192, 8192] for k in loss_blocks}
-        self.projectors = nn.ModuleDict({str(k): projector(self.heads[k].out_dim, p) for k, p in projectors.items()})
+        self.projectors = nn.ModuleDict({str(k): projector(heads[k].out_dim, p) for k, p in projectors.items()})
         self.loss = loss
         self.detach = detach
         self.noise, self.noise_std = noise, noise_std

@@ -27,12 +27,13 @@ from torch import nn
 
 from blockssl import dist
 from blockssl.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from blockssl.config import Config, ConfigError, diff_configs, dump_config, from_dict, lean_execution, loss_blocks
+from blockssl.config import Config, ConfigError, dump_config, from_dict, lean_execution, loss_blocks
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
 from blockssl.data.transforms import two_view_transforms
 from blockssl.method import BlockwiseSSL, build_model
 from blockssl.optim import build_optimizer, lr_factor, set_lr
+
 
 class NonFiniteLossError(FloatingPointError):
     """A block's loss became NaN or infinite."""
@@ -158,7 +159,7 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
                              persistent_workers=cfg.data.persistent_workers)
     model = build_model(cfg, info.channels, info.image_size).to(device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)  # type: ignore[call-overload]
+    model.to(memory_format=memory_format)
 
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -181,8 +182,9 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
         _truncate_metrics(out / "metrics.jsonl", step)
     elif main:
         (out / "config.yaml").write_text(dump_config(cfg))
-        run_info = {"command": command or sys.argv, "git_revision": _git_revision(), "python": platform.python_version(),
-                    "torch": torch.__version__, "host": platform.node(), "world_size": dist.world_size(),
+        run_info = {"command": command or sys.argv, "git_revision": _git_revision(),
+                    "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
+                    "world_size": dist.world_size(),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
 

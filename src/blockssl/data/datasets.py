@@ -167,6 +167,7 @@ def build_dataset(cfg: DataConfig, split: Split) -> Dataset:
     """The raw dataset of ``split``, yielding (PIL image, label); ``data.subset`` applies to training splits."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    dataset_info(cfg)  # checks the name
     builder, _ = REGISTRY[cfg.name]
     dataset = builder(cfg, split)
     if len(dataset) == 0:  # type: ignore[arg-type]

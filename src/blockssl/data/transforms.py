@@ -59,8 +59,9 @@ def two_view_transforms(preset: str, info: DatasetInfo) -> tuple[Callable, Calla
 def eval_transform(info: DatasetInfo) -> Callable[[Image.Image], torch.Tensor]:
     """Resize + centre crop (256 -> 224 at ImageNet scale, the same ratio elsewhere), then normalise."""
     size = info.image_size
-    return T.Compose([T.Resize(round(size * 256 / 224) if size > 64 else size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(size), T.ToTensor(), T.Normalize(info.mean, info.std)])
+    resize = round(size * 256 / 224) if size > 64 else size
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(info.mean, info.std)])
 
 
 def probe_train_transform(info: DatasetInfo) -> Callable[[Image.Image], torch.Tensor]:

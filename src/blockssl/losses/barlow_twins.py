@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from blockssl.dist import all_reduce_sum
+from blockssl.losses.common import at_least_fp32, off_diagonal
 
 
 def batch_standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -14,12 +15,6 @@ def batch_standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     mean = all_reduce_sum(z.sum(0)) / n
     var = all_reduce_sum((z - mean).pow(2).sum(0)) / n
     return (z - mean) / torch.sqrt(var + eps)
-
-
-def off_diagonal(m: torch.Tensor) -> torch.Tensor:
-    """The off-diagonal entries of a square matrix, flattened."""
-    n = m.shape[0]
-    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -33,7 +28,7 @@ class BarlowTwinsLoss(nn.Module):
         self.lambd, self.scale = lambd, scale
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        z1, z2 = batch_standardize(z1.float()), batch_standardize(z2.float())
+        z1, z2 = batch_standardize(at_least_fp32(z1)), batch_standardize(at_least_fp32(z2))
         n = all_reduce_sum(z1.new_tensor(float(z1.shape[0])))
         c = all_reduce_sum(z1.T @ z2) / n
         on_diag = (torch.diagonal(c) - 1).pow(2).sum()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockssl.dist import all_gather_cat, all_reduce_sum, rank, world_size
+from blockssl.losses.common import at_least_fp32
 
 
 class SimCLRLoss(nn.Module):
@@ -21,7 +22,7 @@ class SimCLRLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+        z1, z2 = F.normalize(at_least_fp32(z1), dim=1), F.normalize(at_least_fp32(z2), dim=1)
         n_local = z1.shape[0]
         n = n_local * world_size()
         anchors = torch.cat([z1, z2])  # local anchors: view 1 then view 2

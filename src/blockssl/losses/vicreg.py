@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockssl.dist import all_gather_cat
-from blockssl.losses.barlow_twins import off_diagonal
+from blockssl.losses.common import at_least_fp32, off_diagonal
 
 
 def variance_term(z: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -32,7 +32,7 @@ class VICRegLoss(nn.Module):
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        z1, z2 = all_gather_cat(z1.float()), all_gather_cat(z2.float())
+        z1, z2 = all_gather_cat(at_least_fp32(z1)), all_gather_cat(at_least_fp32(z2))
         invariance = F.mse_loss(z1, z2)
         variance = (variance_term(z1) + variance_term(z2)) / 2
         covariance = covariance_term(z1) + covariance_term(z2)

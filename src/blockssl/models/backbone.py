@@ -56,6 +56,8 @@ class ResNet(nn.Module):
         if stem not in ("imagenet", "small"):
             raise ValueError(f"unknown stem {stem!r}; choose imagenet or small")
         block, layers, groups, width_per_group = ARCHS[arch]
+        if block is Bottleneck and int(round(64 * width) * width_per_group / 64) < 1:
+            raise ValueError(f"{arch} at width {width} has bottlenecks of zero channels; use a larger model.width")
         self.arch, self.stem_kind = arch, stem
         self.groups, self.base_width = groups, width_per_group
         self.inplanes = max(1, round(64 * width))

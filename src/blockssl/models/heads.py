@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -39,7 +41,7 @@ def projector(in_dim: int, dims: list[int]) -> nn.Module:
     """
     layers: list[nn.Module] = []
     widths = [in_dim, *dims]
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b, bias=False))
         if i < len(dims) - 1:
             layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]

@@ -14,12 +14,13 @@ def noise_scale(x: torch.Tensor, kind: str) -> torch.Tensor:
     channel: per sample and channel over (H, W) (the reference code takes it over H only, a bug we do not copy);
     spatial: per sample and location over the channels.
     """
+    # Population std (correction=0): defined for a 1x1 map or a single channel too.
     if kind == "global":
-        return x.std()
+        return x.std(correction=0)
     if kind == "channel":
-        return x.flatten(2).std(dim=2)[:, :, None, None]
+        return x.flatten(2).std(dim=2, correction=0)[:, :, None, None]
     if kind == "spatial":
-        return x.std(dim=1, keepdim=True)
+        return x.std(dim=1, keepdim=True, correction=0)
     raise ValueError(f"unknown noise type {kind!r}; choose one of {', '.join(NOISE_TYPES)}")
 
 

@@ -1,0 +1,36 @@
+# `make demo` and `make test` work from a fresh clone: they create .venv and install what they need.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo
+
+.PHONY: demo test lint bench data clean-demo
+
+$(BIN)/blockssl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST from Debian's package (installed when running as root and missing).
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or set data.root"; exit 1; fi; \
+	fi
+
+# Pretrain the default recipe (resuming it if $(RUN) exists), then probe every block against random init.
+demo: $(BIN)/blockssl data
+	@if [ -f $(RUN)/config.yaml ]; then $(BIN)/blockssl pretrain --resume $(RUN); \
+	else $(BIN)/blockssl pretrain --config configs/fashion_mnist.yaml out=$(RUN); fi
+	$(BIN)/blockssl probe $(RUN) --random-init
+
+test: $(BIN)/blockssl
+	$(BIN)/python -m pytest tests
+
+lint: $(BIN)/blockssl
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
+
+bench: $(BIN)/blockssl
+	$(BIN)/python benchmarks/step_throughput_memory.py

@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny configuration that trains in about a second on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockssl.config import Config, load_config
+
+TINY = [
+    "data.name=synthetic", "data.image_size=16", "data.synthetic_size=64", "data.num_workers=0",
+    "model.arch=resnet18", "model.width=0.125", "model.head_dim=16", "model.projector=32-32",
+    "train.batch_size=16", "train.epochs=2", "train.optimizer=lars", "train.warmup_epochs=0.5",
+    "train.log_every=1", "train.progress=false", "train.device=cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_config(out: Path | str, *overrides: str) -> Config:
+    return load_config(None, [*TINY, f"out={out}", *overrides])

@@ -1,0 +1,110 @@
+"""Noise injection ``x + sigma * s(x) * N(0, 1)``: the scale of each variant, and an identity gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blockssl.models.noise import NOISE_TYPES, inject_noise, noise_scale
+
+
+def test_none_and_zero_sigma_return_input_unchanged():
+    x = torch.randn(2, 3, 4, 4)
+    assert inject_noise(x, "none", 0.5) is x
+    for kind in ("global", "channel", "spatial"):
+        assert torch.equal(inject_noise(x, kind, 0.0), x)
+
+
+def test_unknown_kind_is_rejected():
+    assert set(NOISE_TYPES) == {"none", "global", "channel", "spatial"}
+    with pytest.raises(ValueError, match="spatial"):
+        inject_noise(torch.randn(2, 3, 4, 4), "gaussian", 0.1)
+
+
+def test_global_noise_std_is_sigma_times_tensor_std():
+    torch.manual_seed(0)
+    x = 3.0 * torch.randn(16, 16, 32, 32) + 1.0
+    sigma = 0.25
+    out = inject_noise(x, "global", sigma)
+    assert (out - x).std().item() == pytest.approx(sigma * x.std().item(), rel=0.01)
+    torch.testing.assert_close(noise_scale(x, "global"), x.std(correction=0))
+
+
+def _channel_input() -> torch.Tensor:
+    """(N, C, H, W) whose channels have very different scales and vary along W only.
+
+    The std over H alone is zero while the std over (H, W) is not, so a scale computed over H only (the
+    reference code's bug) would add no noise at all.
+    """
+    g = torch.Generator().manual_seed(1)
+    n, c, h, w = 3, 4, 64, 64
+    pattern = torch.randn(n, c, 1, w, generator=g).expand(n, c, h, w).clone()
+    amplitude = (
+        torch.tensor([0.01, 1.0, 10.0, 100.0])[None, :, None, None]
+        * torch.tensor([1.0, 3.0, 0.5])[:, None, None, None]
+    )
+    return pattern * amplitude + 5.0
+
+
+def test_channel_scale_is_per_sample_and_channel_over_height_and_width():
+    x = _channel_input()
+    n, c = x.shape[:2]
+    assert x.std(dim=2).max() == 0  # std over H alone: zero
+    expected = torch.tensor([[x[i, j].flatten().std(correction=0).item() for j in range(c)] for i in range(n)])
+    assert expected.min() > 0
+    scale = noise_scale(x, "channel")
+    assert scale.shape == (n, c, 1, 1)
+    torch.testing.assert_close(scale[:, :, 0, 0], expected, rtol=1e-4, atol=0)
+
+
+def test_channel_noise_residual_std_matches_each_channel():
+    torch.manual_seed(0)
+    x = _channel_input()
+    sigma = 0.5
+    residual = inject_noise(x, "channel", sigma) - x
+    got = residual.flatten(2).std(dim=2)
+    want = sigma * x.flatten(2).std(dim=2)
+    ratio = got / want
+    # 4096 draws per (sample, channel): the std estimate is within a few percent.
+    assert ratio.min() > 0.92 and ratio.max() < 1.08, ratio
+
+
+def test_spatial_noise_residual_std_matches_each_location():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    n, c, h, w = 2, 512, 4, 4
+    amplitude = torch.logspace(-2, 2, h * w).view(1, 1, h, w)  # locations with scales 0.01 .. 100
+    x = torch.randn(n, c, h, w, generator=g) * amplitude
+    torch.testing.assert_close(noise_scale(x, "spatial"), x.std(dim=1, keepdim=True, correction=0))
+    assert noise_scale(x, "spatial").shape == (n, 1, h, w)
+    sigma = 0.5
+    residual = inject_noise(x, "spatial", sigma) - x
+    ratio = residual.std(dim=1) / (sigma * x.std(dim=1))
+    assert ratio.min() > 0.85 and ratio.max() < 1.15, ratio
+
+
+@pytest.mark.parametrize("kind", ["global", "channel", "spatial"])
+def test_gradient_is_identity(kind):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 5, 5) * 2).requires_grad_()
+    out = inject_noise(x, kind, 0.5)
+    assert not torch.allclose(out, x)  # noise was added
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    assert torch.equal(x.grad, upstream)
+
+
+@pytest.mark.parametrize("kind", ["global", "channel", "spatial"])
+def test_deterministic_under_seed(kind):
+    x = torch.randn(2, 3, 5, 5)
+    torch.manual_seed(7)
+    a = inject_noise(x, kind, 0.3)
+    torch.manual_seed(7)
+    b = inject_noise(x, kind, 0.3)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:std\\(\\)")
+def test_channel_noise_on_one_by_one_maps_is_finite():
+    x = torch.randn(4, 8, 1, 1)
+    assert torch.isfinite(inject_noise(x, "channel", 0.25)).all()

@@ -1,0 +1,79 @@
+"""LARS against its definition, parameter groups, and the schedule as a pure function of the step."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from blockssl.config import TrainConfig
+from blockssl.optim import LARS, build_optimizer, lr_factor, param_groups
+
+
+def test_lr_factor_warmup_then_cosine_to_min():
+    assert lr_factor(0, 100, 10, 0.001) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.001) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.001) == pytest.approx(1.0)
+    mid = 10 + 45
+    assert lr_factor(mid, 100, 10, 0.001) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert lr_factor(100, 100, 10, 0.001) == pytest.approx(0.001)
+    values = [lr_factor(s, 100, 10, 0.001) for s in range(10, 101)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_param_groups_scale_lr_by_batch_and_exclude_1d():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    cfg = TrainConfig(batch_size=512, lr=0.2, bias_lr=0.0048, weight_decay=1e-6)
+    groups = param_groups(model.parameters(), cfg)
+    assert [p.ndim for p in groups[0]["params"]] == [2]
+    assert len(groups[1]["params"]) == 3  # linear bias, bn weight, bn bias
+    assert groups[0]["base_lr"] == pytest.approx(0.4)
+    assert groups[1]["base_lr"] == pytest.approx(0.0096)
+    assert groups[1]["weight_decay"] == 0.0 and groups[1]["lars_exclude"]
+
+
+def test_lars_step_matches_definition():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 5))
+    b = nn.Parameter(torch.randn(3))
+    gw, gb = torch.randn(3, 5), torch.randn(3)
+    opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
+               lr=0.5, momentum=0.9, eta=0.01)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    for _ in range(2):
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+    # Reference: two steps by hand.
+    mu_w, mu_b, wr, br = torch.zeros_like(w0), torch.zeros_like(b0), w0.clone(), b0.clone()
+    for _ in range(2):
+        d = gw + 0.1 * wr
+        d = d * (0.01 * wr.norm() / d.norm())
+        mu_w = 0.9 * mu_w + d
+        wr = wr - 0.5 * mu_w
+        mu_b = 0.9 * mu_b + gb
+        br = br - 0.5 * mu_b
+    torch.testing.assert_close(w.detach(), wr)
+    torch.testing.assert_close(b.detach(), br)
+
+
+@pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
+def test_build_optimizer_decreases_a_quadratic(name):
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    cfg = TrainConfig(optimizer=name, lr=0.05, bias_lr=0.0, batch_size=256, lars_eta=0.02)
+    opt = build_optimizer(model.parameters(), cfg)
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"]
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    first = last = math.inf
+    for i in range(50):
+        loss = (model(x) - y).pow(2).mean()
+        first = loss.item() if i == 0 else first
+        last = loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert last < first
