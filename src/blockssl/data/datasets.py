@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from blockssl.config import DataConfig
@@ -110,33 +110,61 @@ def imagefolder(cfg: DataConfig, split: Split) -> Dataset:
     return ImageFolder(str(folder), loader=lambda p: Image.open(p).convert("RGB"))
 
 
-def _sample_synthetic(templates: torch.Tensor, n: int, g: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-    classes, _, size, _ = templates.shape
-    labels = torch.randint(classes, (n,), generator=g)
-    shifts = torch.randint(-size // 8, size // 8 + 1, (n, 2), generator=g)
-    gain = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
-    images = templates[labels] * gain
-    images = torch.stack([torch.roll(im, (int(s[0]), int(s[1])), dims=(1, 2)) for im, s in zip(images, shifts,
-                                                                                                  strict=True)])
-    images = images + 0.15 * torch.randn(images.shape, generator=g)
-    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    if array.shape[-1] == 1:
-        array = array[..., 0]
-    return array, labels.numpy()
+SHAPES = ("disc", "square", "triangle", "plus", "ring", "diamond", "hbar", "vbar", "cross", "dots")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, ...]) -> None:
+    w = max(1.0, r / 2.5)
+    if shape == "disc":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r * 0.8, cy - r * 0.8, cx + r * 0.8, cy + r * 0.8], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    elif shape == "plus":
+        draw.rectangle([cx - r, cy - w / 2, cx + r, cy + w / 2], fill=fill)
+        draw.rectangle([cx - w / 2, cy - r, cx + w / 2, cy + r], fill=fill)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=round(w))
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "hbar":
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+    elif shape == "vbar":
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    elif shape == "cross":
+        draw.line([cx - r, cy - r, cx + r, cy + r], fill=fill, width=round(w))
+        draw.line([cx - r, cy + r, cx + r, cy - r], fill=fill, width=round(w))
+    else:  # dots
+        for dx in (-0.6, 0.6):
+            draw.ellipse([cx + dx * r - w, cy - w, cx + dx * r + w, cy + w], fill=fill)
 
 
 def synthetic(cfg: DataConfig, split: Split) -> Dataset:
-    """A learnable labelled dataset: each class is a smooth random colour pattern, shifted, rescaled and noised.
+    """A learnable labelled dataset: class c is a shape (disc, square, triangle, ...) of random position, size and
+    colour on a noisy background of random colour.
 
-    Fixed seeds: the same classes in every split and run; train and test hold different samples.
+    The class lives in the shape, which survives the SSL augmentations (crops, flips, colour jitter), so a model
+    pretrained on it should beat random initialisation under a linear probe. Fixed seeds: train and test hold
+    different samples of the same classes in every run.
     """
+    if cfg.synthetic_classes > len(SHAPES):
+        raise ValueError(f"data.synthetic_classes={cfg.synthetic_classes}: at most {len(SHAPES)} shapes")
     size = cfg.image_size or 32
-    g = torch.Generator().manual_seed(0)
-    coarse = torch.rand(cfg.synthetic_classes, 3, 4, 4, generator=g)
-    templates = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
     n = cfg.synthetic_size if split != "test" else max(cfg.synthetic_size // 4, cfg.synthetic_classes)
-    sample_gen = torch.Generator().manual_seed(1 if split == "test" else 2)
-    images, labels = _sample_synthetic(templates, n, sample_gen)
+    rng = np.random.default_rng(1 if split == "test" else 2)
+    hi = 4 * size  # drawn at 4x and downsampled, for antialiased edges
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(cfg.synthetic_classes, size=n)
+    for i, label in enumerate(labels):
+        background = tuple(int(v) for v in rng.integers(0, 100, size=3))
+        fill = tuple(int(v) for v in rng.integers(140, 256, size=3))
+        canvas = Image.new("RGB", (hi, hi), background)
+        r = hi * rng.uniform(0.2, 0.35)
+        cx, cy = rng.uniform(r, hi - r, size=2)
+        _draw_shape(ImageDraw.Draw(canvas), SHAPES[label], cx, cy, r, fill)
+        small = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+        images[i] = np.clip(small + rng.normal(0, 12, small.shape), 0, 255).astype(np.uint8)
     return ArrayImages(images, labels)
 
 
