@@ -36,10 +36,13 @@ Each (model, setting) pair runs in a fresh subprocess, so its memory numbers are
 - On CUDA, ``peak`` is ``torch.cuda.max_memory_allocated`` over the steps and ``rss_built`` becomes
   ``torch.cuda.memory_allocated`` before the first step (the process RSS is reported beside it in the JSON).
 - ``vs e2e``: a setting's peak increase divided by that of end-to-end training on the same model.
+- ``others``: the share of the machine's CPU time (all cores, /proc/stat) used by other processes during the
+  timed steps. Another process on the same cores slows the steps down, so images/s of a run with a high share
+  are not comparable (a warning is printed); the memory numbers are unaffected.
 
-The JSON (``benchmarks/results/step_throughput_memory.json``) also records parameter and optimizer-state
-sizes, per-step times, the load average when each run started (another process competing for the cores slows
-the steps but does not change the memory), and the torch version, device and thread count.
+The JSON (``benchmarks/results/step_throughput_memory.json``; ``--quick`` writes ``*_quick.json``) also
+records parameter and optimizer-state sizes, per-step times and losses (reference and lean must print the same
+losses: they are the same update), the load average, and the torch version, device and thread count.
 
 Usage: ``python benchmarks/step_throughput_memory.py [--quick] [--models resnet18,resnet50] [--device auto]``
 """
@@ -64,6 +67,7 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "step_throughput_memory.json"
 MARKER = "BENCH_RESULT "
 MB = 2**20
+BUSY = 0.10  # share of the machine's CPU used by other processes above which throughput is flagged
 
 # name -> config overrides, image size, timing; batch is set through train.batch_size.
 MODELS: dict[str, dict[str, Any]] = {
@@ -127,6 +131,40 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all cores have spent busy since boot (Linux /proc/stat; steal included), None if unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+class OtherLoad:
+    """Share of the machine's CPU time used by everything but this process over a window (0 = quiet machine).
+
+    Other processes on the same cores slow the steps down (and compete for memory bandwidth), so the
+    throughput of a run with a high share is not comparable; the memory numbers are unaffected.
+    """
+
+    def __init__(self) -> None:
+        self.wall, self.busy, self.own = time.perf_counter(), machine_busy_seconds(), own_cpu_seconds()
+
+    def share(self) -> float | None:
+        busy = machine_busy_seconds()
+        if busy is None or self.busy is None:
+            return None
+        wall = time.perf_counter() - self.wall
+        others = (busy - self.busy) - (own_cpu_seconds() - self.own)
+        return max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One (model, setting) pair, in its own process
 
@@ -176,9 +214,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     rss_built = current_rss()
     peak_scope = "steps" if reset_peak_rss() else "process"
 
+    quiet = OtherLoad()
+    time.sleep(1.0)
+    others_before = quiet.share()
     times: list[float] = []
     losses: list[float] = []
     for i in range(spec["warmup"] + spec["steps"]):
+        if i == spec["warmup"]:
+            load = OtherLoad()
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -196,6 +239,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
               f"{dt:.2f} s{' (warm-up)' if i < spec['warmup'] else ''}, loss {loss:.4g}", file=sys.stderr, flush=True)
         del out
 
+    others_during = load.share()
     rss_peak = peak_rss()
     state_bytes = sum(t.numel() * t.element_size() for opt in optimizers.values() for s in opt.state.values()
                       for t in s.values() if torch.is_tensor(t))
@@ -210,6 +254,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_start_mb": rss_start / MB, "rss_built_mb": rss_built / MB, "rss_build_peak_mb": build_peak / MB,
         "rss_peak_mb": rss_peak / MB, "rss_peak_scope": peak_scope, "threads": torch.get_num_threads(),
         "loadavg_start": load_before, "loadavg_end": os.getloadavg(),
+        "other_cpu_share_before": others_before, "other_cpu_share_timed": others_during,
     }
     if cuda:
         gpu_peak = torch.cuda.max_memory_allocated(device)
@@ -238,7 +283,7 @@ def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     header = (f"{'model':<10} {'setting':<11} {'batch':>5} {'images/s':>9} {'step s':>7} {'built MB':>9} "
-              f"{'peak MB':>9} {'peak incr MB':>12} {'vs e2e':>7}")
+              f"{'peak MB':>9} {'peak incr MB':>12} {'vs e2e':>7} {'others':>6}")
     lines = [header, "-" * len(header)]
     e2e = {r["model"]: r.get("peak_increase_mb") for r in results if r["setting"] == "end_to_end"}
     for r in results:
@@ -250,8 +295,16 @@ def format_table(results: list[dict[str, Any]]) -> str:
         r["peak_increase_vs_end_to_end"] = r["peak_increase_mb"] / base if base else None
         lines.append(f"{r['model']:<10} {r['setting']:<11} {r['batch']:>5} {r['images_per_s']:>9.2f} "
                      f"{r['mean_step_s']:>7.2f} {r['built_mb']:>9.0f} {r['peak_mb']:>9.0f} "
-                     f"{r['peak_increase_mb']:>12.0f} {ratio:>7}")
+                     f"{r['peak_increase_mb']:>12.0f} {ratio:>7} {_percent(r['other_cpu_share_timed']):>6}")
+    busy = [r for r in results if (r.get("other_cpu_share_timed") or 0) > BUSY]
+    if busy:
+        lines.append(f"\nwarning: other processes used more than {BUSY:.0%} of the CPU during {len(busy)} run(s) "
+                     "(column 'others'): their images/s are not comparable; the memory numbers are unaffected")
     return "\n".join(lines)
+
+
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
 
 
 def git_revision() -> str:
