@@ -364,7 +364,7 @@ def test_every_recipe_in_configs_loads():
             elif isinstance(got, list):
                 assert len(got) == len(want), (path, key)
             else:
-                assert str(got) == str(want).lower() if isinstance(want, bool) else got == want, (path, key)
+                assert got == want, (path, key)
 
 
 def test_dump_and_from_dict_round_trip():
