@@ -99,6 +99,7 @@ class TrainConfig:
     lars_eta: float = 0.001
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.001  # cosine decays to this fraction of the peak
+    sync_bn: bool = False  # BatchNorm statistics over the global batch when distributed (on in the paper)
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     device: str = "auto"  # auto = cuda if available, else cpu

@@ -8,9 +8,13 @@ parameter gradients over processes, which gives exactly the gradient of the glob
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+from torch import nn
 
 
 def is_distributed() -> bool:
@@ -41,3 +45,126 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def init_from_environment() -> bool:
+    """Join the process group described by torchrun's or SLURM's variables; returns whether one was started.
+
+    One process (no WORLD_SIZE, or WORLD_SIZE=1, and not a multi-task SLURM step) is the plain local case. A
+    multi-process launch that is misconfigured raises: it never falls back silently to one process.
+    """
+    if is_distributed():
+        return False
+    env = os.environ
+    if "WORLD_SIZE" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        # srun without torchrun: map SLURM's variables; the job script exports MASTER_ADDR (see README).
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_PORT", "29500")
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return False
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} is not set: launch with torchrun, or under "
+                           "SLURM export MASTER_ADDR (e.g. the first host of $SLURM_JOB_NODELIST)")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def local_device() -> torch.device:
+    """This process's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def average_gradients(params: Iterable[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over processes in one flattened all-reduce (DDP's semantics).
+
+    Blockwise training calls this once per block right after that block's backward, so each gradient crosses
+    the network exactly once per step and nothing waits for the other blocks.
+    """
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_state(module: nn.Module) -> None:
+    """Make every process start from rank 0's parameters and buffers."""
+    if not is_distributed():
+        return
+    for tensor in module.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch on any device (torch's SyncBatchNorm needs a GPU).
+
+    Statistics are summed across processes with autograd-aware all-reduces; on CUDA ``convert_sync_batchnorm``
+    uses torch's fused implementation of the same maths instead.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected a 2-d or 4-d input, got {x.dim()}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = all_reduce_sum(x.new_tensor(float(x.numel() // x.shape[1])))
+        mean = all_reduce_sum(x.sum(dims)) / count
+        var = all_reduce_sum((x - mean.view(shape)).pow(2).sum(dims)) / count
+        tracked = self.num_batches_tracked
+        if self.running_mean is not None and self.running_var is not None and tracked is not None:
+            with torch.no_grad():
+                tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var * count / (count - 1), alpha=m)
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm by a synchronised one (torch's on CUDA, ``SyncBatchNorm`` above elsewhere)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)
+        sync.load_state_dict(module.state_dict())
+        return sync
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, device))
+    return module
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every process's ``obj``, in rank order (a list of one without a process group)."""
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

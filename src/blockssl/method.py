@@ -60,9 +60,7 @@ class BlockwiseSSL(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.block_stages = blocks
-        views, infos = group_stages(backbone, blocks)
-        # A plain list: the blocks share parameters with self.backbone, whose names torchvision knows.
-        self.blocks: list[nn.Sequential] = views
+        _, infos = group_stages(backbone, blocks)
         self.block_channels = [i.channels for i in infos]
         n = len(blocks)
         head_dims = head_dims or [2048] * n
@@ -78,8 +76,14 @@ class BlockwiseSSL(nn.Module):
         self.loss_blocks = list(loss_blocks)
 
     @property
+    def blocks(self) -> list[nn.Sequential]:
+        """Views over the backbone's stages, built on access: parameters stay registered once, under torchvision's
+        names, and module replacements (e.g. SyncBatchNorm) are seen."""
+        return group_stages(self.backbone, self.block_stages)[0]
+
+    @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        return len(self.block_stages)
 
     def block_parameters(self, k: int) -> Iterator[nn.Parameter]:
         """Parameters trained by block k's loss alone when inputs are detached: block, head, projector."""
@@ -94,9 +98,10 @@ class BlockwiseSSL(nn.Module):
         With detached inputs a block without a loss gets no gradient; the optimizer skips it.
         """
         params: list[nn.Parameter] = []
+        blocks = self.blocks
         for k in range(max(self.loss_blocks) + 1):
             if k not in self.frozen:
-                params += self.blocks[k].parameters()
+                params += blocks[k].parameters()
         for k in self.loss_blocks:
             params += self.heads[k].parameters()
             params += self.projectors[str(k)].parameters()
@@ -113,13 +118,14 @@ class BlockwiseSSL(nn.Module):
         out: dict[str, torch.Tensor] = {}
         total = x1.new_zeros(())
         h1, h2 = x1, x2
+        blocks = self.blocks
         for k in range(max(self.loss_blocks) + 1):  # later blocks carry no loss: skip their compute
             if self.detach:
                 h1, h2 = h1.detach(), h2.detach()  # the stop-gradient: loss k trains block k only
             trainable = k not in self.frozen
             with nullcontext() if trainable else torch.no_grad():
                 # Each view runs separately, as in Barlow Twins: BatchNorm statistics are per view.
-                h1, h2 = self.blocks[k](h1), self.blocks[k](h2)
+                h1, h2 = blocks[k](h1), blocks[k](h2)
                 if trainable and self.training:
                     h1 = inject_noise(h1, self.noise, self.noise_std)
                     h2 = inject_noise(h2, self.noise, self.noise_std)

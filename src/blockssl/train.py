@@ -59,7 +59,7 @@ def plan_phases(cfg: Config, num_blocks: int, total_steps: int) -> list[Phase]:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return dist.local_device()
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
     return torch.device(name)
@@ -89,14 +89,23 @@ def _check_finite(k: int, loss: torch.Tensor, step: int) -> None:
 
 def train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, optimizers: dict[int, torch.optim.Optimizer],
                *, lean: bool, scaler: torch.amp.GradScaler, autocast: Any, step: int) -> dict[str, torch.Tensor]:
-    """One optimisation step; returns the forward dict (total and per-block terms, detached)."""
+    """One optimisation step; returns the forward dict (total and per-block terms, detached).
+
+    Distributed: no DistributedDataParallel wrapper, whose hooks expect one backward per forward. Each
+    optimizer's gradients are averaged in one flattened all-reduce just before it steps, so in lean execution
+    every block synchronises once per step, right after its own backward, and no gradient is sent twice.
+    """
+
+    def _step(opt: torch.optim.Optimizer) -> None:
+        dist.average_gradients(p for g in opt.param_groups for p in g["params"])
+        scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
 
     def backward_and_step(k: int, loss: torch.Tensor) -> None:
         _check_finite(k, loss, step)
         with torch.autocast(x1.device.type, enabled=False):  # backward outside autocast
             scaler.scale(loss).backward()
-        scaler.step(optimizers[k])
-        optimizers[k].zero_grad(set_to_none=True)  # free this block's gradients before the next block runs
+        _step(optimizers[k])  # before block k+1 runs: its gradients are freed, its all-reduce overlaps nothing
 
     if lean:
         with autocast:
@@ -109,8 +118,7 @@ def train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, optimize
                 _check_finite(int(key.removeprefix("loss/block")) - 1, value, step)
         scaler.scale(out["loss"]).backward()
         for opt in optimizers.values():
-            scaler.step(opt)
-            opt.zero_grad(set_to_none=True)
+            _step(opt)
     scaler.update()
     return {k: v.detach() for k, v in out.items()}
 
@@ -145,10 +153,11 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
     ``resume`` continues from ``checkpoints/last.pt``. ``stop_after`` runs at most that many steps in this call,
     then checkpoints and returns, as a preempted job does.
     """
-    out = prepare_run_dir(cfg, resume)
+    started_group = dist.init_from_environment()
     main = dist.is_main_process()
+    out = prepare_run_dir(cfg, resume) if main else Path(cfg.out)
     device = resolve_device(cfg.train.device)
-    seed_everything(cfg.seed + dist.rank())
+    seed_everything(cfg.seed)  # the same initial weights in every process
     info = dataset_info(cfg.data)
     base = build_dataset(cfg.data, "pretrain")
     preset = cfg.loss.name if cfg.data.augment == "auto" else cfg.data.augment
@@ -157,7 +166,12 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
     loader = pretrain_loader(views, sampler, num_workers=cfg.data.num_workers,
                              pin_memory=cfg.data.pin_memory and device.type == "cuda",
                              persistent_workers=cfg.data.persistent_workers)
-    model = build_model(cfg, info.channels, info.image_size).to(device)
+    model = build_model(cfg, info.channels, info.image_size)
+    if cfg.train.sync_bn:
+        model = dist.convert_sync_batchnorm(model, device)  # type: ignore[assignment]
+    model.to(device)
+    dist.broadcast_state(model)
+    torch.manual_seed(cfg.seed + dist.rank())  # noise injection differs between processes
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
 
@@ -177,7 +191,7 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
         ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
         model.load_state_dict(ckpt["model"])
         scaler.load_state_dict(ckpt["scaler"])
-        _restore_rng(ckpt["rng"])
+        _restore_rng(ckpt["rng"][min(dist.rank(), len(ckpt["rng"]) - 1)])
         step = ckpt["step"]
         _truncate_metrics(out / "metrics.jsonl", step)
     elif main:
@@ -237,7 +251,7 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
                 stop = stop_after is not None and steps_this_call >= stop_after
                 end_of_epoch = step % steps_per_epoch == 0
                 periodic = (step % cfg.train.checkpoint_every == 0) if cfg.train.checkpoint_every else end_of_epoch
-                if main and (periodic or last or stop):
+                if periodic or last or stop:
                     _save(out, model, optimizers, scaler, step, phase_index, cfg)
                 if last or stop:
                     break
@@ -245,6 +259,9 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
         progress.close()
     if main and step >= total_steps:
         _export_backbone(model, out / "backbone.pt")
+    dist.barrier()
+    if started_group:
+        torch.distributed.destroy_process_group()
     return out
 
 
@@ -261,7 +278,11 @@ def _save(out: Path, model: BlockwiseSSL, optimizers: dict[int, torch.optim.Opti
     from blockssl.checkpoint import FORMAT_VERSION
     from blockssl.config import to_dict
 
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """Rank 0 writes; every process contributes its RNG state so that a resumed run draws the same noise."""
+    rng = dist.gather_objects({"torch": torch.get_rng_state(),
+                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+    if not dist.is_main_process():
+        return
     atomic_save({
         "format_version": FORMAT_VERSION, "config": to_dict(cfg), "step": step, "phase": phase,
         "model": model.state_dict(), "optimizers": {str(k): o.state_dict() for k, o in optimizers.items()},
