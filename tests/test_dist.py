@@ -1,0 +1,123 @@
+"""Two gloo processes on the CPU against one process with the same global batch: losses, training, resume."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from blockssl.checkpoint import load_checkpoint
+from blockssl.config import resume_config
+from blockssl.dist import init_from_environment
+from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
+from blockssl.train import pretrain
+from tests.conftest import tiny_config
+
+LOSSES = {"barlow_twins": BarlowTwinsLoss, "simclr": SimCLRLoss, "vicreg": VICRegLoss}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world: int, *args) -> None:
+    port = _free_port()
+    mp.spawn(_entry, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_from_environment()
+    try:
+        fn(rank, world, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _loss_and_grad(name: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = weight.clone().requires_grad_(True)
+    z1, z2 = x[0] @ w, x[1] @ w.tanh()
+    loss = LOSSES[name]()(z1, z2)
+    loss.backward()
+    return loss.detach(), w.grad
+
+
+def _loss_worker(rank: int, world: int, name: str, x: torch.Tensor, weight: torch.Tensor, out: str) -> None:
+    local = x[:, rank * (x.shape[1] // world): (rank + 1) * (x.shape[1] // world)]
+    loss, grad = _loss_and_grad(name, local, weight)
+    dist.all_reduce(grad)
+    grad /= world  # what DistributedDataParallel does with parameter gradients
+    torch.save({"loss": loss, "grad": grad}, f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_loss_value_and_gradient_match_one_process_with_the_global_batch(tmp_path, name):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 6, generator=g)  # two views of a global batch of 16
+    weight = torch.randn(6, 5, generator=g)
+    loss, grad = _loss_and_grad(name, x, weight)
+    _spawn(_loss_worker, 2, name, x, weight, str(tmp_path / "r"))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"r.{rank}", weights_only=True)
+        torch.testing.assert_close(result["loss"], loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result["grad"], grad, rtol=1e-4, atol=1e-6)
+
+
+def _train_worker(rank: int, world: int, overrides: list[str], stop_after: int | None, resume: bool) -> None:
+    cfg = tiny_config(overrides[0], *overrides[1:])
+    pretrain(resume_config(cfg.out) if resume else cfg, resume=resume, stop_after=stop_after)
+
+
+DDP_RUN = ["train.sync_bn=true", "noise.type=none", "train.epochs=1", "data.synthetic_size=64"]
+
+
+def _assert_same_model(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a / "checkpoints/last.pt"), load_checkpoint(b / "checkpoints/last.pt")
+    assert sa["step"] == sb["step"]
+    for key, value in sa["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, sb["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(value, sb["model"][key]), key
+
+
+@pytest.mark.parametrize("scheme", ["simultaneous", "end_to_end"])
+def test_two_processes_train_like_one_with_the_global_batch(tmp_path, scheme):
+    single = pretrain(tiny_config(tmp_path / "one", f"train.scheme={scheme}", *DDP_RUN))
+    _spawn(_train_worker, 2, [str(tmp_path / "two"), f"train.scheme={scheme}", *DDP_RUN], None, False)
+    _assert_same_model(single, tmp_path / "two")
+
+
+def test_checkpoint_from_two_processes_resumes_in_one(tmp_path):
+    run = ["train.epochs=2", *DDP_RUN[:-2], "data.synthetic_size=64"]
+    single = pretrain(tiny_config(tmp_path / "one", *run))
+    _spawn(_train_worker, 2, [str(tmp_path / "mixed"), *run], 3, False)  # preempted after 3 of 8 steps
+    assert load_checkpoint(tmp_path / "mixed/checkpoints/last.pt")["step"] == 3
+    pretrain(resume_config(tmp_path / "mixed"), resume=True)
+    _assert_same_model(single, tmp_path / "mixed")
+
+
+def test_checkpoint_from_one_process_resumes_in_two(tmp_path):
+    run = ["train.epochs=2", *DDP_RUN[:-2], "data.synthetic_size=64"]
+    single = pretrain(tiny_config(tmp_path / "one", *run))
+    pretrain(tiny_config(tmp_path / "mixed", *run), stop_after=5)
+    _spawn(_train_worker, 2, [str(tmp_path / "mixed"), *run], None, True)
+    _assert_same_model(single, tmp_path / "mixed")
+
+
+def test_misconfigured_launch_fails_loudly(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        init_from_environment()
