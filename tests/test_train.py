@@ -22,7 +22,8 @@ def _metrics(run) -> list[dict]:
 def test_run_directory_holds_exactly_the_promised_files(tmp_path):
     run = pretrain(tiny_config(tmp_path / "run"))
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
-    assert files == ["backbone.pt", "checkpoints/last.pt", "config.yaml", "metrics.jsonl", "run.json"]
+    assert files == ["backbone.pt", "checkpoints/last.pt", "checkpoints/step-00000004.pt",
+                     "checkpoints/step-00000008.pt", "config.yaml", "metrics.jsonl", "run.json"]
     rows = _metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 9))  # 64 images / 16 per batch x 2 epochs
     for key in ["lr", "loss", "images_per_sec", *(f"loss/block{k}" for k in range(1, 5)),

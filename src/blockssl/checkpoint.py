@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']}, this blockssl reads "
                               f"{FORMAT_VERSION}; use the blockssl version that wrote it")
     return ckpt
+
+
+def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
+    """Write ``step-<N>.pt`` atomically, point ``last.pt`` at it, and delete all but the newest ``keep``.
+
+    ``last.pt`` is replaced by an atomic rename of a hard link (a copy where links are unsupported), so it always
+    names a complete checkpoint. A failed write raises and leaves every existing checkpoint as it was.
+    """
+    path = folder / f"step-{step:08d}.pt"
+    try:
+        atomic_save(state, path)
+        tmp = folder / f".last.pt.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, folder / "last.pt")
+    except OSError as e:
+        raise CheckpointError(f"could not write the checkpoint of step {step} in {folder} ({e}); the previous "
+                              "checkpoints there are intact. Free disk space or fix permissions, then resume") from e
+    for old in sorted(folder.glob("step-*.pt"))[:-keep]:
+        old.unlink()
+    return path

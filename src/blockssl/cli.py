@@ -19,7 +19,7 @@ def _pretrain(args: argparse.Namespace) -> None:
         cfg = resume_config(args.resume, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-    out = pretrain(cfg, resume=bool(args.resume), command=sys.argv)
+    out = pretrain(cfg, resume=bool(args.resume), overwrite=args.overwrite, command=sys.argv)
     print(f"run directory: {out}")
 
 
@@ -28,6 +28,19 @@ def _probe(args: argparse.Namespace) -> None:
 
     results = run_probe(args.run_dir, args.overrides, random_init=args.random_init)
     print_probe_table(results)
+
+
+def _robustness(args: argparse.Namespace) -> None:
+    from blockssl.eval.robustness import print_robustness_table, run_robustness
+
+    results = run_robustness(args.run_dir, args.overrides, baseline=args.baseline, progress=sys.stderr.isatty())
+    print_robustness_table(results)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from blockssl.report import write_report
+
+    print(write_report(args.run_dirs, args.out))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -56,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="configuration keys (defaults: the paper's ImageNet recipe):\n" + describe_keys())
     p.add_argument("--config", type=Path, help="a YAML recipe (see configs/)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in `out` and start afresh")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=10")
     p.set_defaults(func=_pretrain)
 
@@ -65,6 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also probe the same architecture at random initialisation, as a reference")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="probe settings, e.g. probe.epochs=50")
     p.set_defaults(func=_probe)
+
+    p = sub.add_parser("robustness", help="per-block probe error under the 15 ImageNet-C corruptions (mCE)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Evaluate a probed run under corruptions; writes robustness.json and .csv, e.g.\n"
+                                   "  blockssl robustness runs/demo robustness.max_images=1000\n"
+                                   "  blockssl robustness runs/demo --baseline runs/e2e robustness.corruptions=[fog]")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="normalise errors by this run's (CE, mCE, relative mCE)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="robustness.* and data.* settings, e.g. robustness.source=folder robustness.root=DIR")
+    p.set_defaults(func=_robustness)
+
+    p = sub.add_parser("report", help="report.md with figures comparing runs (loss, probes, robustness)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="folder for report.md and its figures (default: the first RUN_DIR)")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("export", help="write a torchvision-loadable backbone and the heads of a run")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -78,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit statuses: 2 = bad input (nothing computed), 3 = non-finite loss, 75 = preempted by a signal after saving a
+# checkpoint (EX_TEMPFAIL: resubmit with --resume).
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come after options (argparse stops collecting positionals at an option).
@@ -86,11 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    from blockssl.data.datasets import BadImageError
+    from blockssl.train import NonFiniteLossError, Preempted
+
     try:
         args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"blockssl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except BadImageError as e:  # raised in a loader worker: keep our message, not the worker's traceback
+        print(f"blockssl {args.command}: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteLossError as e:
+        print(f"blockssl {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except Preempted as e:
+        print(f"blockssl {args.command}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -35,6 +35,7 @@ class DataConfig:
     subset: int = 0  # use only the first N training images; 0 = all
     image_size: int = 0  # crop size; 0 = the dataset's native size (224 for ImageFolder)
     augment: Literal["auto", "barlow_twins", "simclr", "vicreg"] = "auto"  # auto = preset of loss.name
+    strict: bool = False  # an unreadable image stops the run (false: it is replaced, counted in metrics.jsonl)
     num_workers: int = 8
     pin_memory: bool = True
     persistent_workers: bool = True
@@ -105,6 +106,8 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    keep_checkpoints: int = 2  # newest step-N.pt files kept beside last.pt
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss or gradient: stop the run, or skip and count
     progress: bool = True  # progress bar
 
 
@@ -119,6 +122,32 @@ class ProbeConfig:
     val_fraction: float = 0.1  # held-out share of the training set for choosing the lr
     weight_decay: float = 0.0
     eval_batch_size: int = 512
+    knn_k: list[int] = field(default_factory=lambda: [20, 200])  # weighted kNN on the same features
+    knn_temperature: float = 0.07
+
+
+@dataclass
+class RobustnessConfig:
+    """Corruption robustness of the per-block probes (ImageNet-C protocol, Hendrycks & Dietterich 2019)."""
+
+    # generate = corrupt the test split on the fly (imagecorruptions library, cached); folder = a pre-generated
+    # ImageNet-C tree <root>/<corruption>/<severity>/<class>/<image>
+    source: Literal["generate", "folder"] = "generate"
+    root: str = ""  # the ImageNet-C folder (source=folder)
+    corruptions: list[Literal[
+        "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+        "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    ]] = field(default_factory=lambda: [
+        "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+        "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression"])
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    max_images: int = 0  # evaluate a seeded random subset of N test images; 0 = all
+    cache_dir: str = ""  # generated corruptions; "" = <run_dir>/../.corruption-cache, shared by sibling runs
+    seed: int = 0  # corruption noise and the image subset
+    batch_size: int = 256
+    # mCE normaliser: "same" = each block against the baseline's block of the same name; or one baseline block
+    # (e.g. "concat"), for every block, like AlexNet in the original benchmark
+    baseline_block: str = "same"
 
 
 @dataclass
@@ -131,6 +160,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
 
 
@@ -375,7 +405,8 @@ def validate(cfg: Config) -> None:
     n = len(blocks)
     t, m, d = cfg.train, cfg.model, cfg.data
     positive = {"train.epochs": t.epochs, "train.batch_size": t.batch_size, "model.head_dim": m.head_dim,
-                "model.head_kernel": m.head_kernel, "train.log_every": t.log_every}
+                "model.head_kernel": m.head_kernel, "train.log_every": t.log_every,
+                "train.keep_checkpoints": t.keep_checkpoints}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
@@ -457,4 +488,15 @@ def resume_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = 
     if conflicts:
         raise ConfigError("--resume: these overrides conflict with the run's config.yaml:\n  " + "\n  ".join(conflicts)
                           + f"\nonly {', '.join(RESUMABLE_KEYS)} may change; start a new run for the others")
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], sections: tuple[str, ...]) -> Config:
+    """``key=value`` overrides on a run's config, limited to ``sections`` (evaluation may not change training)."""
+    for text in overrides:
+        override = parse_override(text)
+        if set(override) - set(sections):
+            raise ConfigError(f"{text!r}: only {', '.join(s + '.*' for s in sections)} keys can be set here")
+        _apply(cfg, override)
+    validate(cfg)
     return cfg

@@ -9,6 +9,7 @@ parameter gradients over processes, which gives exactly the gradient of the glob
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -33,18 +34,27 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+# torch 2.14 warns that torch.distributed.nn.functional is deprecated; its autograd behaviour is exactly what the
+# two-process tests check (tests/test_dist.py), so it stays, without the warning in every training step.
+_QUIET = {"action": "ignore", "category": FutureWarning, "message": ".*torch.distributed.nn.functional"}
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over processes; autograd-aware (the backward sums the gradients over processes too)."""
     if not is_distributed():
         return x
-    return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM)
+    with warnings.catch_warnings():
+        warnings.filterwarnings(**_QUIET)  # type: ignore[arg-type]
+        return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM)
 
 
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every process's ``x`` along dim 0, in rank order; autograd-aware."""
     if not is_distributed():
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings(**_QUIET)  # type: ignore[arg-type]
+        return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
 def init_from_environment() -> bool:
@@ -159,6 +169,15 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, device))
     return module
+
+
+def any_process(flag: bool | int) -> bool:
+    """True if ``flag`` is set in any process (so that every process stops at the same step)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor(float(bool(flag)))
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def gather_objects(obj: object) -> list[object]:

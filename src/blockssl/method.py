@@ -135,8 +135,10 @@ class BlockwiseSSL(nn.Module):
             z1, z2 = proj(head(h1)), proj(head(h2))
             loss_k = self.loss(z1, z2)
             out[f"loss/block{k + 1}"] = loss_k
-            # Collapse monitor: mean per-feature std of the normalised embeddings (0 = collapsed).
-            out[f"std/block{k + 1}"] = nn.functional.normalize(z1.detach().float(), dim=1).std(0).mean()
+            # Collapse monitor: per-feature std of the normalised embeddings x sqrt(dim): about 1 for points
+            # spread over the sphere, 0 when every image maps to the same vector.
+            zn = nn.functional.normalize(z1.detach().float(), dim=1)
+            out[f"std/block{k + 1}"] = zn.std(0).mean() * zn.shape[1] ** 0.5
             if on_block_loss is not None:
                 on_block_loss(k, loss_k)  # may run backward now and free this block's graph
                 loss_k = loss_k.detach()

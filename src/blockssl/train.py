@@ -13,9 +13,13 @@ from __future__ import annotations
 import json
 import platform
 import random
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +30,7 @@ import torch
 from torch import nn
 
 from blockssl import dist
-from blockssl.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from blockssl.checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
 from blockssl.config import Config, ConfigError, dump_config, from_dict, lean_execution, loss_blocks
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
@@ -34,9 +38,21 @@ from blockssl.data.transforms import two_view_transforms
 from blockssl.method import BlockwiseSSL, build_model
 from blockssl.optim import build_optimizer, lr_factor, set_lr
 
+# What a run directory holds (evaluation adds probe.json, robustness.*, report.md).
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "checkpoints", "backbone.pt")
+
 
 class NonFiniteLossError(FloatingPointError):
-    """A block's loss became NaN or infinite."""
+    """A block's loss or gradient became NaN or infinite."""
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM/SIGINT after writing a checkpoint; resume the run to continue."""
+
+
+# Embedding spread ("std/block" in metrics, 1 = spread like uniform points on the sphere) below which a block
+# is reported as collapsing.
+COLLAPSE_STD = 0.05
 
 
 @dataclass
@@ -81,31 +97,53 @@ def build_optimizers(model: BlockwiseSSL, phase: Phase, cfg: Config, lean: bool)
     return {-1: build_optimizer(model.trained_parameters(), cfg.train)}
 
 
-def _check_finite(k: int, loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"block {k + 1}: loss is {loss.item()} at step {step}; the last checkpoint is "
-                                 "left as it was. Lower train.lr, or check the data for broken images")
+def _finite(value: torch.Tensor, what: str, step: int, skip: bool) -> bool:
+    """False for a non-finite value when skipping is allowed; otherwise a non-finite value stops the run."""
+    if torch.isfinite(value):
+        return True
+    if skip:
+        return False
+    raise NonFiniteLossError(f"{what} is {value.item()} at step {step}; stopped before the update, the last "
+                             "checkpoint is intact. Lower train.lr, check the data, or set train.on_nonfinite=skip")
+
+
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else \
+        torch.zeros(())
 
 
 def train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, optimizers: dict[int, torch.optim.Optimizer],
-               *, lean: bool, scaler: torch.amp.GradScaler, autocast: Any, step: int) -> dict[str, torch.Tensor]:
-    """One optimisation step; returns the forward dict (total and per-block terms, detached).
+               *, lean: bool, scaler: torch.amp.GradScaler, autocast: Any, step: int, skip_nonfinite: bool = False
+               ) -> dict[str, torch.Tensor]:
+    """One optimisation step; returns the forward dict (total and per-block terms, detached) and ``nonfinite``,
+    the number of updates skipped for a non-finite loss or gradient.
 
     Distributed: no DistributedDataParallel wrapper, whose hooks expect one backward per forward. Each
     optimizer's gradients are averaged in one flattened all-reduce just before it steps, so in lean execution
     every block synchronises once per step, right after its own backward, and no gradient is sent twice.
     """
+    skipped = 0
 
-    def _step(opt: torch.optim.Optimizer) -> None:
-        dist.average_gradients(p for g in opt.param_groups for p in g["params"])
-        scaler.step(opt)
+    def _step(opt: torch.optim.Optimizer, what: str) -> None:
+        nonlocal skipped
+        params = [p for g in opt.param_groups for p in g["params"]]
+        dist.average_gradients(params)
+        # With fp16 the scaler itself skips steps whose gradients overflowed.
+        if scaler.is_enabled() or _finite(_grad_norm(params), f"{what} gradient", step, skip_nonfinite):
+            scaler.step(opt)
+        else:
+            skipped += 1
         opt.zero_grad(set_to_none=True)
 
     def backward_and_step(k: int, loss: torch.Tensor) -> None:
-        _check_finite(k, loss, step)
+        nonlocal skipped
+        if not _finite(loss, f"block {k + 1} loss ({type(model.loss).__name__})", step, skip_nonfinite):
+            skipped += 1
+            return
         with torch.autocast(x1.device.type, enabled=False):  # backward outside autocast
             scaler.scale(loss).backward()
-        _step(optimizers[k])  # before block k+1 runs: its gradients are freed, its all-reduce overlaps nothing
+        _step(optimizers[k], f"block {k + 1}")  # before block k+1 runs: block k's gradients are freed
 
     if lean:
         with autocast:
@@ -113,13 +151,16 @@ def train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, optimize
     else:
         with autocast:
             out = model(x1, x2)
-        for key, value in out.items():
-            if key.startswith("loss/"):
-                _check_finite(int(key.removeprefix("loss/block")) - 1, value, step)
-        scaler.scale(out["loss"]).backward()
-        for opt in optimizers.values():
-            _step(opt)
+        finite = [_finite(v, f"block {key.removeprefix('loss/block')} loss ({type(model.loss).__name__})", step,
+                          skip_nonfinite) for key, v in out.items() if key.startswith("loss/")]
+        if all(finite):
+            scaler.scale(out["loss"]).backward()
+            for opt in optimizers.values():
+                _step(opt, "all blocks")
+        else:
+            skipped += 1
     scaler.update()
+    out["nonfinite"] = torch.tensor(float(skipped))
     return {k: v.detach() for k, v in out.items()}
 
 
@@ -131,22 +172,26 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def prepare_run_dir(cfg: Config, resume: bool) -> Path:
+def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool = False) -> Path:
     """Create the run directory, or check that resuming it is consistent. Raises before any compute."""
     out = Path(cfg.out)
+    if overwrite and not resume:
+        for name in RUN_FILES:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     saved = out / "config.yaml"
     if resume:
         if not saved.is_file():
             raise ConfigError(f"--resume {out}: no config.yaml there; is it a blockssl run directory?")
         return out
     if saved.is_file():
-        raise ConfigError(f"out={out} already holds a run; continue it with `blockssl pretrain --resume {out}` "
-                          "or choose another out=")
+        raise ConfigError(f"out={out} already holds a run; continue it with `blockssl pretrain --resume {out}`, "
+                          "choose another out=, or pass --overwrite to delete it")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
+def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
              command: list[str] | None = None) -> Path:
     """Train ``cfg`` into ``cfg.out``; returns the run directory.
 
@@ -155,13 +200,14 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
     """
     started_group = dist.init_from_environment()
     main = dist.is_main_process()
-    out = prepare_run_dir(cfg, resume) if main else Path(cfg.out)
+    out = prepare_run_dir(cfg, resume, overwrite) if main else Path(cfg.out)
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None  # fail before any work
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)  # the same initial weights in every process
     info = dataset_info(cfg.data)
     base = build_dataset(cfg.data, "pretrain")
     preset = cfg.loss.name if cfg.data.augment == "auto" else cfg.data.augment
-    views = TwoViews(base, two_view_transforms(preset, info), cfg.seed)
+    views = TwoViews(base, two_view_transforms(preset, info), cfg.seed, strict=cfg.data.strict)
     sampler = EpochSampler(len(views), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
     loader = pretrain_loader(views, sampler, num_workers=cfg.data.num_workers,
                              pin_memory=cfg.data.pin_memory and device.type == "cuda",
@@ -186,9 +232,7 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
 
     step = 0
-    ckpt: dict[str, Any] | None = None
-    if resume:
-        ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         scaler.load_state_dict(ckpt["scaler"])
         _restore_rng(ckpt["rng"][min(dist.rank(), len(ckpt["rng"]) - 1)])
@@ -203,58 +247,52 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
         (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
 
     progress = _progress_bar(cfg, total_steps, step, main)
-    images_per_step = cfg.train.batch_size
-    window_start, window_steps = time.perf_counter(), 0
-    steps_this_call = 0
+    meter = Throughput(cfg.train.batch_size)
+    steps_this_call, nonfinite, bad_images = 0, 0.0, 0
     stop = False
-    for phase_index, phase in enumerate(phases):
-        if step >= phase.end or stop:
-            continue
-        model.loss_blocks, model.frozen = phase.loss_blocks, phase.frozen
-        optimizers = build_optimizers(model, phase, cfg, lean)
-        if ckpt is not None and ckpt["phase"] == phase_index:
-            for key, opt in optimizers.items():
-                opt.load_state_dict(ckpt["optimizers"][str(key)])
-        model.train()
-        phase_steps = phase.end - phase.start
-        warmup = round(cfg.train.warmup_epochs * steps_per_epoch * phase_steps / total_steps)
-        while step < phase.end and not stop:
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            sampler.start(epoch, step_in_epoch)
-            for x1, x2 in loader:
-                factor = lr_factor(step - phase.start, phase_steps, warmup, cfg.train.min_lr_ratio)
-                lr = 0.0
-                for opt in optimizers.values():
-                    lr = set_lr(opt, factor)
-                x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
-                x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
-                terms = train_step(model, x1, x2, optimizers, lean=lean, scaler=scaler, autocast=autocast,
-                                   step=step)
-                step += 1
-                steps_this_call += 1
-                window_steps += 1
-                if progress is not None:
-                    progress.update(1)
-                last = step == phase.end
-                if step % cfg.train.log_every == 0 or last:
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                              **{k: float(v) for k, v in terms.items()},
-                              "images_per_sec": window_steps * images_per_step / max(elapsed, 1e-9)}
-                    if main:
-                        with open(out / "metrics.jsonl", "a") as f:
-                            f.write(json.dumps(record) + "\n")
+    with StopSignals() as signals:
+        for phase_index, phase in enumerate(phases):
+            if step >= phase.end or stop:
+                continue
+            model.loss_blocks, model.frozen = phase.loss_blocks, phase.frozen
+            optimizers = build_optimizers(model, phase, cfg, lean)
+            if ckpt is not None and ckpt["phase"] == phase_index:
+                for key, opt in optimizers.items():
+                    opt.load_state_dict(ckpt["optimizers"][str(key)])
+            model.train()
+            phase_steps = phase.end - phase.start
+            warmup = round(cfg.train.warmup_epochs * steps_per_epoch * phase_steps / total_steps)
+            while step < phase.end and not stop:
+                epoch, step_in_epoch = divmod(step, steps_per_epoch)
+                sampler.start(epoch, step_in_epoch)
+                for x1, x2, replaced in loader:
+                    factor = lr_factor(step - phase.start, phase_steps, warmup, cfg.train.min_lr_ratio)
+                    lr = max(set_lr(opt, factor) for opt in optimizers.values())  # same factor for all
+                    x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+                    x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+                    terms = train_step(model, x1, x2, optimizers, lean=lean, scaler=scaler, autocast=autocast,
+                                       step=step, skip_nonfinite=cfg.train.on_nonfinite == "skip")
+                    step += 1
+                    steps_this_call += 1
+                    nonfinite += float(terms.pop("nonfinite"))
+                    bad_images += int(replaced.sum())
+                    meter.tick()
                     if progress is not None:
-                        progress.set_postfix({k.removeprefix("loss/"): f"{v:.3g}" for k, v in record.items()
-                                              if k.startswith("loss/")} | {"img/s": f"{record['images_per_sec']:.0f}"})
-                    window_start, window_steps = time.perf_counter(), 0
-                stop = stop_after is not None and steps_this_call >= stop_after
-                end_of_epoch = step % steps_per_epoch == 0
-                periodic = (step % cfg.train.checkpoint_every == 0) if cfg.train.checkpoint_every else end_of_epoch
-                if periodic or last or stop:
-                    _save(out, model, optimizers, scaler, step, phase_index, cfg)
-                if last or stop:
-                    break
+                        progress.update(1)
+                    last = step == phase.end
+                    if step % cfg.train.log_every == 0 or last:
+                        record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                                  **{k: float(v) for k, v in terms.items()}, "images_per_sec": meter.rate(),
+                                  "nonfinite_skipped": nonfinite, "bad_images_replaced": bad_images}
+                        _log(out / "metrics.jsonl", record, progress, main)
+                    stop = dist.any_process(signals.requested) or (stop_after is not None
+                                                                    and steps_this_call >= stop_after)
+                    end_of_epoch = step % steps_per_epoch == 0
+                    every = cfg.train.checkpoint_every
+                    if (step % every == 0 if every else end_of_epoch) or last or stop:
+                        _save(out, model, optimizers, scaler, step, phase_index, cfg)
+                    if last or stop:
+                        break
     if progress is not None:
         progress.close()
     if main and step >= total_steps:
@@ -262,7 +300,64 @@ def pretrain(cfg: Config, *, resume: bool = False, stop_after: int | None = None
     dist.barrier()
     if started_group:
         torch.distributed.destroy_process_group()
+    if signals.requested:
+        raise Preempted(f"stopped by signal {signals.requested} at step {step}; checkpoint saved. Continue with: "
+                        f"blockssl pretrain --resume {out}")
     return out
+
+
+class Throughput:
+    """Images per second since the last reading."""
+
+    def __init__(self, images_per_step: int) -> None:
+        self.images_per_step, self.steps, self.start = images_per_step, 0, time.perf_counter()
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        value = self.steps * self.images_per_step / max(now - self.start, 1e-9)
+        self.steps, self.start = 0, now
+        return value
+
+
+def _log(path: Path, record: dict[str, float], progress: Any, main: bool) -> None:
+    """Append to metrics.jsonl, show in the progress bar, and warn on collapsing blocks."""
+    if main:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+        if key.startswith("std/") and value < COLLAPSE_STD:
+            warnings.warn(f"{key.removeprefix('std/')}: embedding spread {value:.3g} at step {record['step']} "
+                          "(1 = spread over the sphere, 0 = collapsed); check its loss and learning rate",
+                          stacklevel=2)
+    if progress is not None:
+        progress.set_postfix({k.removeprefix("loss/"): f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")}
+                             | {"img/s": f"{record['images_per_sec']:.0f}"})
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to checkpoint and stop at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: int = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _progress_bar(cfg: Config, total: int, initial: int, main: bool) -> Any:
@@ -283,11 +378,11 @@ def _save(out: Path, model: BlockwiseSSL, optimizers: dict[int, torch.optim.Opti
                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
     if not dist.is_main_process():
         return
-    atomic_save({
+    save_checkpoint({
         "format_version": FORMAT_VERSION, "config": to_dict(cfg), "step": step, "phase": phase,
         "model": model.state_dict(), "optimizers": {str(k): o.state_dict() for k, o in optimizers.items()},
         "scaler": scaler.state_dict(), "rng": rng,
-    }, out / "checkpoints" / "last.pt")
+    }, out / "checkpoints", step, cfg.train.keep_checkpoints)
 
 
 def _restore_rng(rng: dict[str, Any]) -> None:

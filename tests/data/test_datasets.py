@@ -378,15 +378,16 @@ def test_two_views_deterministic_and_leave_global_rng_untouched():
     assert len(views) == 12
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a1, a2 = views[(0, 3)]
+    a1, a2, replaced = views[(0, 3)]
+    assert replaced == 0
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(456)  # a different global state gives the same views
-    b1, b2 = views[(0, 3)]
+    b1, b2, _ = views[(0, 3)]
     assert torch.equal(a1, b1) and torch.equal(a2, b2)
     assert not torch.equal(a1, a2)
-    c1, _ = views[(1, 3)]  # another epoch: another augmentation of the same image
+    c1, _, _ = views[(1, 3)]  # another epoch: another augmentation of the same image
     assert not torch.equal(a1, c1)
-    d1, _ = views[(0, 4)]
+    d1, _, _ = views[(0, 4)]
     assert not torch.equal(a1, d1)
 
 
@@ -402,6 +403,6 @@ def test_loader_batches_split_across_processes_equal_single_process_batches():
 
     single, shard0, shard1 = loader(0, 1), loader(0, 2), loader(1, 2)
     assert len(single) == len(shard0) == len(shard1) == 3
-    for (s1, s2), (a1, a2), (b1, b2) in zip(single, shard0, shard1, strict=True):
+    for (s1, s2, _), (a1, a2, _), (b1, b2, _) in zip(single, shard0, shard1, strict=True):
         assert s1.shape == (4, 3, 16, 16)
         assert torch.equal(torch.cat([a1, b1]), s1) and torch.equal(torch.cat([a2, b2]), s2)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from blockssl.eval.probe import assert_unchanged, run_probe, topk_accuracy
+from blockssl.eval.probe import assert_unchanged, knn_predict, run_probe, topk_accuracy
 from blockssl.train import pretrain
 from tests.conftest import tiny_config
 
@@ -21,6 +22,7 @@ def test_probe_reads_every_block_and_writes_probe_json(tmp_path):
     assert results["run"]["train_images"] + results["run"]["val_images"] == 512
     for r in blocks.values():
         assert r["lr"] in (0.03, 0.1) and 0 <= r["top1"] <= r["top5"] <= 100
+        assert {"knn20_top1", "knn200_top1"} <= r.keys()
     # Early-block features of 10 shape classes are far above the 10% of chance after one epoch.
     assert blocks["block1"]["top1"] > 25 and blocks["concat"]["top1"] > 25
     assert set(results["random_init"]["blocks"]) == set(blocks)
@@ -40,3 +42,17 @@ def test_changed_weights_are_detected():
         model.weight[0, 0] += 1e-6
     with pytest.raises(AssertionError, match="weight"):
         assert_unchanged(model, snapshot)
+
+
+def test_knn_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train, labels, query = torch.randn(50, 8, generator=g), torch.randint(0, 4, (50,), generator=g), torch.randn(
+        7, 8, generator=g)
+    scores = knn_predict(train, labels, query, k=5, num_classes=4, temperature=0.07, chunk=3)
+    for q in range(7):
+        sims = [float(torch.nn.functional.cosine_similarity(query[q], t, dim=0)) for t in train]
+        nearest = sorted(range(50), key=lambda i: -sims[i])[:5]
+        expected = torch.zeros(4)
+        for i in nearest:
+            expected[labels[i]] += math.exp(sims[i] / 0.07)
+        torch.testing.assert_close(scores[q], expected, rtol=1e-4, atol=0)

@@ -100,6 +100,30 @@ def _torchvision(name: str) -> Callable[[DataConfig, Split], Dataset]:
     return build
 
 
+class BadImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image as 8-bit RGB: grayscale, palette (with transparency), RGBA, CMYK and 16-bit or float images.
+
+    An unreadable, truncated or non-image file raises ``BadImageError`` naming the file.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so a truncated file fails here and not in a transform
+            decoded: Image.Image = image
+            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                array = np.asarray(image, dtype=np.float64)
+                top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+                decoded = Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8))
+            elif image.mode == "P" and "transparency" in image.info:
+                decoded = image.convert("RGBA")
+            return decoded.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
 def imagefolder(cfg: DataConfig, split: Split) -> Dataset:
     from torchvision.datasets import ImageFolder
 
@@ -107,7 +131,7 @@ def imagefolder(cfg: DataConfig, split: Split) -> Dataset:
     if not cfg.root or not folder.is_dir():
         raise FileNotFoundError(f"data.root={cfg.root!r} must hold train/ and val/ folders of class sub-folders "
                                 "(the ImageNet layout); missing: " + str(folder))
-    return ImageFolder(str(folder), loader=lambda p: Image.open(p).convert("RGB"))
+    return ImageFolder(str(folder), loader=load_rgb)
 
 
 SHAPES = ("disc", "square", "triangle", "plus", "ring", "diamond", "hbar", "vbar", "cross", "dots")

@@ -12,6 +12,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from blockssl.config import ConfigError
+from blockssl.data.datasets import BadImageError
+
+MAX_REPLACEMENTS = 16
+
 
 class EpochSampler(Sampler[tuple[int, int]]):
     """This process's share of each global batch of a seeded per-epoch permutation; the last partial batch dropped.
@@ -22,9 +27,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
         if global_batch % world:
-            raise ValueError(f"train.batch_size={global_batch} is not divisible by the {world} processes")
+            raise ConfigError(f"train.batch_size={global_batch} is not divisible by the {world} processes")
         if size < global_batch:
-            raise ValueError(f"train.batch_size={global_batch} is larger than the dataset ({size} images); "
+            raise ConfigError(f"train.batch_size={global_batch} is larger than the dataset ({size} images); "
                              "lower it or use more data")
         self.size, self.global_batch, self.seed, self.rank, self.world = size, global_batch, seed, rank, world
         self.epoch, self.first_step = 0, 0
@@ -50,21 +55,35 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 class TwoViews(Dataset):
-    """``dataset[(epoch, i)]`` -> (view1, view2); the views' randomness is seeded by (seed, epoch, i)."""
+    """``dataset[(epoch, i)]`` -> (view1, view2, replaced); the views' randomness is seeded by (seed, epoch, i).
 
-    def __init__(self, base: Dataset, transforms: tuple[Callable, Callable], seed: int) -> None:
-        self.base, self.transforms, self.seed = base, transforms, seed
+    An unreadable image is replaced by the next readable one and ``replaced`` is 1, so the training process can
+    count it (workers cannot log reliably); with ``strict`` it stops the run, naming the file.
+    """
+
+    def __init__(self, base: Dataset, transforms: tuple[Callable, Callable], seed: int, strict: bool = False) -> None:
+        self.base, self.transforms, self.seed, self.strict = base, transforms, seed, strict
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         epoch, i = key
-        image, _ = self.base[i]
+        image, replaced = None, 0
+        for attempt in range(MAX_REPLACEMENTS):
+            try:
+                image, _ = self.base[(i + attempt) % len(self)]
+                break
+            except BadImageError as e:
+                if self.strict:
+                    raise BadImageError(f"{e} (data.strict=true; set it false to skip and count such files)") from None
+                replaced = 1
+        if image is None:
+            raise BadImageError(f"{MAX_REPLACEMENTS} unreadable images in a row from index {i}: check data.root")
         # fork_rng: the global RNG of the training process (noise injection) is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63)
-            return self.transforms[0](image), self.transforms[1](image)
+            return self.transforms[0](image), self.transforms[1](image), replaced
 
 
 def pretrain_loader(views: TwoViews, sampler: EpochSampler, *, num_workers: int, pin_memory: bool,

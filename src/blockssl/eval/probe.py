@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from blockssl.config import Config, ProbeConfig, _apply, validate
+from blockssl.checkpoint import atomic_save
+from blockssl.config import Config, ProbeConfig, apply_overrides
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.transforms import eval_transform
 from blockssl.method import BlockwiseSSL, build_model
@@ -60,29 +61,66 @@ def assert_unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> Non
         raise AssertionError(f"the frozen model changed during evaluation: {changed[:5]}")
 
 
-def train_linear_probes(train_feats: list[torch.Tensor], train_labels: torch.Tensor, num_classes: int,
-                        cfg: ProbeConfig, lr: float, seed: int) -> list[nn.Linear]:
-    """One linear classifier per feature set, all trained in the same pass over shuffled mini-batches.
+class LinearProbe(nn.Module):
+    """A linear classifier on features standardised with the training set's statistics."""
 
-    SGD with momentum 0.9 and a cosine schedule, on features standardised with the training statistics.
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.linear = nn.Linear(len(mean), num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features - self.mean) / self.std)
+
+
+def train_linear_probes(train_feats: list[torch.Tensor], train_labels: torch.Tensor, num_classes: int,
+                        cfg: ProbeConfig, lr: float, seed: int) -> list[LinearProbe]:
+    """One linear probe per feature set, all trained in the same pass over shuffled mini-batches.
+
+    SGD with momentum 0.9 and a cosine schedule.
     """
     g = torch.Generator().manual_seed(seed)
-    probes = [nn.Linear(f.shape[1], num_classes) for f in train_feats]
+    torch.manual_seed(seed)
+    probes = [LinearProbe(f.mean(0), f.std(0) + 1e-6, num_classes) for f in train_feats]
     params = [p for probe in probes for p in probe.parameters()]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
     n = len(train_labels)
-    steps_per_epoch = max(1, n // cfg.batch_size)
+    batch = min(cfg.batch_size, n)
+    steps_per_epoch = n // batch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=g)
         for s in range(steps_per_epoch):
-            idx = perm[s * cfg.batch_size: (s + 1) * cfg.batch_size]
+            idx = perm[s * batch: (s + 1) * batch]
             loss = sum(F.cross_entropy(probe(f[idx]), train_labels[idx]) for probe, f in zip(probes, train_feats,
                                                                                                strict=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[union-attr]
             opt.step()
             sched.step()
+    return probes
+
+
+def with_concat(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each block's features, then all blocks concatenated (the "concat" probe)."""
+    return [*features, torch.cat(features, dim=1)]
+
+
+def load_probes(run_dir: str | Path) -> dict[str, LinearProbe]:
+    """The probes ``blockssl probe`` saved in ``probes.pt`` (for robustness evaluation)."""
+    path = Path(run_dir) / "probes.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `blockssl probe {run_dir}` first")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    probes = {}
+    for name, state in saved["probes"].items():
+        probe = LinearProbe(state["mean"], state["std"], saved["num_classes"])
+        probe.load_state_dict(state)
+        probes[name] = probe.eval()
     return probes
 
 
@@ -93,13 +131,26 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return {f"top{k}": 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks if k <= logits.shape[1]}
 
 
-def _standardize(train: list[torch.Tensor], *others: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    stats = [(f.mean(0), f.std(0) + 1e-6) for f in train]
-    return [[(f - m) / s for f, (m, s) in zip(feats, stats, strict=True)] for feats in (train, *others)]
+@torch.no_grad()
+def knn_predict(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, k: int, num_classes: int,
+                temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class scores of weighted kNN (Wu et al. 2018, as in DINO): cosine similarity, the k nearest vote with
+    weight exp(sim / temperature)."""
+    train = F.normalize(train, dim=1)
+    scores = []
+    for q in F.normalize(query, dim=1).split(chunk):
+        sims, idx = (q @ train.T).topk(min(k, len(train)), dim=1)
+        votes = torch.zeros(len(q), num_classes).scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
 
 
-def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
-    """Fast protocol: cached features, an lr per block chosen on a held-out split of the training set."""
+def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "cpu"
+               ) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
+    """Fast protocol: cached features, an lr per block chosen on a held-out split of the training set.
+
+    Returns the results (linear probe and kNN per block) and the chosen probes.
+    """
     info = dataset_info(cfg.data)
     transform = eval_transform(info)
     pc = cfg.probe
@@ -110,61 +161,64 @@ def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "c
     train_feats, train_labels = extract_features(model, train_set, pc.eval_batch_size, workers, device)
     test_feats, test_labels = extract_features(model, test_set, pc.eval_batch_size, workers, device)
     assert_unchanged(model, snapshot)
-    train_feats.append(torch.cat(train_feats, dim=1))  # every block together
-    test_feats.append(torch.cat(test_feats, dim=1))
+    train_feats, test_feats = with_concat(train_feats), with_concat(test_feats)
     names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
 
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(train_labels), generator=g)
     n_val = max(1, int(pc.val_fraction * len(perm)))
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
-    fit, val, test = _standardize([f[fit_idx] for f in train_feats], [f[val_idx] for f in train_feats], test_feats)
+    fit, val = [f[fit_idx] for f in train_feats], [f[val_idx] for f in train_feats]
     best: dict[str, dict[str, Any]] = {}
+    chosen: dict[str, LinearProbe] = {}
+    for name, f_train, f_test in zip(names, train_feats, test_feats, strict=True):
+        for k in pc.knn_k:
+            scores = knn_predict(f_train, train_labels, f_test, k, info.num_classes, pc.knn_temperature)
+            best.setdefault(name, {})[f"knn{k}_top1"] = topk_accuracy(scores, test_labels, (1,))["top1"]
     for lr in pc.lrs:
         probes = train_linear_probes(fit, train_labels[fit_idx], info.num_classes, pc, lr, seed)
         with torch.no_grad():
-            for name, probe, fv, ft in zip(names, probes, val, test, strict=True):
+            for name, probe, fv, ft in zip(names, probes, val, test_feats, strict=True):
                 val_acc = topk_accuracy(probe(fv), train_labels[val_idx])["top1"]
-                if name not in best or val_acc > best[name]["val_top1"]:
-                    best[name] = {"lr": lr, "val_top1": val_acc, **topk_accuracy(probe(ft), test_labels)}
-    return {"protocol": "fast", "epochs": pc.epochs, "train_images": len(fit_idx), "val_images": n_val,
-            "test_images": len(test_labels), "blocks": best}
+                if val_acc > best[name].get("val_top1", -1.0):
+                    best[name].update(lr=lr, val_top1=val_acc, **topk_accuracy(probe(ft), test_labels))
+                    chosen[name] = probe
+    results = {"protocol": "fast", "epochs": pc.epochs, "train_images": len(fit_idx), "val_images": n_val,
+               "test_images": len(test_labels), "blocks": best}
+    return results, chosen
 
 
 def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, random_init: bool = False
               ) -> dict[str, Any]:
     """Probe a run's last checkpoint (and optionally the same architecture at random initialisation).
 
-    Writes ``probe.json`` in the run directory and returns its content.
+    Writes ``probe.json`` (results) and ``probes.pt`` (the chosen probes) in the run directory; returns the results.
     """
-    from blockssl.config import parse_override
-
     run_dir = Path(run_dir)
     model, cfg = checkpoint_model(run_dir)
-    for text in overrides:
-        override = parse_override(text)
-        if set(override) - {"probe", "data"}:
-            raise ValueError(f"{text!r}: probe accepts probe.* and data.* keys only")
-        _apply(cfg, override)
-    validate(cfg)
-    results: dict[str, Any] = {"run": fast_probe(model, cfg, seed=cfg.seed)}
+    apply_overrides(cfg, overrides, ("probe", "data"))
+    run_results, probes = fast_probe(model, cfg, seed=cfg.seed)
+    results: dict[str, Any] = {"run": run_results}
     if random_init:
         seed_everything(cfg.seed)
         info = dataset_info(cfg.data)
-        results["random_init"] = fast_probe(build_model(cfg, info.channels, info.image_size), cfg, seed=cfg.seed)
+        results["random_init"] = fast_probe(build_model(cfg, info.channels, info.image_size), cfg, seed=cfg.seed)[0]
+    atomic_save({"num_classes": dataset_info(cfg.data).num_classes,
+                 "probes": {name: p.state_dict() for name, p in probes.items()}}, run_dir / "probes.pt")
     (run_dir / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 def print_probe_table(results: dict[str, Any]) -> None:
-    """Top-1 / top-5 per block; with a random-init reference, its top-1 beside the run's."""
+    """Linear-probe top-1 / top-5 and kNN top-1 per block; with a random-init reference, its scores beside."""
     run = results["run"]["blocks"]
     rand = results.get("random_init", {}).get("blocks")
-    header = f"{'features':<10} {'top-1':>7} {'top-5':>7}" + (f" {'random-init top-1':>18}" if rand else "")
-    print(f"linear probe ({results['run']['protocol']} protocol, test set of {results['run']['test_images']} images)")
-    print(header)
+    knn = sorted(k for k in next(iter(run.values())) if k.startswith("knn"))
+    columns = ["top1", "top5", *knn]
+    titles = ["linear top-1", "linear top-5", *(k.replace("_top1", " top-1").replace("knn", "kNN k=") for k in knn)]
+    print(f"{results['run']['protocol']} protocol, test set of {results['run']['test_images']} images; accuracy in %"
+          + ("; random init in brackets" if rand else ""))
+    print(f"{'features':<10}" + "".join(f" {t:>17}" for t in titles))
     for name, r in run.items():
-        line = f"{name:<10} {r['top1']:>7.2f} {r.get('top5', float('nan')):>7.2f}"
-        if rand:
-            line += f" {rand[name]['top1']:>18.2f}"
-        print(line)
+        cells = [f"{r[c]:.2f}" + (f" ({rand[name][c]:.2f})" if rand else "") for c in columns]
+        print(f"{name:<10}" + "".join(f" {c:>17}" for c in cells))
