@@ -33,16 +33,17 @@ Each (model, setting) pair runs in a fresh subprocess, so its memory numbers are
   ``peak increase`` = ``peak - rss_built``: what training adds on top of the weights, i.e. activations,
   gradients, optimizer state and temporaries. RSS counts memory the allocator holds, not only live tensors, so
   it is an upper bound on what the tensors need, but it is what the machine must provide.
-- On CUDA, ``peak`` is ``torch.cuda.max_memory_allocated`` over the steps and ``rss_built`` becomes
-  ``torch.cuda.memory_allocated`` before the first step (the process RSS is reported beside it in the JSON).
+- On CUDA, ``peak`` is ``torch.cuda.max_memory_allocated`` over the steps and ``built`` is
+  ``torch.cuda.memory_allocated`` before the first step (the process RSS is reported beside them in the JSON).
 - ``vs e2e``: a setting's peak increase divided by that of end-to-end training on the same model.
 - ``others``: the share of the machine's CPU time (all cores, /proc/stat) used by other processes during the
   timed steps. Another process on the same cores slows the steps down, so images/s of a run with a high share
   are not comparable (a warning is printed); the memory numbers are unaffected.
 
 The JSON (``benchmarks/results/step_throughput_memory.json``; ``--quick`` writes ``*_quick.json``) also
-records parameter and optimizer-state sizes, per-step times and losses (reference and lean must print the same
-losses: they are the same update), the load average, and the torch version, device and thread count.
+records parameter and optimizer-state sizes, per-step times and losses, the load average, and the torch
+version, device and thread count. Reference and lean execution are the same update, so from the same seed they
+must give the same losses at every step; the benchmark checks this and warns otherwise.
 
 Usage: ``python benchmarks/step_throughput_memory.py [--quick] [--models resnet18,resnet50] [--device auto]``
 """
@@ -296,6 +297,13 @@ def format_table(results: list[dict[str, Any]]) -> str:
         lines.append(f"{r['model']:<10} {r['setting']:<11} {r['batch']:>5} {r['images_per_s']:>9.2f} "
                      f"{r['mean_step_s']:>7.2f} {r['built_mb']:>9.0f} {r['peak_mb']:>9.0f} "
                      f"{r['peak_increase_mb']:>12.0f} {ratio:>7} {_percent(r['other_cpu_share_timed']):>6}")
+    by_key = {(r["model"], r["setting"]): r for r in results if "error" not in r}
+    for model in dict.fromkeys(r["model"] for r in results):
+        ref, lean = by_key.get((model, "reference")), by_key.get((model, "lean"))
+        if ref and lean and not all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(ref["losses"], lean["losses"],
+                                                                                     strict=True)):
+            lines.append(f"\nwarning: {model}: reference and lean losses differ ({ref['losses']} vs "
+                         f"{lean['losses']}); they should be the same update")
     busy = [r for r in results if (r.get("other_cpu_share_timed") or 0) > BUSY]
     if busy:
         lines.append(f"\nwarning: other processes used more than {BUSY:.0%} of the CPU during {len(busy)} run(s) "

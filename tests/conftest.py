@@ -22,5 +22,10 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny models: one thread is as fast as two, and spawned or killed-and-resumed runs use the same kernels.
+    torch.set_num_threads(1)
+
+
 def tiny_config(out: Path | str, *overrides: str) -> Config:
     return load_config(None, [*TINY, f"out={out}", *overrides])

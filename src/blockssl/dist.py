@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -157,7 +158,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def convert_sync_batchnorm(module: ModuleT, device: torch.device) -> ModuleT:
     """Replace every BatchNorm by a synchronised one (torch's on CUDA, ``SyncBatchNorm`` above elsewhere)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
@@ -165,7 +169,7 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
         sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats)
         sync.load_state_dict(module.state_dict())
-        return sync
+        return sync  # type: ignore[return-value]  # a BatchNorm becomes its synchronised subclass
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, device))
     return module

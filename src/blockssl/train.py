@@ -11,6 +11,7 @@ Execution modes (``train.execution``):
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import shutil
@@ -200,9 +201,9 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     """
     started_group = dist.init_from_environment()
     main = dist.is_main_process()
+    device = resolve_device(cfg.train.device)
     out = prepare_run_dir(cfg, resume, overwrite) if main else Path(cfg.out)
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None  # fail before any work
-    device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)  # the same initial weights in every process
     info = dataset_info(cfg.data)
     base = build_dataset(cfg.data, "pretrain")
@@ -214,7 +215,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                              persistent_workers=cfg.data.persistent_workers)
     model = build_model(cfg, info.channels, info.image_size)
     if cfg.train.sync_bn:
-        model = dist.convert_sync_batchnorm(model, device)  # type: ignore[assignment]
+        model = dist.convert_sync_batchnorm(model, device)
     model.to(device)
     dist.broadcast_state(model)
     torch.manual_seed(cfg.seed + dist.rank())  # noise injection differs between processes
@@ -232,11 +233,13 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
 
     step = 0
+    counts = {"nonfinite_skipped": 0, "bad_images_replaced": 0}  # cumulative over the run, kept in checkpoints
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         scaler.load_state_dict(ckpt["scaler"])
         _restore_rng(ckpt["rng"][min(dist.rank(), len(ckpt["rng"]) - 1)])
         step = ckpt["step"]
+        counts = ckpt["counts"]
         _truncate_metrics(out / "metrics.jsonl", step)
     elif main:
         (out / "config.yaml").write_text(dump_config(cfg))
@@ -248,7 +251,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
 
     progress = _progress_bar(cfg, total_steps, step, main)
     meter = Throughput(cfg.train.batch_size)
-    steps_this_call, nonfinite, bad_images = 0, 0.0, 0
+    steps_this_call = 0
     stop = False
     with StopSignals() as signals:
         for phase_index, phase in enumerate(phases):
@@ -274,8 +277,8 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                                        step=step, skip_nonfinite=cfg.train.on_nonfinite == "skip")
                     step += 1
                     steps_this_call += 1
-                    nonfinite += float(terms.pop("nonfinite"))
-                    bad_images += int(replaced.sum())
+                    counts["nonfinite_skipped"] += int(terms.pop("nonfinite"))
+                    counts["bad_images_replaced"] += int(replaced.sum())
                     meter.tick()
                     if progress is not None:
                         progress.update(1)
@@ -283,20 +286,20 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                     if step % cfg.train.log_every == 0 or last:
                         record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
                                   **{k: float(v) for k, v in terms.items()}, "images_per_sec": meter.rate(),
-                                  "nonfinite_skipped": nonfinite, "bad_images_replaced": bad_images}
+                                  **counts}
                         _log(out / "metrics.jsonl", record, progress, main)
                     stop = dist.any_process(signals.requested) or (stop_after is not None
                                                                     and steps_this_call >= stop_after)
                     end_of_epoch = step % steps_per_epoch == 0
                     every = cfg.train.checkpoint_every
                     if (step % every == 0 if every else end_of_epoch) or last or stop:
-                        _save(out, model, optimizers, scaler, step, phase_index, cfg)
+                        _save(out, model, optimizers, scaler, step, phase_index, counts, cfg)
                     if last or stop:
                         break
     if progress is not None:
         progress.close()
     if main and step >= total_steps:
-        _export_backbone(model, out / "backbone.pt")
+        atomic_save(backbone_state_dict(model), out / "backbone.pt")
     dist.barrier()
     if started_group:
         torch.distributed.destroy_process_group()
@@ -369,7 +372,7 @@ def _progress_bar(cfg: Config, total: int, initial: int, main: bool) -> Any:
 
 
 def _save(out: Path, model: BlockwiseSSL, optimizers: dict[int, torch.optim.Optimizer],
-          scaler: torch.amp.GradScaler, step: int, phase: int, cfg: Config) -> None:
+          scaler: torch.amp.GradScaler, step: int, phase: int, counts: dict[str, int], cfg: Config) -> None:
     from blockssl.checkpoint import FORMAT_VERSION
     from blockssl.config import to_dict
 
@@ -381,7 +384,7 @@ def _save(out: Path, model: BlockwiseSSL, optimizers: dict[int, torch.optim.Opti
     save_checkpoint({
         "format_version": FORMAT_VERSION, "config": to_dict(cfg), "step": step, "phase": phase,
         "model": model.state_dict(), "optimizers": {str(k): o.state_dict() for k, o in optimizers.items()},
-        "scaler": scaler.state_dict(), "rng": rng,
+        "scaler": scaler.state_dict(), "rng": rng, "counts": dict(counts),
     }, out / "checkpoints", step, cfg.train.keep_checkpoints)
 
 
@@ -396,17 +399,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)  # a kill now leaves either version, never half of one
 
 
 def backbone_state_dict(model: BlockwiseSSL) -> dict[str, torch.Tensor]:
     """The backbone's weights under torchvision's names (no ``fc``)."""
     return {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
-
-
-def _export_backbone(model: nn.Module, path: Path) -> None:
-    assert isinstance(model, BlockwiseSSL)
-    atomic_save(backbone_state_dict(model), path)
 
 
 def checkpoint_model(run_dir: str | Path, device: str = "cpu") -> tuple[BlockwiseSSL, Config]:

@@ -213,7 +213,7 @@ def print_probe_table(results: dict[str, Any]) -> None:
     """Linear-probe top-1 / top-5 and kNN top-1 per block; with a random-init reference, its scores beside."""
     run = results["run"]["blocks"]
     rand = results.get("random_init", {}).get("blocks")
-    knn = sorted(k for k in next(iter(run.values())) if k.startswith("knn"))
+    knn = sorted((k for k in next(iter(run.values())) if k.startswith("knn")), key=lambda k: int(k[3:].split("_")[0]))
     columns = ["top1", "top5", *knn]
     titles = ["linear top-1", "linear top-5", *(k.replace("_top1", " top-1").replace("knn", "kNN k=") for k in knn)]
     print(f"{results['run']['protocol']} protocol, test set of {results['run']['test_images']} images; accuracy in %"
