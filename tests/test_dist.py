@@ -21,15 +21,6 @@ from tests.conftest import tiny_config
 LOSSES = {"barlow_twins": BarlowTwinsLoss, "simclr": SimCLRLoss, "vicreg": VICRegLoss}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The spawned processes use one thread each; so does the single-process reference (same kernels)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from blockssl.cli import main
@@ -15,14 +14,6 @@ from blockssl.eval.robustness import run_robustness
 from blockssl.report import FIGURES, read_metrics, throughput, write_report
 from blockssl.train import pretrain
 from tests.conftest import tiny_config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ from blockssl.data.datasets import ArrayImages, DatasetInfo, build_dataset, data
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
 from blockssl.data.transforms import eval_transform, two_view_transforms
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Fashion-MNIST idx files
 

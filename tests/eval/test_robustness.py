@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from blockssl.cli import main
@@ -32,15 +31,6 @@ from tests.conftest import tiny_config
 
 BLOCKS = ["block1", "block2", "block3", "block4", "concat"]
 PICK = ["robustness.corruptions=[gaussian_noise,contrast,pixelate]"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two OpenMP threads fighting other processes for 2 cores are many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

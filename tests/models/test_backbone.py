@@ -14,15 +14,6 @@ from blockssl.models.backbone import ARCHS, ResNet, StageInfo, group_stages
 STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: one thread is fastest, and immune to OpenMP spin-waiting on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_state_dict_matches_torchvision(arch):
     # Built on the meta device: keys and shapes only, no memory and no initialisation cost for the big ones.

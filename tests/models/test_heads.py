@@ -9,14 +9,6 @@ from torch import nn
 from blockssl.models.heads import Head, projector
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_gap_is_mean_over_height_and_width():
     torch.manual_seed(0)
     head = Head(6, kind="gap")
