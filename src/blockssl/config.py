@@ -103,6 +103,8 @@ class TrainConfig:
     sync_bn: bool = False  # BatchNorm statistics over the global batch when distributed (on in the paper)
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for the fixed input size (CUDA only)
+    compile: bool = False  # torch.compile each module in place (names and checkpoints unchanged)
     device: str = "auto"  # auto = cuda if available, else cpu
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch

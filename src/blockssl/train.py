@@ -218,6 +218,12 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
         model = dist.convert_sync_batchnorm(model, device)
     model.to(device)
     dist.broadcast_state(model)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    if cfg.train.compile:  # in place, stage by stage: parameter names and checkpoints are unchanged
+        for module in [*(getattr(model.backbone, f"layer{i}") for i in range(1, 5)), *model.heads,
+                       *model.projectors.values()]:
+            module.compile()
     torch.manual_seed(cfg.seed + dist.rank())  # noise injection differs between processes
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
