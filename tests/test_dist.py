@@ -121,3 +121,35 @@ def test_misconfigured_launch_fails_loudly(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
         init_from_environment()
+
+
+def _features_worker(rank: int, world: int, run: str, out: str) -> None:
+    from blockssl.eval.probe import extract_features, topk_accuracy
+    from blockssl.train import checkpoint_model
+
+    model, cfg = checkpoint_model(run)
+    feats, labels = extract_features(model, _test_set(cfg), batch_size=8)
+    torch.save({"feats": feats, "labels": labels, "top1": topk_accuracy(feats[-1][:, :10], labels, (1,))},
+               f"{out}.{rank}")
+
+
+def _test_set(cfg):
+    from blockssl.data.datasets import build_dataset, dataset_info
+    from blockssl.data.transforms import eval_transform
+    from blockssl.eval.probe import Transformed
+
+    return Transformed(build_dataset(cfg.data, "test"), eval_transform(dataset_info(cfg.data)))
+
+
+def test_sharded_evaluation_counts_every_image_once(tmp_path):
+    run = pretrain(tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_size=132"))  # 33 test images
+    _features_worker(0, 1, str(run), str(tmp_path / "single"))
+    _spawn(_features_worker, 2, str(run), str(tmp_path / "sharded"))
+    single = torch.load(tmp_path / "single.0", weights_only=True)
+    assert len(single["labels"]) == 33
+    for rank in range(2):
+        sharded = torch.load(tmp_path / f"sharded.{rank}", weights_only=True)
+        assert torch.equal(sharded["labels"], single["labels"])  # same images, same order, none twice
+        for a, b in zip(sharded["feats"], single["feats"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert sharded["top1"] == single["top1"]

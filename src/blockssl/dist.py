@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -190,4 +190,20 @@ def gather_objects(obj: object) -> list[object]:
         return [obj]
     out: list[object] = [None] * world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def shard_indices(n: int) -> range:
+    """This process's share of ``n`` items for evaluation: every world_size-th one, without padding."""
+    return range(rank(), n, world_size())
+
+
+def gather_in_order(local: torch.Tensor, indices: range, n: int) -> torch.Tensor:
+    """Reassemble rows computed for ``shard_indices(n)`` in every process into one tensor in item order."""
+    if not is_distributed():
+        return local
+    parts = gather_objects(local.cpu())
+    out = local.new_empty((n, *local.shape[1:]), device="cpu")
+    for r, part in enumerate(parts):
+        out[r::world_size()] = cast(torch.Tensor, part)
     return out

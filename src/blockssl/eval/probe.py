@@ -13,14 +13,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from blockssl import dist
 from blockssl.checkpoint import atomic_save
 from blockssl.config import Config, ProbeConfig, apply_overrides
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.transforms import eval_transform
 from blockssl.method import BlockwiseSSL, build_model
-from blockssl.train import checkpoint_model, seed_everything
+from blockssl.train import checkpoint_model, resolve_device, seed_everything
 
 
 class Transformed(Dataset):
@@ -38,16 +39,23 @@ class Transformed(Dataset):
 @torch.no_grad()
 def extract_features(model: BlockwiseSSL, dataset: Dataset, batch_size: int, num_workers: int = 0,
                      device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Every block's features for every image of ``dataset`` (in order) and the labels."""
+    """Every block's features for every image of ``dataset`` (in order) and the labels.
+
+    Under torch.distributed each process reads every world_size-th image (no padding, so no image is counted
+    twice or dropped) and the shards are gathered back into dataset order in every process.
+    """
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    shard = dist.shard_indices(len(dataset))  # type: ignore[arg-type]
+    loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats: list[list[torch.Tensor]] = [[] for _ in range(model.num_blocks)]
     labels = []
     for x, y in loader:
         for k, f in enumerate(model.features(x.to(device))):
             feats[k].append(f.float().cpu())
-        labels.append(y)
-    return [torch.cat(f) for f in feats], torch.cat(labels)
+        labels.append(torch.as_tensor(y))
+    local = [torch.cat(f) for f in feats] + [torch.cat(labels)]
+    *gathered, all_labels = (dist.gather_in_order(t, shard, len(dataset)) for t in local)  # type: ignore[arg-type]
+    return gathered, all_labels
 
 
 def _weights_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,14 +203,19 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     Writes ``probe.json`` (results) and ``probes.pt`` (the chosen probes) in the run directory; returns the results.
     """
     run_dir = Path(run_dir)
-    model, cfg = checkpoint_model(run_dir)
+    dist.init_from_environment()
+    device = str(resolve_device("auto"))
+    model, cfg = checkpoint_model(run_dir, device)
     apply_overrides(cfg, overrides, ("probe", "data"))
-    run_results, probes = fast_probe(model, cfg, seed=cfg.seed)
+    run_results, probes = fast_probe(model, cfg, seed=cfg.seed, device=device)
     results: dict[str, Any] = {"run": run_results}
     if random_init:
         seed_everything(cfg.seed)
         info = dataset_info(cfg.data)
-        results["random_init"] = fast_probe(build_model(cfg, info.channels, info.image_size), cfg, seed=cfg.seed)[0]
+        reference = build_model(cfg, info.channels, info.image_size).to(device)
+        results["random_init"] = fast_probe(reference, cfg, seed=cfg.seed, device=device)[0]
+    if not dist.is_main_process():
+        return results
     atomic_save({"num_classes": dataset_info(cfg.data).num_classes,
                  "probes": {name: p.state_dict() for name, p in probes.items()}}, run_dir / "probes.pt")
     (run_dir / "probe.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -39,6 +39,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from blockssl import dist
 from blockssl.checkpoint import CheckpointError
 from blockssl.config import Config, ConfigError, apply_overrides
 from blockssl.data.datasets import ArrayImages, build_dataset, dataset_info, load_rgb
@@ -382,6 +383,7 @@ def run_robustness(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
     (Hendrycks & Dietterich 2019) normalised by its errors, block by block (``robustness.baseline_block=same``) or
     all by one of its blocks."""
     run_dir = Path(run_dir)
+    dist.init_from_environment()
     model, cfg = checkpoint_model(run_dir)
     apply_overrides(cfg, overrides, ("robustness", "data"))
     results = evaluate_run(run_dir, model, cfg, progress)
@@ -434,6 +436,8 @@ def tidy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 def write_results(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """``robustness.json`` (everything) and ``robustness.csv`` (tidy rows) in the run directory."""
     results = to_json(results)
+    if not dist.is_main_process():  # every process holds the same (all-gathered) results
+        return results
     (run_dir / "robustness.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = tidy_rows(results)
     with open(run_dir / "robustness.csv", "w", newline="") as f:
