@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blockssl.config import Config
-from blockssl.method import BlockwiseSSL, build_model
+from blockssl.method import BlockwiseSSL, build_model, pop_features
 from blockssl.train import build_optimizers, plan_phases, train_step
 from tests.conftest import tiny_config
 
@@ -131,3 +131,29 @@ def test_any_grouping_trains(tmp_path, blocks):
     out = model(*_views())
     assert sorted(k for k in out if k.startswith("loss/")) == [f"loss/block{k + 1}" for k in range(n)]
     _run_steps(model, cfg, lean=True, steps=1)
+
+
+@pytest.mark.parametrize("scheme", ["simultaneous", "end_to_end"])
+def test_forward_features_are_the_probe_features_and_change_nothing(tmp_path, scheme):
+    """``feat/block{k}`` is what ``features`` returns (eval mode, same input) for every block, with or without a
+    loss; asking for it leaves the losses and every buffer (BatchNorm statistics) as they would be without."""
+    model, _ = _model(tmp_path, f"train.scheme={scheme}")
+    x1, x2 = _views()
+    model.eval()
+    with torch.no_grad():
+        out = model(x1, x2, features=True)
+        expected = model.features(x1)
+    feats = [out[f"feat/block{k}"] for k in range(1, 5)]
+    for f, e in zip(feats, expected, strict=True):
+        assert torch.equal(f, e)
+    model.train()
+    twin = copy.deepcopy(model)
+    torch.manual_seed(0)
+    a = model(x1, x2, features=True)
+    torch.manual_seed(0)
+    b = twin(x1, x2)
+    assert all(not v.requires_grad for k, v in a.items() if k.startswith("feat/"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    for (name, u), v in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+        assert torch.equal(u, v), name
+    assert [f.shape[1] for f in pop_features(a)] == model.feature_dims and not any(k.startswith("feat/") for k in a)

@@ -125,7 +125,25 @@ class ProbeConfig:
     weight_decay: float = 0.0
     eval_batch_size: int = 512
     knn_k: list[int] = field(default_factory=lambda: [20, 200])  # weighted kNN on the same features
+    # Linear probes trained on a fraction of the labels (semi-supervised evaluation on frozen features)
+    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    label_subset_dir: str = ""  # folder with 1percent.txt / 10percent.txt (ImageNet); "" = stratified subsets
     knn_temperature: float = 0.07
+
+
+@dataclass
+class OnlineProbeConfig:
+    """Online linear evaluation during pretraining (as in solo-learn): a linear classifier per block on the detached
+    head features of view 1, trained on the pretraining batch's labels by its own SGD; it never reaches the model.
+    Per-block train top-1 and loss, averaged since the previous line, go to metrics.jsonl as online/block{k}_*."""
+
+    enabled: bool = False  # off by default: it needs labels in the pretraining set
+    # Train it on every N-th batch only: N > 1 cuts the extra head forward of blocks without a loss (end-to-end,
+    # sequential), which is the probe's only real cost; blocks with a loss give their features for free.
+    every: int = 1
+    lr: float = 0.1  # SGD lr, constant (features are standardised by a BatchNorm without affine first)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -162,6 +180,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
 
@@ -408,7 +427,7 @@ def validate(cfg: Config) -> None:
     t, m, d = cfg.train, cfg.model, cfg.data
     positive = {"train.epochs": t.epochs, "train.batch_size": t.batch_size, "model.head_dim": m.head_dim,
                 "model.head_kernel": m.head_kernel, "train.log_every": t.log_every,
-                "train.keep_checkpoints": t.keep_checkpoints}
+                "train.keep_checkpoints": t.keep_checkpoints, "online_probe.every": cfg.online_probe.every}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
@@ -431,6 +450,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.min_lr_ratio: must lie in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_epochs < 0:
         raise ConfigError(f"train.warmup_epochs: must be 0 or more, got {t.warmup_epochs}")
+    o = cfg.online_probe
+    if o.lr <= 0 or o.weight_decay < 0 or not 0 <= o.momentum < 1:
+        raise ConfigError(f"online_probe: lr must be positive (got {o.lr}), weight_decay 0 or more (got "
+                          f"{o.weight_decay}) and momentum in [0, 1) (got {o.momentum})")
     for key, lst in (("model.block_head_dims", m.block_head_dims), ("model.block_projectors", m.block_projectors)):
         if lst and len(lst) != n:
             raise ConfigError(f"{key}: has {len(lst)} entries but model.blocks defines {n} blocks; give one per "
@@ -469,9 +492,11 @@ def parse_projector(spec: str) -> list[int]:
     return dims
 
 
-# Keys that may change when resuming a run: they do not change what is computed.
+# Keys that may change when resuming a run: they do not change what the model computes. The online probe never
+# reaches the model, so it can be switched on (a fresh probe) or retuned for the rest of a run.
 RESUMABLE_KEYS = ("data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers",
-                  "train.progress", "train.device", "train.log_every")
+                  "train.progress", "train.device", "train.log_every", "online_probe.enabled", "online_probe.every",
+                  "online_probe.lr", "online_probe.momentum", "online_probe.weight_decay")
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -18,6 +18,9 @@ from blockssl.models.backbone import ResNet, group_stages
 from blockssl.models.heads import Head, projector
 from blockssl.models.noise import inject_noise
 
+# Forward-dict keys of the per-block head features (``forward(..., features=True)``): not scalars, never logged.
+FEATURE_PREFIX = "feat/block"
+
 # Called as soon as block k's loss exists: memory-lean execution runs that block's backward and step there.
 BlockLossHook = Callable[[int, torch.Tensor], None]
 
@@ -39,6 +42,14 @@ class BlockwiseSSL(nn.Module):
 
     ``forward(x1, x2)`` returns ``{"loss": total, "loss/block{k}": ..., "std/block{k}": ...}`` for the blocks that
     carry a loss (numbered from 1). Blocks in ``frozen`` run in eval mode and without gradient.
+
+    ``forward(x1, x2, features=True)`` adds ``"feat/block{k}"``: the detached head output of view 1 (what
+    ``features`` returns, here from the training forward: train-mode BatchNorm, noise included) of every block
+    the forward runs, for the online probe. A loss block's head output is already computed for its loss, so it
+    costs nothing; a block without a loss (the end-to-end scheme's first blocks, frozen blocks, earlier blocks in
+    the sequential scheme) costs one head forward, in eval mode and without gradient, so that neither its
+    BatchNorm statistics nor anything else of the model depends on whether features were asked for. Blocks after
+    the last loss block are not run and have no features. ``pop_features`` takes them out of the dict.
     """
 
     def __init__(
@@ -66,6 +77,7 @@ class BlockwiseSSL(nn.Module):
         head_dims = head_dims or [2048] * n
         heads = [Head(c, head, d, head_kernel) for c, d in zip(self.block_channels, head_dims, strict=True)]
         self.heads = nn.ModuleList(heads)
+        self.feature_dims = [h.out_dim for h in heads]  # width of each block's features (what probes read)
         # Projectors only where a loss may sit: at ImageNet scale each 8192-wide one holds about 150 M weights.
         projectors = projectors if projectors is not None else {k: [8192, 8192, 8192] for k in loss_blocks}
         self.projectors = nn.ModuleDict({str(k): projector(heads[k].out_dim, p) for k, p in projectors.items()})
@@ -113,8 +125,8 @@ class BlockwiseSSL(nn.Module):
             self.blocks[k].eval()
         return self
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, on_block_loss: BlockLossHook | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, on_block_loss: BlockLossHook | None = None,
+                features: bool = False) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         total = x1.new_zeros(())
         h1, h2 = x1, x2
@@ -130,9 +142,14 @@ class BlockwiseSSL(nn.Module):
                     h1 = inject_noise(h1, self.noise, self.noise_std)
                     h2 = inject_noise(h2, self.noise, self.noise_std)
             if k not in self.loss_blocks:
+                if features:
+                    out[f"{FEATURE_PREFIX}{k + 1}"] = self._probe_only_head(k, h1)
                 continue
             proj, head = self.projectors[str(k)], self.heads[k]
-            z1, z2 = proj(head(h1)), proj(head(h2))
+            e1 = head(h1)
+            z1, z2 = proj(e1), proj(head(h2))
+            if features:
+                out[f"{FEATURE_PREFIX}{k + 1}"] = e1.detach()
             loss_k = self.loss(z1, z2)
             out[f"loss/block{k + 1}"] = loss_k
             # Collapse monitor: per-feature std of the normalised embeddings x sqrt(dim): about 1 for points
@@ -146,6 +163,18 @@ class BlockwiseSSL(nn.Module):
         out["loss"] = total
         return out
 
+    def _probe_only_head(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Head k's output for a block without a loss: in eval mode (its BatchNorm statistics untouched, as in
+        ``features``), no gradient."""
+        head = self.heads[k]
+        mode = head.training
+        head.eval()
+        try:
+            with torch.no_grad():
+                return head(h.detach())
+        finally:
+            head.train(mode)
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every block's head output (the vectors the linear probes read); no noise, no gradient needed."""
         feats = []
@@ -153,6 +182,13 @@ class BlockwiseSSL(nn.Module):
             x = block(x)
             feats.append(head(x))
         return feats
+
+
+def pop_features(out: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Remove the ``feat/block{k}`` entries of a forward dict; returns them in block order (block 1 first)."""
+    keys = sorted((key for key in out if key.startswith(FEATURE_PREFIX)),
+                  key=lambda key: int(key.removeprefix(FEATURE_PREFIX)))
+    return [out.pop(key) for key in keys]
 
 
 def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:

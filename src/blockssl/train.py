@@ -36,7 +36,8 @@ from blockssl.config import Config, ConfigError, dump_config, from_dict, lean_ex
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
 from blockssl.data.transforms import two_view_transforms
-from blockssl.method import BlockwiseSSL, build_model
+from blockssl.eval.online import OnlineProbe
+from blockssl.method import BlockwiseSSL, build_model, pop_features
 from blockssl.optim import build_optimizer, lr_factor, set_lr
 
 # What a run directory holds (evaluation adds probe.json, robustness.*, report.md).
@@ -115,10 +116,11 @@ def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 def train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, optimizers: dict[int, torch.optim.Optimizer],
-               *, lean: bool, scaler: torch.amp.GradScaler, autocast: Any, step: int, skip_nonfinite: bool = False
-               ) -> dict[str, torch.Tensor]:
+               *, lean: bool, scaler: torch.amp.GradScaler, autocast: Any, step: int, skip_nonfinite: bool = False,
+               features: bool = False) -> dict[str, torch.Tensor]:
     """One optimisation step; returns the forward dict (total and per-block terms, detached) and ``nonfinite``,
-    the number of updates skipped for a non-finite loss or gradient.
+    the number of updates skipped for a non-finite loss or gradient. ``features`` adds the blocks' detached head
+    features of view 1 (``feat/block{k}``, for the online probe; not scalars: take them out with ``pop_features``).
 
     Distributed: no DistributedDataParallel wrapper, whose hooks expect one backward per forward. Each
     optimizer's gradients are averaged in one flattened all-reduce just before it steps, so in lean execution
@@ -148,10 +150,10 @@ def train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, optimize
 
     if lean:
         with autocast:
-            out = model(x1, x2, on_block_loss=backward_and_step)
+            out = model(x1, x2, on_block_loss=backward_and_step, features=features)
     else:
         with autocast:
-            out = model(x1, x2)
+            out = model(x1, x2, features=features)
         finite = [_finite(v, f"block {key.removeprefix('loss/block')} loss ({type(model.loss).__name__})", step,
                           skip_nonfinite) for key, v in out.items() if key.startswith("loss/")]
         if all(finite):
@@ -237,6 +239,10 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    # Online linear evaluation: its own parameters and optimizer, fed detached features; created after the model
+    # and leaving the global RNG stream as it was, so the model trains identically with it on or off.
+    probe = (OnlineProbe(model.feature_dims, info.num_classes, cfg.online_probe).to(device)
+             if cfg.online_probe.enabled else None)
 
     step = 0
     counts = {"nonfinite_skipped": 0, "bad_images_replaced": 0}  # cumulative over the run, kept in checkpoints
@@ -246,7 +252,10 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
         _restore_rng(ckpt["rng"][min(dist.rank(), len(ckpt["rng"]) - 1)])
         step = ckpt["step"]
         counts = ckpt["counts"]
-        _truncate_metrics(out / "metrics.jsonl", step)
+        if probe is not None and "online_probe" in ckpt:  # absent: the probe was switched on at this resume
+            probe.load_checkpoint_state(ckpt["online_probe"], cfg.online_probe)
+        if main:
+            _truncate_metrics(out / "metrics.jsonl", step)
     elif main:
         (out / "config.yaml").write_text(dump_config(cfg))
         run_info = {"command": command or sys.argv, "git_revision": _git_revision(),
@@ -274,16 +283,21 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
             while step < phase.end and not stop:
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
                 sampler.start(epoch, step_in_epoch)
-                for x1, x2, replaced in loader:
+                for x1, x2, labels, replaced in loader:
                     factor = lr_factor(step - phase.start, phase_steps, warmup, cfg.train.min_lr_ratio)
                     lr = max(set_lr(opt, factor) for opt in optimizers.values())  # same factor for all
                     x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
                     x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+                    probing = probe is not None and step % cfg.online_probe.every == 0
                     terms = train_step(model, x1, x2, optimizers, lean=lean, scaler=scaler, autocast=autocast,
-                                       step=step, skip_nonfinite=cfg.train.on_nonfinite == "skip")
+                                       step=step, skip_nonfinite=cfg.train.on_nonfinite == "skip", features=probing)
+                    skipped = int(terms.pop("nonfinite"))
+                    features = pop_features(terms)
+                    if probe is not None and probing and not skipped:  # non-finite features would poison it
+                        probe.step(features, labels)
                     step += 1
                     steps_this_call += 1
-                    counts["nonfinite_skipped"] += int(terms.pop("nonfinite"))
+                    counts["nonfinite_skipped"] += skipped
                     counts["bad_images_replaced"] += int(replaced.sum())
                     meter.tick()
                     if progress is not None:
@@ -291,15 +305,16 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                     last = step == phase.end
                     if step % cfg.train.log_every == 0 or last:
                         record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                                  **{k: float(v) for k, v in terms.items()}, "images_per_sec": meter.rate(),
-                                  **counts}
+                                  **{k: float(v) for k, v in terms.items()},
+                                  **(probe.window_metrics() if probe is not None else {}),
+                                  "images_per_sec": meter.rate(), **counts}
                         _log(out / "metrics.jsonl", record, progress, main)
                     stop = dist.any_process(signals.requested) or (stop_after is not None
                                                                     and steps_this_call >= stop_after)
                     end_of_epoch = step % steps_per_epoch == 0
                     every = cfg.train.checkpoint_every
                     if (step % every == 0 if every else end_of_epoch) or last or stop:
-                        _save(out, model, optimizers, scaler, step, phase_index, counts, cfg)
+                        _save(out, model, optimizers, scaler, step, phase_index, counts, cfg, probe)
                     if last or stop:
                         break
     if progress is not None:
@@ -378,20 +393,24 @@ def _progress_bar(cfg: Config, total: int, initial: int, main: bool) -> Any:
 
 
 def _save(out: Path, model: BlockwiseSSL, optimizers: dict[int, torch.optim.Optimizer],
-          scaler: torch.amp.GradScaler, step: int, phase: int, counts: dict[str, int], cfg: Config) -> None:
+          scaler: torch.amp.GradScaler, step: int, phase: int, counts: dict[str, int], cfg: Config,
+          probe: OnlineProbe | None = None) -> None:
+    """Rank 0 writes; every process contributes its RNG state so that a resumed run draws the same noise."""
     from blockssl.checkpoint import FORMAT_VERSION
     from blockssl.config import to_dict
 
-    """Rank 0 writes; every process contributes its RNG state so that a resumed run draws the same noise."""
     rng = dist.gather_objects({"torch": torch.get_rng_state(),
                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
     if not dist.is_main_process():
         return
-    save_checkpoint({
+    state = {
         "format_version": FORMAT_VERSION, "config": to_dict(cfg), "step": step, "phase": phase,
         "model": model.state_dict(), "optimizers": {str(k): o.state_dict() for k, o in optimizers.items()},
         "scaler": scaler.state_dict(), "rng": rng, "counts": dict(counts),
-    }, out / "checkpoints", step, cfg.train.keep_checkpoints)
+    }
+    if probe is not None:
+        state["online_probe"] = probe.checkpoint_state()
+    save_checkpoint(state, out / "checkpoints", step, cfg.train.keep_checkpoints)
 
 
 def _restore_rng(rng: dict[str, Any]) -> None:

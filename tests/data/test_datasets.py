@@ -369,17 +369,41 @@ def test_two_views_deterministic_and_leave_global_rng_untouched():
     assert len(views) == 12
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a1, a2, replaced = views[(0, 3)]
+    a1, a2, label, replaced = views[(0, 3)]
     assert replaced == 0
+    assert label == 0 and isinstance(label, int)  # the base dataset's label of image 3 (3 % 3)
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(456)  # a different global state gives the same views
-    b1, b2, _ = views[(0, 3)]
+    b1, b2, _, _ = views[(0, 3)]
     assert torch.equal(a1, b1) and torch.equal(a2, b2)
     assert not torch.equal(a1, a2)
-    c1, _, _ = views[(1, 3)]  # another epoch: another augmentation of the same image
+    c1, _, _, _ = views[(1, 3)]  # another epoch: another augmentation of the same image
     assert not torch.equal(a1, c1)
-    d1, _, _ = views[(0, 4)]
+    d1, _, label4, _ = views[(0, 4)]
     assert not torch.equal(a1, d1)
+    assert label4 == 1
+
+
+class _Unlabelled(torch.utils.data.Dataset):
+    """Like torchvision's STL-10 ``unlabeled`` split: (image, None)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i][0], None
+
+
+def test_two_views_label_is_minus_one_without_labels():
+    views = _views()
+    unlabelled = TwoViews(_Unlabelled(views.base), views.transforms, seed=5)
+    a1, a2, label, _ = unlabelled[(0, 3)]
+    assert label == -1
+    b1, b2, _, _ = views[(0, 3)]
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
 
 
 def test_loader_batches_split_across_processes_equal_single_process_batches():
@@ -394,6 +418,7 @@ def test_loader_batches_split_across_processes_equal_single_process_batches():
 
     single, shard0, shard1 = loader(0, 1), loader(0, 2), loader(1, 2)
     assert len(single) == len(shard0) == len(shard1) == 3
-    for (s1, s2, _), (a1, a2, _), (b1, b2, _) in zip(single, shard0, shard1, strict=True):
+    for (s1, s2, sy, _), (a1, a2, ay, _), (b1, b2, by, _) in zip(single, shard0, shard1, strict=True):
         assert s1.shape == (4, 3, 16, 16)
         assert torch.equal(torch.cat([a1, b1]), s1) and torch.equal(torch.cat([a2, b2]), s2)
+        assert sy.dtype == torch.int64 and torch.equal(torch.cat([ay, by]), sy)

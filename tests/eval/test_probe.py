@@ -22,7 +22,7 @@ def test_probe_reads_every_block_and_writes_probe_json(tmp_path):
     assert results["run"]["train_images"] + results["run"]["val_images"] == 512
     for r in blocks.values():
         assert r["lr"] in (0.03, 0.1) and 0 <= r["top1"] <= r["top5"] <= 100
-        assert {"knn20_top1", "knn200_top1"} <= r.keys()
+        assert {"knn20_top1", "knn200_top1", "labels1pct_top1", "labels10pct_top1"} <= r.keys()
     # Early-block features of 10 shape classes are far above the 10% of chance after one epoch.
     assert blocks["block1"]["top1"] > 25 and blocks["concat"]["top1"] > 25
     assert set(results["random_init"]["blocks"]) == set(blocks)
@@ -56,3 +56,17 @@ def test_knn_matches_brute_force():
         for i in nearest:
             expected[labels[i]] += math.exp(sims[i] / 0.07)
         torch.testing.assert_close(scores[q], expected, rtol=1e-4, atol=0)
+
+
+def test_label_subsets_are_stratified_and_seeded():
+    from blockssl.eval.probe import label_subset
+
+    labels = torch.arange(1000) % 4
+    candidates = torch.arange(0, 1000, 2)  # the images the probe may train on (labels 0 and 2 only)
+    subset = label_subset(None, candidates, labels, 0.1, "", seed=0)  # type: ignore[arg-type]
+    assert set(subset.tolist()) <= set(candidates.tolist())
+    assert torch.bincount(labels[subset], minlength=4).tolist() == [25, 0, 25, 0]
+    assert torch.equal(subset, label_subset(None, candidates, labels, 0.1, "", seed=0))  # type: ignore[arg-type]
+    assert not torch.equal(subset, label_subset(None, candidates, labels, 0.1, "", seed=1))  # type: ignore[arg-type]
+    tiny = label_subset(None, candidates, labels, 0.001, "", seed=0)  # type: ignore[arg-type]
+    assert torch.bincount(labels[tiny], minlength=4).tolist() == [1, 0, 1, 0]  # at least one per class

@@ -55,10 +55,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 class TwoViews(Dataset):
-    """``dataset[(epoch, i)]`` -> (view1, view2, replaced); the views' randomness is seeded by (seed, epoch, i).
+    """``dataset[(epoch, i)]`` -> (view1, view2, label, replaced); the views' randomness is seeded by (seed, epoch, i).
 
-    An unreadable image is replaced by the next readable one and ``replaced`` is 1, so the training process can
-    count it (workers cannot log reliably); with ``strict`` it stops the run, naming the file.
+    ``label`` is the image's class (an int, read only by the optional online probe), -1 when the dataset has none
+    (e.g. STL-10's unlabeled split). An unreadable image is replaced by the next readable one, whose label comes
+    with it, and ``replaced`` is 1, so the training process can count it (workers cannot log reliably); with
+    ``strict`` it stops the run, naming the file.
     """
 
     def __init__(self, base: Dataset, transforms: tuple[Callable, Callable], seed: int, strict: bool = False) -> None:
@@ -67,12 +69,12 @@ class TwoViews(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         epoch, i = key
-        image, replaced = None, 0
+        image, target, replaced = None, None, 0
         for attempt in range(MAX_REPLACEMENTS):
             try:
-                image, _ = self.base[(i + attempt) % len(self)]
+                image, target = self.base[(i + attempt) % len(self)]
                 break
             except BadImageError as e:
                 if self.strict:
@@ -83,7 +85,8 @@ class TwoViews(Dataset):
         # fork_rng: the global RNG of the training process (noise injection) is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63)
-            return self.transforms[0](image), self.transforms[1](image), replaced
+            views = self.transforms[0](image), self.transforms[1](image)
+        return *views, -1 if target is None else int(target), replaced
 
 
 def pretrain_loader(views: TwoViews, sampler: EpochSampler, *, num_workers: int, pin_memory: bool,

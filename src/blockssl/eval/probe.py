@@ -6,7 +6,9 @@ off), and its weights are checked bit-identical after evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +193,53 @@ def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "c
                 if val_acc > best[name].get("val_top1", -1.0):
                     best[name].update(lr=lr, val_top1=val_acc, **topk_accuracy(probe(ft), test_labels))
                     chosen[name] = probe
+    for fraction in pc.label_fractions:
+        subset = label_subset(train_set.base, fit_idx, train_labels, fraction, pc.label_subset_dir, seed)
+        # As many SGD steps as with all labels: few labels, more epochs.
+        sub_cfg = dataclasses.replace(pc, epochs=math.ceil(pc.epochs * len(fit_idx) / len(subset)))
+        key = f"labels{fraction * 100:g}pct_top1"
+        accuracy: dict[str, tuple[float, float]] = {}  # block -> (held-out top-1, test top-1) of the best lr
+        for lr in pc.lrs:
+            probes = train_linear_probes([f[subset] for f in train_feats], train_labels[subset], info.num_classes,
+                                         sub_cfg, lr, seed)
+            with torch.no_grad():
+                for name, probe, fv, ft in zip(names, probes, val, test_feats, strict=True):
+                    val_acc = topk_accuracy(probe(fv), train_labels[val_idx])["top1"]
+                    if val_acc > accuracy.get(name, (-1.0, 0.0))[0]:
+                        accuracy[name] = (val_acc, topk_accuracy(probe(ft), test_labels, (1,))["top1"])
+        for name, (_, test_acc) in accuracy.items():
+            best[name][key] = test_acc
     results = {"protocol": "fast", "epochs": pc.epochs, "train_images": len(fit_idx), "val_images": n_val,
                "test_images": len(test_labels), "blocks": best}
     return results, chosen
+
+
+def label_subset(dataset: Dataset, candidates: torch.Tensor, labels: torch.Tensor, fraction: float,
+                 subset_dir: str, seed: int) -> torch.Tensor:
+    """Indices of a semi-supervised label subset among ``candidates`` (the training images the probes may use).
+
+    From ``subset_dir``: the standard ImageNet lists (``1percent.txt``, ``10percent.txt``: one file name per
+    line, as released with SimCLR), matched by file name in an ImageFolder dataset. Otherwise a seeded
+    stratified sample: the same fraction of every class, at least one image each.
+    """
+    if subset_dir:
+        path = Path(subset_dir) / f"{fraction * 100:g}percent.txt"
+        if not path.is_file() or not hasattr(dataset, "samples"):
+            raise FileNotFoundError(f"{path}: label subset list not found (or the dataset is not an ImageFolder); "
+                                    "leave probe.label_subset_dir empty for stratified subsets")
+        names = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        allowed = set(candidates.tolist())
+        chosen = [i for i, (file, _) in enumerate(dataset.samples) if Path(file).name in names and i in allowed]
+        if not chosen:
+            raise ValueError(f"{path}: none of its file names is among the training images")
+        return torch.tensor(chosen)
+    g = torch.Generator().manual_seed(seed + 1)
+    picked = []
+    for c in labels[candidates].unique():
+        members = candidates[labels[candidates] == c]
+        take = max(1, round(fraction * len(members)))
+        picked.append(members[torch.randperm(len(members), generator=g)[:take]])
+    return torch.cat(picked).sort().values
 
 
 def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, random_init: bool = False
@@ -227,8 +273,10 @@ def print_probe_table(results: dict[str, Any]) -> None:
     run = results["run"]["blocks"]
     rand = results.get("random_init", {}).get("blocks")
     knn = sorted((k for k in next(iter(run.values())) if k.startswith("knn")), key=lambda k: int(k[3:].split("_")[0]))
-    columns = ["top1", "top5", *knn]
-    titles = ["linear top-1", "linear top-5", *(k.replace("_top1", " top-1").replace("knn", "kNN k=") for k in knn)]
+    fractions = [k for k in next(iter(run.values())) if k.startswith("labels")]
+    columns = ["top1", "top5", *knn, *fractions]
+    titles = ["linear top-1", "linear top-5", *(k.replace("_top1", " top-1").replace("knn", "kNN k=") for k in knn),
+              *(k.replace("labels", "top-1, ").replace("pct_top1", "% labels") for k in fractions)]
     print(f"{results['run']['protocol']} protocol, test set of {results['run']['test_images']} images; accuracy in %"
           + ("; random init in brackets" if rand else ""))
     print(f"{'features':<10}" + "".join(f" {t:>17}" for t in titles))
