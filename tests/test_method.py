@@ -61,6 +61,18 @@ def test_end_to_end_preset_has_one_loss_and_full_backprop(tmp_path):
     assert list(model.projectors.keys()) == ["3"]  # no unused projectors
 
 
+def test_blocks_without_a_loss_are_read_by_global_average_pooling(tmp_path):
+    """End to end, no loss trains the heads of blocks 1-3: probes read their pooled block output instead."""
+    model, _ = _model(tmp_path, "train.scheme=end_to_end")
+    model.eval()
+    x = _views()[0]
+    feats = model.features(x)
+    assert model.feature_dims == [*model.block_channels[:3], model.heads[3].out_dim]
+    assert [len(list(head.parameters())) for head in model.heads][:3] == [0, 0, 0]
+    pooled = model.blocks[0](x).mean(dim=(2, 3))
+    torch.testing.assert_close(feats[0], pooled)
+
+
 def _run_steps(model: BlockwiseSSL, cfg: Config, lean: bool, steps: int) -> None:
     optimizers = build_optimizers(model, plan_phases(cfg, model.num_blocks, 10)[0], cfg, lean)
     for opt in optimizers.values():

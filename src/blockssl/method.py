@@ -75,11 +75,14 @@ class BlockwiseSSL(nn.Module):
         self.block_channels = [i.channels for i in infos]
         n = len(blocks)
         head_dims = head_dims or [2048] * n
-        heads = [Head(c, head, d, head_kernel) for c, d in zip(self.block_channels, head_dims, strict=True)]
-        self.heads = nn.ModuleList(heads)
-        self.feature_dims = [h.out_dim for h in heads]  # width of each block's features (what probes read)
         # Projectors only where a loss may sit: at ImageNet scale each 8192-wide one holds about 150 M weights.
         projectors = projectors if projectors is not None else {k: [8192, 8192, 8192] for k in loss_blocks}
+        # A block no loss ever trains (end-to-end's blocks 1 to N-1) is read by plain global average pooling: a
+        # CbE head there would stay a random projection, and its probe would measure that, not the block.
+        heads = [Head(c, head if k in projectors else "gap", d, head_kernel)
+                 for k, (c, d) in enumerate(zip(self.block_channels, head_dims, strict=True))]
+        self.heads = nn.ModuleList(heads)
+        self.feature_dims = [h.out_dim for h in heads]  # width of each block's features (what probes read)
         self.projectors = nn.ModuleDict({str(k): projector(heads[k].out_dim, p) for k, p in projectors.items()})
         self.loss = loss
         self.detach = detach
