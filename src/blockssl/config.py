@@ -115,12 +115,17 @@ class TrainConfig:
 
 @dataclass
 class ProbeConfig:
-    """Linear-probe evaluation (fast protocol): features extracted once, then one linear probe per block trained
-    on them by SGD, the lr chosen per block on a held-out part of the training set, never on the test set."""
+    """Linear-probe evaluation, one linear probe per block (and one on all blocks concatenated), SGD momentum 0.9,
+    cosine schedule. ``fast``: features extracted once (no augmentation), the lr chosen per block on a held-out part
+    of the training set, never on the test set; kNN and label-fraction probes on the same features. ``paper``:
+    the paper's protocol for ImageNet-scale runs: every epoch goes through the frozen backbone on RandomResizedCrop +
+    flip images, lr ``lr``, Resize + CenterCrop evaluation after every epoch (100 epochs, batch 256, lr 0.1)."""
 
+    protocol: Literal["fast", "paper"] = "fast"
     epochs: int = 30
-    batch_size: int = 256
-    lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])  # SGD (momentum 0.9) lr grid
+    batch_size: int = 256  # global, split across processes (paper protocol)
+    lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])  # fast protocol: SGD lr grid
+    lr: float = 0.1  # paper protocol: the one lr
     val_fraction: float = 0.1  # held-out share of the training set for choosing the lr
     weight_decay: float = 0.0
     eval_batch_size: int = 512
@@ -454,6 +459,14 @@ def validate(cfg: Config) -> None:
     if o.lr <= 0 or o.weight_decay < 0 or not 0 <= o.momentum < 1:
         raise ConfigError(f"online_probe: lr must be positive (got {o.lr}), weight_decay 0 or more (got "
                           f"{o.weight_decay}) and momentum in [0, 1) (got {o.momentum})")
+    p = cfg.probe
+    if p.epochs < 1 or p.batch_size < 1 or p.eval_batch_size < 1:
+        raise ConfigError("probe.epochs, probe.batch_size and probe.eval_batch_size must be at least 1")
+    if p.lr <= 0 or not p.lrs or min(p.lrs) <= 0:
+        raise ConfigError(f"probe.lr and every entry of probe.lrs must be positive, got {p.lr} and {p.lrs}")
+    if not 0 < p.val_fraction < 1 or not all(0 < f <= 1 for f in p.label_fractions):
+        raise ConfigError(f"probe.val_fraction must lie in (0, 1) (got {p.val_fraction}) and probe.label_fractions "
+                          f"in (0, 1] (got {p.label_fractions})")
     for key, lst in (("model.block_head_dims", m.block_head_dims), ("model.block_projectors", m.block_projectors)):
         if lst and len(lst) != n:
             raise ConfigError(f"{key}: has {len(lst)} entries but model.blocks defines {n} blocks; give one per "

@@ -83,6 +83,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_context(amp: str, device: torch.device) -> Any:
+    """Mixed precision as ``train.amp`` says (none, bf16 or fp16), as a reusable context manager."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -236,8 +242,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
         total_steps = min(total_steps, cfg.train.max_steps)
     phases = plan_phases(cfg, model.num_blocks, total_steps)
     lean = lean_execution(cfg)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    autocast = autocast_context(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     # Online linear evaluation: its own parameters and optimizer, fed detached features; created after the model
     # and leaving the global RNG stream as it was, so the model trains identically with it on or off.

@@ -22,6 +22,9 @@ def test_probe_reads_every_block_and_writes_probe_json(tmp_path):
     assert results["run"]["train_images"] + results["run"]["val_images"] == 512
     for r in blocks.values():
         assert r["lr"] in (0.03, 0.1) and 0 <= r["top1"] <= r["top5"] <= 100
+        # The final epoch is what top1 reports; the best epoch (optimistic: chosen on the test set) is beside it.
+        assert len(r["curve_top1"]) == 20 and r["curve_top1"][-1] == r["top1"]
+        assert r["best_top1"] == max(r["curve_top1"]) == r["curve_top1"][r["best_epoch"] - 1] >= r["top1"]
         assert {"knn20_top1", "knn200_top1", "labels1pct_top1", "labels10pct_top1"} <= r.keys()
     # Early-block features of 10 shape classes are far above the 10% of chance after one epoch.
     assert blocks["block1"]["top1"] > 25 and blocks["concat"]["top1"] > 25
@@ -70,3 +73,24 @@ def test_label_subsets_are_stratified_and_seeded():
     assert not torch.equal(subset, label_subset(None, candidates, labels, 0.1, "", seed=1))  # type: ignore[arg-type]
     tiny = label_subset(None, candidates, labels, 0.001, "", seed=0)  # type: ignore[arg-type]
     assert torch.bincount(labels[tiny], minlength=4).tolist() == [1, 0, 1, 0]  # at least one per class
+
+
+def test_paper_protocol_trains_every_block_on_augmented_images(tmp_path):
+    run = pretrain(tiny_config(tmp_path / "run", "data.synthetic_size=512", "train.epochs=1"))
+    results = run_probe(run, ["probe.protocol=paper", "probe.epochs=4", "probe.batch_size=32", "probe.lr=0.1"])
+    r = results["run"]
+    assert (r["protocol"], r["epochs"], r["train_images"]) == ("paper", 4, 512)
+    assert list(r["blocks"]) == ["block1", "block2", "block3", "block4", "concat"]
+    for b in r["blocks"].values():
+        assert b["lr"] == 0.1 and 0 <= b["top1"] <= b["top5"] <= 100
+        assert len(b["curve_top1"]) == 4 and b["curve_top1"][-1] == b["top1"] and b["best_top1"] >= b["top1"]
+        assert "knn20_top1" not in b  # kNN and label fractions belong to the fast protocol
+    assert r["blocks"]["concat"]["top1"] > 20  # 10 shape classes: chance is 10%
+    saved = torch.load(run / "probes.pt", weights_only=True)
+    assert set(saved["probes"]) == set(r["blocks"])
+
+
+def test_paper_protocol_refuses_a_batch_larger_than_the_data(tmp_path):
+    run = pretrain(tiny_config(tmp_path / "run", "train.epochs=1"))
+    with pytest.raises(ValueError, match="larger than the 64 training images"):
+        run_probe(run, ["probe.protocol=paper", "probe.epochs=1"])

@@ -1,4 +1,4 @@
-"""Per-block linear probes on frozen features, all blocks trained in one pass (fast protocol).
+"""Per-block linear probes on frozen features, all blocks trained in one pass (fast and paper protocols), and kNN.
 
 Features of block k are its head's pooled output, as in the paper. The backbone is frozen, in eval mode (noise
 off), and its weights are checked bit-identical after evaluation.
@@ -9,21 +9,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from blockssl import dist
 from blockssl.checkpoint import atomic_save
 from blockssl.config import Config, ProbeConfig, apply_overrides
 from blockssl.data.datasets import build_dataset, dataset_info
-from blockssl.data.transforms import eval_transform
+from blockssl.data.transforms import eval_transform, probe_train_transform
 from blockssl.method import BlockwiseSSL, build_model
-from blockssl.train import checkpoint_model, resolve_device, seed_everything
+from blockssl.train import autocast_context, checkpoint_model, resolve_device, seed_everything
 
 
 class Transformed(Dataset):
@@ -88,10 +89,11 @@ class LinearProbe(nn.Module):
 
 
 def train_linear_probes(train_feats: list[torch.Tensor], train_labels: torch.Tensor, num_classes: int,
-                        cfg: ProbeConfig, lr: float, seed: int) -> list[LinearProbe]:
+                        cfg: ProbeConfig, lr: float, seed: int,
+                        on_epoch: Callable[[list[LinearProbe]], None] | None = None) -> list[LinearProbe]:
     """One linear probe per feature set, all trained in the same pass over shuffled mini-batches.
 
-    SGD with momentum 0.9 and a cosine schedule.
+    SGD with momentum 0.9 and a cosine schedule; ``on_epoch`` sees the probes after every epoch.
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -112,6 +114,8 @@ def train_linear_probes(train_feats: list[torch.Tensor], train_labels: torch.Ten
             loss.backward()  # type: ignore[union-attr]
             opt.step()
             sched.step()
+        if on_epoch is not None:
+            on_epoch(probes)
     return probes
 
 
@@ -186,12 +190,20 @@ def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "c
             scores = knn_predict(f_train, train_labels, f_test, k, info.num_classes, pc.knn_temperature)
             best.setdefault(name, {})[f"knn{k}_top1"] = topk_accuracy(scores, test_labels, (1,))["top1"]
     for lr in pc.lrs:
-        probes = train_linear_probes(fit, train_labels[fit_idx], info.num_classes, pc, lr, seed)
+        curves: list[list[float]] = [[] for _ in names]  # test top-1 after every epoch
+
+        @torch.no_grad()
+        def record(probes: list[LinearProbe], curves: list[list[float]] = curves) -> None:
+            for curve, probe, ft in zip(curves, probes, test_feats, strict=True):
+                curve.append(topk_accuracy(probe(ft), test_labels, (1,))["top1"])
+
+        probes = train_linear_probes(fit, train_labels[fit_idx], info.num_classes, pc, lr, seed, record)
         with torch.no_grad():
-            for name, probe, fv, ft in zip(names, probes, val, test_feats, strict=True):
+            for name, probe, fv, ft, curve in zip(names, probes, val, test_feats, curves, strict=True):
                 val_acc = topk_accuracy(probe(fv), train_labels[val_idx])["top1"]
                 if val_acc > best[name].get("val_top1", -1.0):
-                    best[name].update(lr=lr, val_top1=val_acc, **topk_accuracy(probe(ft), test_labels))
+                    best[name].update(lr=lr, val_top1=val_acc, **topk_accuracy(probe(ft), test_labels),
+                                      **best_epoch(curve))
                     chosen[name] = probe
     for fraction in pc.label_fractions:
         subset = label_subset(train_set.base, fit_idx, train_labels, fraction, pc.label_subset_dir, seed)
@@ -212,6 +224,129 @@ def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "c
     results = {"protocol": "fast", "epochs": pc.epochs, "train_images": len(fit_idx), "val_images": n_val,
                "test_images": len(test_labels), "blocks": best}
     return results, chosen
+
+
+def best_epoch(curve: list[float]) -> dict[str, Any]:
+    """The best epoch of a test top-1 curve (numbered from 1) and its accuracy: the optimistic figure the reference
+    script reports; ``top1`` / ``top5`` stay the final epoch's."""
+    epoch = max(range(len(curve)), key=curve.__getitem__)
+    return {"best_top1": curve[epoch], "best_epoch": epoch + 1, "curve_top1": curve}
+
+
+# Images whose features set the paper-protocol probes' standardisation (a fixed seeded sample of the training set).
+STATS_IMAGES = 4096
+
+
+@torch.no_grad()
+def _feature_statistics(model: BlockwiseSSL, dataset: Dataset, batch_size: int, workers: int, device: str,
+                        seed: int, autocast: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and std of every feature set (blocks, then concat) over a seeded sample of augmented training images,
+    summed over processes so that every process standardises alike."""
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(len(dataset), generator=g)[:STATS_IMAGES]  # type: ignore[arg-type]
+    shard = sample[dist.rank()::dist.world_size()].tolist()
+    sums: list[torch.Tensor] = []
+    for x, _ in DataLoader(Subset(dataset, shard), batch_size=batch_size, num_workers=workers):
+        with autocast:
+            feats = with_concat(model.features(x.to(device)))
+        for k, f in enumerate(feats):
+            f = f.double()
+            moments = torch.stack([torch.full_like(f[0], len(f)), f.sum(0), (f * f).sum(0)])
+            if len(sums) <= k:
+                sums.append(moments)
+            else:
+                sums[k] += moments
+    stats = []
+    for moments in sums:
+        n, total, squares = dist.all_reduce_sum(moments)
+        mean = total / n
+        stats.append((mean.float(), ((squares / n - mean**2).clamp_min(0).sqrt() + 1e-6).float()))
+    return stats
+
+
+def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "cpu"
+                ) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
+    """The paper's protocol (Siddiqui et al. 2024, after Barlow Twins' linear evaluation): every probe trained in
+    one pass per epoch through the frozen backbone on RandomResizedCrop + flip images, SGD momentum 0.9 at
+    ``probe.lr`` (0.1), batch ``probe.batch_size`` (256), cosine over ``probe.epochs`` (100), evaluated after every
+    epoch on Resize + CenterCrop test images. Reports the final epoch and, beside it, the best.
+
+    Under torch.distributed the global batch is split across processes, the probes' gradients are averaged, and
+    test counts are summed exactly (each process evaluates every world_size-th test image).
+    """
+    info = dataset_info(cfg.data)
+    pc = cfg.probe
+    world = dist.world_size()
+    if pc.batch_size % world:
+        raise ValueError(f"probe.batch_size={pc.batch_size} is not divisible by the {world} processes")
+    snapshot = _weights_snapshot(model)
+    model.eval()
+    train_set = Transformed(build_dataset(cfg.data, "train"), probe_train_transform(info))
+    test_set = Transformed(build_dataset(cfg.data, "test"), eval_transform(info))
+    workers = min(cfg.data.num_workers, 8)
+    torch.manual_seed(seed)  # augmentation draws and probe initialisation
+    autocast = autocast_context(cfg.train.amp, torch.device(device))  # the backbone forward in the run's precision
+    stats = _feature_statistics(model, train_set, pc.eval_batch_size, workers, device, seed, autocast)
+    probes = [LinearProbe(mean, std, info.num_classes).to(device) for mean, std in stats]
+    dist.broadcast_state(nn.ModuleList(probes))
+    params = [p for probe in probes for p in probe.parameters()]
+    opt = torch.optim.SGD(params, lr=pc.lr, momentum=0.9, weight_decay=pc.weight_decay)
+    sampler: DistributedSampler[int] = DistributedSampler(train_set, num_replicas=world, rank=dist.rank(), seed=seed,
+                                                          drop_last=True)
+    loader = DataLoader(train_set, batch_size=pc.batch_size // world, sampler=sampler, num_workers=workers,
+                        drop_last=True, pin_memory=cfg.data.pin_memory and device != "cpu")
+    if len(loader) == 0:
+        raise ValueError(f"probe.batch_size={pc.batch_size} is larger than the {len(train_set)} training images")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, pc.epochs * len(loader))
+    test_loader = DataLoader(Subset(test_set, dist.shard_indices(len(test_set))), batch_size=pc.eval_batch_size,
+                             num_workers=workers)
+    curves: list[list[dict[str, float]]] = [[] for _ in probes]
+    for epoch in range(pc.epochs):
+        sampler.set_epoch(epoch)
+        for probe in probes:
+            probe.train()
+        for x, y in loader:
+            with torch.no_grad(), autocast:
+                feats = with_concat(model.features(x.to(device, non_blocking=True)))
+            y = y.to(device, non_blocking=True)
+            loss = sum(F.cross_entropy(probe(f.float()), y) for probe, f in zip(probes, feats, strict=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[union-attr]
+            dist.average_gradients(params)
+            opt.step()
+            sched.step()
+        for curve, accuracy in zip(curves, _test_accuracy(model, probes, test_loader, device, autocast), strict=True):
+            curve.append(accuracy)
+    assert_unchanged(model, snapshot)
+    names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
+    blocks = {name: {"lr": pc.lr, **curve[-1], **best_epoch([a["top1"] for a in curve])}
+              for name, curve in zip(names, curves, strict=True)}
+    results = {"protocol": "paper", "epochs": pc.epochs, "train_images": len(train_set),
+               "test_images": len(test_set), "blocks": blocks}
+    return results, {name: probe.cpu().eval() for name, probe in zip(names, probes, strict=True)}
+
+
+@torch.no_grad()
+def _test_accuracy(model: BlockwiseSSL, probes: list[LinearProbe], loader: DataLoader, device: str, autocast: Any
+                   ) -> list[dict[str, float]]:
+    """Top-1 and top-5 of every probe on the test images, counted exactly across processes."""
+    for probe in probes:
+        probe.eval()
+    hits = torch.zeros(len(probes), 2, dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in loader:
+        y = y.to(device)
+        with autocast:
+            feats = with_concat(model.features(x.to(device)))
+        for i, (probe, f) in enumerate(zip(probes, feats, strict=True)):
+            top = probe(f.float()).topk(min(5, probe.linear.out_features), dim=1).indices == y[:, None]
+            hits[i] += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
+        count += len(y)
+    accuracy = 100.0 * dist.all_reduce_sum(hits) / dist.all_reduce_sum(count)
+    return [{"top1": a[0].item(), "top5": a[1].item()} for a in accuracy.cpu()]
+
+
+PROTOCOLS = {"fast": fast_probe, "paper": paper_probe}
 
 
 def label_subset(dataset: Dataset, candidates: torch.Tensor, labels: torch.Tensor, fraction: float,
@@ -253,13 +388,14 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     device = str(resolve_device("auto"))
     model, cfg = checkpoint_model(run_dir, device)
     apply_overrides(cfg, overrides, ("probe", "data"))
-    run_results, probes = fast_probe(model, cfg, seed=cfg.seed, device=device)
+    protocol = PROTOCOLS[cfg.probe.protocol]
+    run_results, probes = protocol(model, cfg, seed=cfg.seed, device=device)
     results: dict[str, Any] = {"run": run_results}
     if random_init:
         seed_everything(cfg.seed)
         info = dataset_info(cfg.data)
         reference = build_model(cfg, info.channels, info.image_size).to(device)
-        results["random_init"] = fast_probe(reference, cfg, seed=cfg.seed, device=device)[0]
+        results["random_init"] = protocol(reference, cfg, seed=cfg.seed, device=device)[0]
     if not dist.is_main_process():
         return results
     atomic_save({"num_classes": dataset_info(cfg.data).num_classes,
@@ -269,16 +405,19 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
 
 
 def print_probe_table(results: dict[str, Any]) -> None:
-    """Linear-probe top-1 / top-5 and kNN top-1 per block; with a random-init reference, its scores beside."""
+    """Linear-probe top-1 / top-5 (final epoch), best-epoch top-1, kNN and label-fraction top-1 per block; with a
+    random-init reference, its scores beside in brackets."""
     run = results["run"]["blocks"]
     rand = results.get("random_init", {}).get("blocks")
-    knn = sorted((k for k in next(iter(run.values())) if k.startswith("knn")), key=lambda k: int(k[3:].split("_")[0]))
-    fractions = [k for k in next(iter(run.values())) if k.startswith("labels")]
-    columns = ["top1", "top5", *knn, *fractions]
-    titles = ["linear top-1", "linear top-5", *(k.replace("_top1", " top-1").replace("knn", "kNN k=") for k in knn),
+    first = next(iter(run.values()))
+    knn = sorted((k for k in first if k.startswith("knn")), key=lambda k: int(k[3:].split("_")[0]))
+    fractions = [k for k in first if k.startswith("labels")]
+    columns = ["top1", "top5", "best_top1", *knn, *fractions]
+    titles = ["final top-1", "final top-5", "best-epoch top-1",
+              *(k.replace("_top1", " top-1").replace("knn", "kNN k=") for k in knn),
               *(k.replace("labels", "top-1, ").replace("pct_top1", "% labels") for k in fractions)]
-    print(f"{results['run']['protocol']} protocol, test set of {results['run']['test_images']} images; accuracy in %"
-          + ("; random init in brackets" if rand else ""))
+    print(f"{results['run']['protocol']} protocol, {results['run']['epochs']} epochs, test set of "
+          f"{results['run']['test_images']} images; accuracy in %" + ("; random init in brackets" if rand else ""))
     print(f"{'features':<10}" + "".join(f" {t:>17}" for t in titles))
     for name, r in run.items():
         cells = [f"{r[c]:.2f}" + (f" ({rand[name][c]:.2f})" if rand else "") for c in columns]
