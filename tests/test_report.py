@@ -18,9 +18,10 @@ from tests.conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, Path]:
-    """A blockwise run (probed with random init, robustness against the other) and an end-to-end run (probed)."""
+    """A blockwise run (online probe on, probed with random init, robustness against the other) and an end-to-end
+    run (probed)."""
     root = tmp_path_factory.mktemp("report")
-    blockwise = pretrain(tiny_config(root / "blockwise"))
+    blockwise = pretrain(tiny_config(root / "blockwise", "online_probe.enabled=true"))
     end_to_end = pretrain(tiny_config(root / "end_to_end", "train.scheme=end_to_end"))
     probe = ["probe.epochs=3", "probe.batch_size=16", "probe.lrs=[0.1]", "probe.knn_k=[20]"]
     run_probe(blockwise, probe, random_init=True)
@@ -68,6 +69,7 @@ def test_report_defaults_to_the_first_run_and_says_what_is_missing(runs, tmp_pat
     assert "run `blockssl probe RUN_DIR` first" in text and "run `blockssl robustness RUN_DIR` first" in text
     _check_png(bare / FIGURES["loss"])
     assert not stale.exists() and not (bare / FIGURES["severity"]).exists()
+    assert not (bare / FIGURES["online"]).exists() and "## Online probe" not in text
 
 
 def test_torn_metrics_line_is_skipped(tmp_path):

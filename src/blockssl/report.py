@@ -3,6 +3,7 @@
 Figures (each written only when some run has the data):
 - ``report_loss.png``: every block's training loss against the step, one panel per block, one line per run
   (from ``metrics.jsonl``);
+- ``report_online_probe.png``: the online probe's per-block top-1 against the step, when pretraining ran it;
 - ``report_probe.png``: linear-probe and kNN (k=20) top-1 accuracy per block, runs side by side, random
   initialisation marked when ``blockssl probe --random-init`` measured it (from ``probe.json``);
 - ``report_robustness_severity.png``: top-1 error against corruption severity (0 = clean), one line per block,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from blockssl.config import Config, ConfigError, diff_configs, from_dict
 from blockssl.data.datasets import dataset_info
 from blockssl.eval.robustness import CORRUPTIONS
 
-FIGURES = {"loss": "report_loss.png", "probe": "report_probe.png",
+FIGURES = {"loss": "report_loss.png", "online": "report_online_probe.png", "probe": "report_probe.png",
            "severity": "report_robustness_severity.png", "heatmap": "report_robustness_heatmap.png"}
 DPI = 130
 
@@ -96,9 +98,9 @@ def _names(paths: list[Path]) -> list[str]:
 
 
 def _block_key(name: str) -> tuple[int, str]:
-    """block1 < block2 < ... < block10 < concat."""
-    digits = name.removeprefix("loss/").removeprefix("block")
-    return (int(digits), name) if digits.isdigit() else (1 << 30, name)
+    """block1 < block2 < ... < block10 < concat (also for metric names such as ``loss/block2``)."""
+    match = re.search(r"block(\d+)", name)
+    return (int(match.group(1)), name) if match else (1 << 30, name)
 
 
 def _colors(n: int) -> list[Any]:
@@ -116,9 +118,12 @@ def _save(fig: Figure, path: Path) -> None:
 # Figures
 
 
-def plot_losses(runs: list[RunData], path: Path) -> bool:
-    """One panel per block: its loss against the training step, one line per run."""
-    keys = sorted({k for r in runs for rec in r.metrics for k in rec if k.startswith("loss/")}, key=_block_key)
+def _block_curves(runs: list[RunData], path: Path, pattern: str, *, title: str, ylabel: str, suptitle: str
+                  ) -> bool:
+    """One panel per block: the ``metrics.jsonl`` series matching ``pattern`` (one ``(\\d+)``, the block) against
+    the training step, one line per run."""
+    regex = re.compile(pattern)
+    keys = sorted({k for r in runs for rec in r.metrics for k in rec if regex.fullmatch(k)}, key=_block_key)
     if not keys:
         return False
     cols = min(len(keys), 4)
@@ -132,9 +137,9 @@ def plot_losses(runs: list[RunData], path: Path) -> bool:
             if points:
                 steps, values = zip(*points, strict=True)
                 ax.plot(steps, values, color=color, lw=1.2, label=f"{run.name} ({run.loss_name})")
-        ax.set_title(f"{key.removeprefix('loss/')} loss")
+        ax.set_title(title.format(block=_block_key(key)[0]))
         ax.set_xlabel("training step")
-        ax.set_ylabel("loss (per-block objective)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
@@ -145,9 +150,23 @@ def plot_losses(runs: list[RunData], path: Path) -> bool:
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), title="run (loss)")
-    fig.suptitle("Training loss of each block (blocks without a loss are absent)")
+    fig.suptitle(suptitle)
     _save(fig, path)
     return True
+
+
+def plot_losses(runs: list[RunData], path: Path) -> bool:
+    """Every block's training loss against the step (blocks without a loss have no panel)."""
+    return _block_curves(runs, path, r"loss/block(\d+)", title="block{block} loss",
+                         ylabel="loss (per-block objective)",
+                         suptitle="Training loss of each block (blocks without a loss are absent)")
+
+
+def plot_online(runs: list[RunData], path: Path) -> bool:
+    """The online probe's training-batch top-1 per block against the step (``online_probe.enabled``)."""
+    return _block_curves(runs, path, r"online/block(\d+)_top1", title="block{block} online probe",
+                         ylabel="train-batch top-1 (%)",
+                         suptitle="Online linear probe during pretraining (detached features, own optimiser)")
 
 
 def _probe_blocks(runs: list[RunData]) -> list[str]:
@@ -382,6 +401,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     made = {
         "loss": plot_losses(runs, out_dir / FIGURES["loss"]),
+        "online": plot_online(runs, out_dir / FIGURES["online"]),
         "probe": plot_probes(runs, out_dir / FIGURES["probe"]),
         "severity": plot_robustness_severity(runs, out_dir / FIGURES["severity"]),
         "heatmap": plot_robustness_heatmap(runs, out_dir / FIGURES["heatmap"]),
@@ -395,9 +415,14 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
         md += ["Configuration differences from the first run:", "", *_config_diffs(runs), ""]
     md += ["## Training loss", ""]
     md += [f"![per-block training loss]({FIGURES['loss']})", ""] if made["loss"] else ["No metrics.jsonl records.", ""]
+    if made["online"]:
+        md += ["## Online probe", "", "Top-1 of a linear head per block trained during pretraining on detached "
+               "features, measured on each training batch before its update (`online/block{k}_top1`).", "",
+               f"![online probe accuracy]({FIGURES['online']})", ""]
     md += ["## Linear probe and kNN accuracy", ""]
     if made["probe"]:
-        md += ["Test top-1 accuracy in %.", "", *_probe_table(runs), "", f"![probe accuracy]({FIGURES['probe']})", ""]
+        md += ["Test top-1 accuracy in %; linear probes at their final epoch.", "", *_probe_table(runs), "",
+               f"![probe accuracy]({FIGURES['probe']})", ""]
     else:
         md += ["No probe.json: run `blockssl probe RUN_DIR` first.", ""]
     md += ["## Corruption robustness", ""]

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from blockssl.config import ConfigError
 from blockssl.eval.probe import assert_unchanged, knn_predict, run_probe, topk_accuracy
 from blockssl.train import pretrain
 from tests.conftest import tiny_config
@@ -92,5 +93,5 @@ def test_paper_protocol_trains_every_block_on_augmented_images(tmp_path):
 
 def test_paper_protocol_refuses_a_batch_larger_than_the_data(tmp_path):
     run = pretrain(tiny_config(tmp_path / "run", "train.epochs=1"))
-    with pytest.raises(ValueError, match="larger than the 64 training images"):
+    with pytest.raises(ConfigError, match="larger than the 64 training images"):
         run_probe(run, ["probe.protocol=paper", "probe.epochs=1"])

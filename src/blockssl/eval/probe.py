@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from blockssl import dist
 from blockssl.checkpoint import atomic_save
-from blockssl.config import Config, ProbeConfig, apply_overrides
+from blockssl.config import Config, ConfigError, ProbeConfig, apply_overrides
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.transforms import eval_transform, probe_train_transform
 from blockssl.method import BlockwiseSSL, build_model
@@ -278,7 +278,7 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
     pc = cfg.probe
     world = dist.world_size()
     if pc.batch_size % world:
-        raise ValueError(f"probe.batch_size={pc.batch_size} is not divisible by the {world} processes")
+        raise ConfigError(f"probe.batch_size={pc.batch_size} is not divisible by the {world} processes")
     snapshot = _weights_snapshot(model)
     model.eval()
     train_set = Transformed(build_dataset(cfg.data, "train"), probe_train_transform(info))
@@ -296,7 +296,7 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
     loader = DataLoader(train_set, batch_size=pc.batch_size // world, sampler=sampler, num_workers=workers,
                         drop_last=True, pin_memory=cfg.data.pin_memory and device != "cpu")
     if len(loader) == 0:
-        raise ValueError(f"probe.batch_size={pc.batch_size} is larger than the {len(train_set)} training images")
+        raise ConfigError(f"probe.batch_size={pc.batch_size} is larger than the {len(train_set)} training images")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, pc.epochs * len(loader))
     test_loader = DataLoader(Subset(test_set, dist.shard_indices(len(test_set))), batch_size=pc.eval_batch_size,
                              num_workers=workers)
