@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny configuration that trains in about a second on the CPU."""
+"""Shared fixtures: a tiny configuration that trains in about a second on the CPU, and bit-exact comparisons."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def tiny_config(out: Path | str, *overrides: str) -> Config:
     return load_config(None, [*TINY, f"out={out}", *overrides])
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit-identical state dicts (same keys, equal tensors); a failure names the first key that differs."""
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+
+
+def run_metrics(run: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl; strict, unlike the report's reader: a torn line fails the test."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

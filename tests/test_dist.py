@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -153,3 +154,21 @@ def test_sharded_evaluation_counts_every_image_once(tmp_path):
         for a, b in zip(sharded["feats"], single["feats"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert sharded["top1"] == single["top1"]
+
+
+def _corruption_worker(rank: int, world: int, root: str, images, out: str) -> None:
+    from blockssl.eval.robustness import CorruptionCache
+
+    cache = CorruptionCache(Path(root), "synthetic", images, np.zeros(len(images), dtype=np.int64), seed=0)
+    torch.save(torch.from_numpy(cache.get("shot_noise", 3)), f"{out}.{rank}")
+
+
+def test_corruptions_generated_in_shares_equal_one_process(tmp_path):
+    """Two processes corrupt every other image each; rank 0 writes the cache, and both hold the whole set."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    _corruption_worker(0, 1, str(tmp_path / "single"), images, str(tmp_path / "single"))
+    _spawn(_corruption_worker, 2, str(tmp_path / "shared"), images, str(tmp_path / "shared"))
+    single = torch.load(tmp_path / "single.0", weights_only=True)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"shared.{rank}", weights_only=True), single)
+    assert len(list((tmp_path / "shared").rglob("*.npz"))) == 1

@@ -25,7 +25,7 @@ from blockssl.config import ConfigError, DataConfig, resume_config
 from blockssl.data.datasets import BadImageError, build_dataset, load_rgb
 from blockssl.losses import BarlowTwinsLoss
 from blockssl.train import NonFiniteLossError, _log, pretrain
-from tests.conftest import TINY, tiny_config
+from tests.conftest import TINY, assert_same_tensors, run_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # 64 images / 16 per batch = 4 steps per epoch; 3 epochs; a checkpoint after every step.
@@ -34,12 +34,6 @@ KILL_RUN = ["train.epochs=3", "train.checkpoint_every=1", "noise.type=global"]
 
 def _params(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoints/last.pt")["model"]
-
-
-def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
@@ -79,8 +73,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kill_
     proc.wait()
     assert load_checkpoint(out / "checkpoints/last.pt")["step"] >= kill_at - 1  # nothing older than a step
     pretrain(resume_config(out), resume=True)
-    _assert_same(_params(out), uninterrupted)
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert_same_tensors(_params(out), uninterrupted)
+    steps = [r["step"] for r in run_metrics(out)]
     assert steps == list(range(1, 13))  # lines logged after the checkpoint were dropped, none repeated
 
 
@@ -95,7 +89,7 @@ def test_sigterm_checkpoints_and_exits_with_the_preemption_status(tmp_path, unin
     step = load_checkpoint(out / "checkpoints/last.pt")["step"]
     assert 3 <= step < 12
     pretrain(resume_config(out), resume=True)
-    _assert_same(_params(out), uninterrupted)
+    assert_same_tensors(_params(out), uninterrupted)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -195,7 +189,7 @@ def test_nan_loss_exit_status(tmp_path, monkeypatch, capsys):
 def test_nan_loss_can_be_skipped_and_counted(tmp_path, monkeypatch):
     _nan_in_block(monkeypatch, block=1, at_call=7)  # block 1 from step 7 on: steps 7 and 8 skipped for it
     run = pretrain(tiny_config(tmp_path / "run", "train.on_nonfinite=skip"))
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    last = run_metrics(run)[-1]
     assert last["nonfinite_skipped"] == 2
     assert all(torch.isfinite(v).all() for v in _params(run).values() if v.is_floating_point())
 
@@ -298,7 +292,7 @@ def _folder_overrides(root: Path, out: Path, *extra: str) -> list[str]:
 def test_broken_images_are_replaced_and_counted(tmp_path):
     _image_folder(tmp_path / "data", {**BROKEN, **UNUSUAL_MODES, "notes.txt": b"ignored: not an image extension"})
     assert main(["pretrain", *_folder_overrides(tmp_path / "data", tmp_path / "run")]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    rows = run_metrics(tmp_path / "run")
     assert rows[-1]["bad_images_replaced"] == len(BROKEN)  # one epoch sees every image once
 
 
@@ -364,7 +358,7 @@ def test_existing_run_is_refused_unless_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     before = _params(out)
     assert main(["pretrain", *TINY, f"out={out}", "train.epochs=1", "--overwrite"]) == 0
-    _assert_same(before, _params(out))  # same config and seed: the same run again
+    assert_same_tensors(before, _params(out))  # same config and seed: the same run again
 
 
 def test_resume_of_a_run_without_checkpoint(tmp_path):

@@ -12,11 +12,7 @@ from blockssl.config import ConfigError, resume_config
 from blockssl.data.datasets import dataset_info
 from blockssl.method import build_model
 from blockssl.train import pretrain, seed_everything
-from tests.conftest import tiny_config
-
-
-def _metrics(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+from tests.conftest import assert_same_tensors, run_metrics, tiny_config
 
 
 def test_run_directory_holds_exactly_the_promised_files(tmp_path):
@@ -24,7 +20,7 @@ def test_run_directory_holds_exactly_the_promised_files(tmp_path):
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     assert files == ["backbone.pt", "checkpoints/last.pt", "checkpoints/step-00000004.pt",
                      "checkpoints/step-00000008.pt", "config.yaml", "metrics.jsonl", "run.json"]
-    rows = _metrics(run)
+    rows = run_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 9))  # 64 images / 16 per batch x 2 epochs
     for key in ["lr", "loss", "images_per_sec", *(f"loss/block{k}" for k in range(1, 5)),
                 *(f"std/block{k}" for k in range(1, 5))]:
@@ -43,9 +39,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     a = load_checkpoint(full / "checkpoints/last.pt")
     b = load_checkpoint(tmp_path / "part/checkpoints/last.pt")
     assert a["step"] == b["step"] == 12
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    assert [r["loss"] for r in _metrics(full)] == [r["loss"] for r in _metrics(tmp_path / "part")]
+    assert_same_tensors(a["model"], b["model"])
+    assert [r["loss"] for r in run_metrics(full)] == [r["loss"] for r in run_metrics(tmp_path / "part")]
 
 
 def test_sequential_scheme_freezes_earlier_blocks(tmp_path):
@@ -58,7 +53,7 @@ def test_sequential_scheme_freezes_earlier_blocks(tmp_path):
     assert block1 and all(torch.equal(final[k], after_block1[k]) for k in block1)
     later = [k for k in final if k.startswith("backbone.layer4") and k.endswith("weight")]
     assert any(not torch.equal(final[k], after_block1[k]) for k in later)
-    losses = [[k for k in r if k.startswith("loss/")] for r in _metrics(run)]
+    losses = [[k for k in r if k.startswith("loss/")] for r in run_metrics(run)]
     assert losses == [["loss/block1"]] * 2 + [["loss/block2"]] * 2 + [["loss/block3"]] * 2 + [["loss/block4"]] * 2
 
 
@@ -73,14 +68,14 @@ def test_blocks_frozen_at_random_init_stay_at_init(tmp_path):
         if key.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2")):
             assert torch.equal(init[key], final[key]), key
     assert not torch.equal(init["backbone.layer3.0.conv1.weight"], final["backbone.layer3.0.conv1.weight"])
-    assert set(_metrics(run)[0]) >= {"loss/block3", "loss/block4"} and "loss/block1" not in _metrics(run)[0]
+    assert set(run_metrics(run)[0]) >= {"loss/block3", "loss/block4"} and "loss/block1" not in run_metrics(run)[0]
 
 
 @pytest.mark.parametrize("loss", ["barlow_twins", "simclr", "vicreg"])
 def test_loss_falls(tmp_path, loss):
     cfg = tiny_config(tmp_path / loss, f"loss.name={loss}", "train.epochs=8", "noise.type=none",
                       "train.optimizer=adamw", "train.lr=0.5", "train.bias_lr=0", "train.warmup_epochs=1")
-    rows = _metrics(pretrain(cfg))
+    rows = run_metrics(pretrain(cfg))
     first = sum(r["loss"] for r in rows[:4]) / 4
     last = sum(r["loss"] for r in rows[-4:]) / 4
     assert last < 0.97 * first, (first, last)  # VICReg falls slowest here (about 5% in 32 steps)

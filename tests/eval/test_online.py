@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -12,11 +11,7 @@ from blockssl.checkpoint import load_checkpoint
 from blockssl.config import ConfigError, OnlineProbeConfig, resume_config
 from blockssl.eval.online import NO_LABEL, OnlineProbe
 from blockssl.train import pretrain
-from tests.conftest import tiny_config
-
-
-def _metrics(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+from tests.conftest import assert_same_tensors, run_metrics, tiny_config
 
 
 def _online_keys(blocks: range) -> list[str]:
@@ -41,11 +36,11 @@ def test_probe_learns_separable_features_and_skips_unlabelled_images():
         y[:16] = NO_LABEL  # a quarter without labels (STL-10's unlabeled images): no loss, not counted
         batch = probe.step([x, torch.randn(64, 12)], y)  # block 2: noise, nothing to learn
     assert batch["online/block1_top1"] > 90
-    window = probe.window_metrics()
+    window = probe.windowrun_metrics()
     assert set(window) == set(_online_keys(range(1, 3)))
     assert window["online/block1_top1"] > 70 and window["online/block2_top1"] < 50
     assert probe.seen.sum() == 0  # the window restarted
-    assert probe.window_metrics() == {}  # nothing seen since: no keys rather than 0/0
+    assert probe.windowrun_metrics() == {}  # nothing seen since: no keys rather than 0/0
 
 
 def test_probe_takes_fewer_blocks_no_gradient_to_features_and_rejects_bad_labels():
@@ -55,7 +50,7 @@ def test_probe_takes_fewer_blocks_no_gradient_to_features_and_rejects_bad_labels
     assert set(out) == set(_online_keys(range(1, 2)))
     assert features.grad is None
     assert probe.classifiers[1].weight.abs().sum() == 0  # untouched
-    assert set(probe.window_metrics()) == set(_online_keys(range(1, 2)))
+    assert set(probe.windowrun_metrics()) == set(_online_keys(range(1, 2)))
     all_unlabelled = probe.step([torch.randn(10, 8)], torch.full((10,), NO_LABEL))
     assert all(math.isfinite(v) for v in all_unlabelled.values())
     assert all(torch.isfinite(p).all() for p in probe.parameters())
@@ -87,11 +82,9 @@ def test_probe_never_changes_the_model(tmp_path, scheme):
     runs = [pretrain(tiny_config(tmp_path / str(on), f"train.scheme={scheme}", "noise.type=global",
                                  f"online_probe.enabled={on}")) for on in ("false", "true")]
     off, on = (load_checkpoint(run / "checkpoints/last.pt") for run in runs)
-    assert off["model"].keys() == on["model"].keys()
-    for key, value in off["model"].items():
-        assert torch.equal(value, on["model"][key]), key
+    assert_same_tensors(off["model"], on["model"])
     assert "online_probe" not in off and "online_probe" in on
-    rows_off, rows_on = _metrics(runs[0]), _metrics(runs[1])
+    rows_off, rows_on = run_metrics(runs[0]), run_metrics(runs[1])
     for a, b in zip(rows_off, rows_on, strict=True):
         assert {k: v for k, v in a.items() if k.startswith(("loss", "std/"))} == \
             {k: v for k, v in b.items() if k.startswith(("loss", "std/"))}
@@ -100,7 +93,7 @@ def test_probe_never_changes_the_model(tmp_path, scheme):
 
 def test_metrics_hold_every_blocks_online_accuracy(tmp_path):
     run = pretrain(tiny_config(tmp_path / "run", "online_probe.enabled=true", "train.epochs=1"))
-    rows = _metrics(run)
+    rows = run_metrics(run)
     assert len(rows) == 4
     for row in rows:
         assert set(_online_keys(range(1, 5))) <= row.keys()
@@ -110,12 +103,12 @@ def test_metrics_hold_every_blocks_online_accuracy(tmp_path):
 
 def test_every_n_steps(tmp_path):
     run = pretrain(tiny_config(tmp_path / "run", "online_probe.enabled=true", "online_probe.every=2", "train.epochs=1"))
-    assert ["online/block1_top1" in r for r in _metrics(run)] == [True, False, True, False]  # after steps 0 and 2
+    assert ["online/block1_top1" in r for r in run_metrics(run)] == [True, False, True, False]  # after steps 0 and 2
 
 
 def test_sequential_scheme_probes_the_blocks_run_so_far(tmp_path):
     run = pretrain(tiny_config(tmp_path / "seq", "online_probe.enabled=true", "train.scheme=sequential"))
-    probed = [sorted(k for k in r if k.startswith("online/") and k.endswith("_top1")) for r in _metrics(run)]
+    probed = [sorted(k for k in r if k.startswith("online/") and k.endswith("_top1")) for r in run_metrics(run)]
     assert probed[0] == ["online/block1_top1"]  # phase 1 runs block 1 only
     assert probed[-1] == [f"online/block{k}_top1" for k in range(1, 5)]
 
@@ -124,7 +117,7 @@ def test_online_accuracy_rises_above_chance(tmp_path):
     # 32 steps of 16 images (64 images, 10 classes, chance 10%). Deterministic on the CPU; measured: the best
     # block averages about 27% over the second half (256 images; chance would give 10 +- 1.9), up from about 16%.
     run = pretrain(tiny_config(tmp_path / "run", "online_probe.enabled=true", "train.epochs=8"))
-    rows = _metrics(run)
+    rows = run_metrics(run)
 
     def mean_top1(part: list[dict], k: int) -> float:
         return sum(r[f"online/block{k}_top1"] for r in part) / len(part)
@@ -148,11 +141,9 @@ def test_resume_equals_uninterrupted_run_with_the_probe(tmp_path):
     a = load_checkpoint(full / "checkpoints/last.pt")
     b = load_checkpoint(tmp_path / "part/checkpoints/last.pt")
     assert a["step"] == b["step"] == 12
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    for key, value in a["online_probe"]["module"].items():
-        assert torch.equal(value, b["online_probe"]["module"][key]), key
-    rows_full, rows_part = _metrics(full), _metrics(tmp_path / "part")
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["online_probe"]["module"], b["online_probe"]["module"])
+    rows_full, rows_part = run_metrics(full), run_metrics(tmp_path / "part")
     assert [r["step"] for r in rows_full] == [r["step"] for r in rows_part] == [2, 4, 6, 8, 10, 12]
     for x, y in zip(rows_full, rows_part, strict=True):
         assert {k: v for k, v in x.items() if k.startswith(("loss", "online/"))} == \
@@ -164,10 +155,9 @@ def test_probe_can_be_switched_on_when_resuming(tmp_path):
     part = pretrain(tiny_config(tmp_path / "part", "train.epochs=3"), stop_after=5)
     pretrain(resume_config(part, ["online_probe.enabled=true", "online_probe.lr=0.05"]), resume=True)
     a, b = (load_checkpoint(run / "checkpoints/last.pt") for run in (full, part))
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    assert_same_tensors(a["model"], b["model"])
     assert b["online_probe"]["optimizer"]["param_groups"][0]["lr"] == 0.05
-    rows = _metrics(part)
+    rows = run_metrics(part)
     assert not any("online/block1_top1" in r for r in rows if r["step"] <= 5)
     assert all("online/block1_top1" in r for r in rows if r["step"] > 5)
 
@@ -184,7 +174,7 @@ def _two_process_worker(rank: int, world: int, out: str, run: list[str]) -> None
         x, y = _clusters(16, 8, 4, seed=step)
         probe.step([x[rank * 8: (rank + 1) * 8]], y[rank * 8: (rank + 1) * 8])
     local = {"seen": probe.seen.item(), "correct": probe.correct.item()}
-    torch.save({"weight": probe.classifiers[0].weight.detach(), **local, "window": probe.window_metrics()},
+    torch.save({"weight": probe.classifiers[0].weight.detach(), **local, "window": probe.windowrun_metrics()},
                f"{out}.{rank}")
     pretrain(tiny_config(run[0], *run[1:]))
 
@@ -199,5 +189,5 @@ def test_two_processes_average_the_probe_and_leave_the_model_alone(tmp_path):
     assert a["seen"] == b["seen"] == 24 and a["window"] == b["window"]  # 8 local images x 3 steps; summed: 48
     assert a["window"]["online/block1_top1"] == pytest.approx(100 * (a["correct"] + b["correct"]) / 48)
     _assert_same_model(single, tmp_path / "two")
-    rows = _metrics(tmp_path / "two")
+    rows = run_metrics(tmp_path / "two")
     assert rows and all(set(_online_keys(range(1, 5))) <= r.keys() for r in rows)

@@ -81,6 +81,17 @@ def test_seeds_change_the_noise_and_severities_order_its_strength():
     assert deviation[1] > 2 * deviation[0]
 
 
+@pytest.mark.parametrize("corruption", ["gaussian_noise", "glass_blur"])
+def test_any_share_of_the_images_is_corrupted_as_in_the_whole_set(corruption):
+    """Per-image seeds: processes that corrupt every other image reproduce the single-process set exactly."""
+    images = _images(5, 32, gray=True)
+    whole = corrupt_images(images, corruption, 2, seed=0)
+    for start in (0, 1):
+        share = range(start, 5, 2)
+        np.testing.assert_array_equal(corrupt_images(images[start::2], corruption, 2, seed=0, indices=share),
+                                      whole[start::2])
+
+
 def test_mce_and_relative_mce_by_hand():
     errors = {"fog": {1: 20.0, 2: 40.0}, "snow": {1: 30.0, 2: 50.0}}
     base = {"fog": {1: 40.0, 2: 60.0}, "snow": {1: 30.0, 2: 70.0}}

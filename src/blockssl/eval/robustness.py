@@ -27,7 +27,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -139,8 +139,13 @@ def _numpy_global_seed(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
-def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
+def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int,
+                   indices: Sequence[int] | None = None) -> np.ndarray:
     """Corrupt uint8 images (N, H, W) or (N, H, W, 3) with the ImageNet-C code; the same seed gives the same output.
+
+    Every image draws from its own seed, derived from ``seed``, the corruption, the severity and its index in the
+    whole set (``indices``, default 0..N-1): any share of the images, in any process, comes out as it would in
+    the whole set.
 
     Images smaller than 32 px are upsampled (bicubic) for the library and resized back; grayscale images are
     given to it as RGB and brought back by luma (ITU-R 601, PIL's "L"), which also averages per-channel noise
@@ -154,11 +159,13 @@ def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int
     h, w = images.shape[1:3]
     up = (max(w, MIN_SIDE), max(h, MIN_SIDE))
     out = np.empty_like(images)
-    # One seed per (corruption, severity) for NumPy's global RNG; impulse_noise and glass_blur ignore it and take
-    # an explicit seed, drawn here from the seeded RNG so that they are reproducible too.
-    state = np.random.SeedSequence([seed, CORRUPTIONS.index(corruption), severity]).generate_state(1)[0]
-    with _numpy_global_seed(int(state)):
-        for i, array in enumerate(images):
+    indices = range(len(images)) if indices is None else indices
+    # NumPy's global RNG is what the library draws from; impulse_noise and glass_blur ignore it and take an
+    # explicit seed, drawn here from the seeded RNG so that they are reproducible too.
+    with _numpy_global_seed(0):
+        for i, (index, array) in enumerate(zip(indices, images, strict=True)):
+            np.random.seed(np.random.SeedSequence([seed, CORRUPTIONS.index(corruption), severity, index])
+                           .generate_state(1)[0])
             image = Image.fromarray(array).convert("RGB")
             if image.size != up:
                 image = image.resize(up, Image.Resampling.BICUBIC)
@@ -213,19 +220,24 @@ class CorruptionCache:
         digest = hashlib.sha1(images.tobytes() + labels.tobytes() + str(images.shape).encode()).hexdigest()[:10]
         self.folder = Path(root) / f"{dataset}-{len(images)}-{seed}-{digest}"
         self.images, self.labels, self.seed = images, labels, seed
-        self.version = _library_version()
+        self.version = f"{_library_version()}+per-image-seeds"  # what generated the files, and how
 
     def path(self, corruption: str, severity: int) -> Path:
         return self.folder / corruption / f"{severity}.npz"
 
     def get(self, corruption: str, severity: int) -> np.ndarray:
+        """The corrupted images, from the cache or generated: under torch.distributed each process corrupts every
+        world_size-th image, the shares are gathered, and rank 0 writes the file."""
         path = self.path(corruption, severity)
         if path.is_file():
             with np.load(path) as saved:
                 if str(saved["version"]) == self.version and saved["images"].shape == self.images.shape:
                     return np.asarray(saved["images"])
-        images = corrupt_images(self.images, corruption, severity, self.seed)
-        _save_npz(path, images=images, labels=self.labels, version=np.asarray(self.version))
+        shard = dist.shard_indices(len(self.images))
+        part = corrupt_images(self.images[shard.start::shard.step], corruption, severity, self.seed, shard)
+        images = dist.gather_in_order(torch.from_numpy(part), shard, len(self.images)).numpy()
+        if dist.is_main_process():
+            _save_npz(path, images=images, labels=self.labels, version=np.asarray(self.version))
         return images
 
 
