@@ -128,7 +128,7 @@ def _features_worker(rank: int, world: int, run: str, out: str) -> None:
     from blockssl.eval.probe import extract_features, topk_accuracy
     from blockssl.train import checkpoint_model
 
-    model, cfg = checkpoint_model(run)
+    model, cfg, _ = checkpoint_model(run)
     feats, labels = extract_features(model, _test_set(cfg), batch_size=8)
     torch.save({"feats": feats, "labels": labels, "top1": topk_accuracy(feats[-1][:, :10], labels, (1,))},
                f"{out}.{rank}")

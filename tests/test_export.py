@@ -19,7 +19,7 @@ def test_exported_backbone_loads_into_torchvision(tmp_path):
     reference = torchvision.models.resnet18()
     reference.fc = nn.Identity()
     reference.load_state_dict(state)  # strict
-    model, _ = checkpoint_model(run)
+    model, _, _ = checkpoint_model(run)
     model.eval()
     reference.eval()
     x = torch.randn(2, 3, 32, 32)

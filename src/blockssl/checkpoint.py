@@ -38,13 +38,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a training checkpoint with ``weights_only=True`` and check it is one of ours."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a training checkpoint with ``weights_only=True`` and check it is one of ours.
+
+    ``mmap=True`` maps the file and reads a tensor when it is first used: evaluation, which needs the model's
+    weights only, never reads the optimizer state (twice the weights with LARS' momentum, and the projectors').
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; the run has not saved one yet (start it without --resume)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated, corrupt or not "
                               "a blockssl checkpoint. Older checkpoints are kept in the same folder.") from None

@@ -15,7 +15,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     With the standard stem, ``m = torchvision.models.<arch>(); m.fc = torch.nn.Identity();
     m.load_state_dict(torch.load("backbone.pt"))`` loads the backbone with strict key checking.
     """
-    model, cfg = checkpoint_model(run_dir)
+    model, cfg, _ = checkpoint_model(run_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heads = {

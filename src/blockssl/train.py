@@ -439,10 +439,11 @@ def backbone_state_dict(model: BlockwiseSSL) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
 
 
-def checkpoint_model(run_dir: str | Path, device: str = "cpu") -> tuple[BlockwiseSSL, Config]:
-    """Rebuild a run's model from ``checkpoints/last.pt`` (for evaluation and export)."""
+def checkpoint_model(run_dir: str | Path, device: str = "cpu") -> tuple[BlockwiseSSL, Config, int]:
+    """Rebuild a run's model from ``checkpoints/last.pt`` (for evaluation and export); also returns its config and
+    the step it was saved at."""
     run_dir = Path(run_dir)
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)
     cfg = from_dict(ckpt["config"])
     info = dataset_info(cfg.data)
     model = build_model(cfg, info.channels, info.image_size)
@@ -450,5 +451,5 @@ def checkpoint_model(run_dir: str | Path, device: str = "cpu") -> tuple[Blockwis
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{run_dir}: checkpoint does not match its own config ({e})") from None
-    return model.to(device), cfg
+    return model.to(device), cfg, ckpt["step"]
 

@@ -36,11 +36,11 @@ def test_probe_learns_separable_features_and_skips_unlabelled_images():
         y[:16] = NO_LABEL  # a quarter without labels (STL-10's unlabeled images): no loss, not counted
         batch = probe.step([x, torch.randn(64, 12)], y)  # block 2: noise, nothing to learn
     assert batch["online/block1_top1"] > 90
-    window = probe.windowrun_metrics()
+    window = probe.window_metrics()
     assert set(window) == set(_online_keys(range(1, 3)))
     assert window["online/block1_top1"] > 70 and window["online/block2_top1"] < 50
     assert probe.seen.sum() == 0  # the window restarted
-    assert probe.windowrun_metrics() == {}  # nothing seen since: no keys rather than 0/0
+    assert probe.window_metrics() == {}  # nothing seen since: no keys rather than 0/0
 
 
 def test_probe_takes_fewer_blocks_no_gradient_to_features_and_rejects_bad_labels():
@@ -50,7 +50,7 @@ def test_probe_takes_fewer_blocks_no_gradient_to_features_and_rejects_bad_labels
     assert set(out) == set(_online_keys(range(1, 2)))
     assert features.grad is None
     assert probe.classifiers[1].weight.abs().sum() == 0  # untouched
-    assert set(probe.windowrun_metrics()) == set(_online_keys(range(1, 2)))
+    assert set(probe.window_metrics()) == set(_online_keys(range(1, 2)))
     all_unlabelled = probe.step([torch.randn(10, 8)], torch.full((10,), NO_LABEL))
     assert all(math.isfinite(v) for v in all_unlabelled.values())
     assert all(torch.isfinite(p).all() for p in probe.parameters())
@@ -174,7 +174,7 @@ def _two_process_worker(rank: int, world: int, out: str, run: list[str]) -> None
         x, y = _clusters(16, 8, 4, seed=step)
         probe.step([x[rank * 8: (rank + 1) * 8]], y[rank * 8: (rank + 1) * 8])
     local = {"seen": probe.seen.item(), "correct": probe.correct.item()}
-    torch.save({"weight": probe.classifiers[0].weight.detach(), **local, "window": probe.windowrun_metrics()},
+    torch.save({"weight": probe.classifiers[0].weight.detach(), **local, "window": probe.window_metrics()},
                f"{out}.{rank}")
     pretrain(tiny_config(run[0], *run[1:]))
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from blockssl.checkpoint import CheckpointError
 from blockssl.cli import main
-from blockssl.config import ConfigError
+from blockssl.config import ConfigError, resume_config
 from blockssl.eval import robustness as rob
 from blockssl.eval.probe import run_probe
 from blockssl.eval.robustness import (
@@ -208,6 +209,13 @@ def test_bad_settings_and_missing_probes_are_clear_errors(probed_run, tmp_path):
     unprobed = pretrain(tiny_config(tmp_path / "unprobed", "train.epochs=1"))
     with pytest.raises(FileNotFoundError, match="blockssl probe"):
         run_robustness(unprobed, PICK)
+    # Probes of an earlier checkpoint would read features they were not trained on.
+    stopped = pretrain(tiny_config(tmp_path / "stopped", "train.epochs=2"), stop_after=4)
+    run_probe(stopped, ["probe.epochs=1", "probe.batch_size=16", "probe.lrs=[0.1]", "probe.label_fractions=[]"])
+    pretrain(resume_config(stopped), resume=True)
+    with pytest.raises(CheckpointError, match="trained on the checkpoint of step 4, the run's last checkpoint is "
+                                              "step 8"):
+        run_robustness(stopped, PICK)
 
 
 def test_cli_prints_the_table(probed_run, capsys):

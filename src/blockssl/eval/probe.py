@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from blockssl import dist
-from blockssl.checkpoint import atomic_save
+from blockssl.checkpoint import CheckpointError, atomic_save
 from blockssl.config import Config, ConfigError, ProbeConfig, apply_overrides
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.transforms import eval_transform, probe_train_transform
@@ -124,12 +124,16 @@ def with_concat(features: list[torch.Tensor]) -> list[torch.Tensor]:
     return [*features, torch.cat(features, dim=1)]
 
 
-def load_probes(run_dir: str | Path) -> dict[str, LinearProbe]:
-    """The probes ``blockssl probe`` saved in ``probes.pt`` (for robustness evaluation)."""
+def load_probes(run_dir: str | Path, step: int) -> dict[str, LinearProbe]:
+    """The probes ``blockssl probe`` saved in ``probes.pt`` (for robustness evaluation), which must have been
+    trained on the features of the checkpoint of ``step``."""
     path = Path(run_dir) / "probes.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `blockssl probe {run_dir}` first")
     saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("step") != step:
+        raise CheckpointError(f"{path} was trained on the checkpoint of step {saved.get('step')}, the run's last "
+                              f"checkpoint is step {step}: run `blockssl probe {run_dir}` again")
     probes = {}
     for name, state in saved["probes"].items():
         probe = LinearProbe(state["mean"], state["std"], saved["num_classes"])
@@ -386,19 +390,19 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     run_dir = Path(run_dir)
     dist.init_from_environment()
     device = str(resolve_device("auto"))
-    model, cfg = checkpoint_model(run_dir, device)
+    model, cfg, step = checkpoint_model(run_dir, device)
     apply_overrides(cfg, overrides, ("probe", "data"))
     protocol = PROTOCOLS[cfg.probe.protocol]
     run_results, probes = protocol(model, cfg, seed=cfg.seed, device=device)
-    results: dict[str, Any] = {"run": run_results}
+    results: dict[str, Any] = {"checkpoint_step": step, "run": run_results}
+    info = dataset_info(cfg.data)
     if random_init:
         seed_everything(cfg.seed)
-        info = dataset_info(cfg.data)
         reference = build_model(cfg, info.channels, info.image_size).to(device)
         results["random_init"] = protocol(reference, cfg, seed=cfg.seed, device=device)[0]
     if not dist.is_main_process():
         return results
-    atomic_save({"num_classes": dataset_info(cfg.data).num_classes,
+    atomic_save({"num_classes": info.num_classes, "step": step,
                  "probes": {name: p.state_dict() for name, p in probes.items()}}, run_dir / "probes.pt")
     (run_dir / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -312,12 +312,14 @@ def _corrupted_sets(cfg: Config, run_dir: Path, clean: Dataset, indices: list[in
             yield c, s, ArrayImages(cache.get(c, s), labels)
 
 
-def evaluate_run(run_dir: str | Path, model: BlockwiseSSL, cfg: Config, progress: bool = False) -> dict[str, Any]:
-    """Clean and corrupted top-1 errors of every probe of a run (its ``model`` and ``probes.pt``) under
-    ``cfg.robustness``, as results without a baseline; the backbone is checked unchanged afterwards."""
+def evaluate_run(run_dir: str | Path, model: BlockwiseSSL, cfg: Config, step: int, progress: bool = False
+                 ) -> dict[str, Any]:
+    """Clean and corrupted top-1 errors of every probe of a run (its ``model``, saved at ``step``, and
+    ``probes.pt``) under ``cfg.robustness``, as results without a baseline; the backbone is checked unchanged
+    afterwards."""
     run_dir = Path(run_dir)
     _check_settings(cfg)
-    probes = load_probes(run_dir)
+    probes = load_probes(run_dir, step)
     expected = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
     if list(probes) != expected:
         raise CheckpointError(f"{run_dir}/probes.pt holds probes {list(probes)}, the model needs {expected}: "
@@ -374,14 +376,14 @@ def _baseline(baseline_dir: Path, cfg: Config, overrides: list[str] | tuple[str,
     saved = json.loads(path.read_text()) if path.is_file() else {}
     if saved and _reusable(saved, settings):
         return saved["blocks"], f"reused from {path}"
-    base_model, base_cfg = checkpoint_model(baseline_dir)
+    base_model, base_cfg, base_step = checkpoint_model(baseline_dir)
     apply_overrides(base_cfg, overrides, ("robustness", "data"))
     base_cfg.robustness = cfg.robustness
     if base_cfg.data.name != cfg.data.name:
         raise ConfigError(f"--baseline {baseline_dir} was trained on {base_cfg.data.name!r}, this run on "
                           f"{cfg.data.name!r}: corruption errors are comparable only on the same test set")
-    return write_results(baseline_dir, evaluate_run(baseline_dir, base_model, base_cfg, progress))["blocks"], \
-        f"evaluated with the same settings and saved to {path}"
+    results = evaluate_run(baseline_dir, base_model, base_cfg, base_step, progress)
+    return write_results(baseline_dir, results)["blocks"], f"evaluated with the same settings and saved to {path}"
 
 
 def _int_keys(errors: dict[str, dict[Any, float]]) -> Errors:
@@ -396,9 +398,9 @@ def run_robustness(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
     all by one of its blocks."""
     run_dir = Path(run_dir)
     dist.init_from_environment()
-    model, cfg = checkpoint_model(run_dir)
+    model, cfg, step = checkpoint_model(run_dir)
     apply_overrides(cfg, overrides, ("robustness", "data"))
-    results = evaluate_run(run_dir, model, cfg, progress)
+    results = evaluate_run(run_dir, model, cfg, step, progress)
     if baseline is not None:
         base, how = _baseline(Path(baseline), cfg, overrides, results["settings"], progress)
         which = cfg.robustness.baseline_block
