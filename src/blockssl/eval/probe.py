@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
 
 from blockssl import dist
 from blockssl.checkpoint import CheckpointError, atomic_save
@@ -273,7 +274,9 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
     """The paper's protocol (Siddiqui et al. 2024, after Barlow Twins' linear evaluation): every probe trained in
     one pass per epoch through the frozen backbone on RandomResizedCrop + flip images, SGD momentum 0.9 at
     ``probe.lr`` (0.1), batch ``probe.batch_size`` (256), cosine over ``probe.epochs`` (100), evaluated after every
-    epoch on Resize + CenterCrop test images. Reports the final epoch and, beside it, the best.
+    epoch on Resize + CenterCrop test images. Reports the final epoch and, beside it, the best. Features are
+    standardised with the statistics of ``STATS_IMAGES`` augmented training images, as the fast protocol
+    standardises with the training set's, so that one lr suits the scale of every block's features.
 
     Under torch.distributed the global batch is split across processes, the probes' gradients are averaged, and
     test counts are summed exactly (each process evaluates every world_size-th test image).
@@ -305,7 +308,9 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
     test_loader = DataLoader(Subset(test_set, dist.shard_indices(len(test_set))), batch_size=pc.eval_batch_size,
                              num_workers=workers)
     curves: list[list[dict[str, float]]] = [[] for _ in probes]
-    for epoch in range(pc.epochs):
+    names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
+    bar = tqdm(range(pc.epochs), desc="paper probe", unit="epoch", disable=not dist.is_main_process())
+    for epoch in bar:
         sampler.set_epoch(epoch)
         for probe in probes:
             probe.train()
@@ -321,8 +326,8 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
             sched.step()
         for curve, accuracy in zip(curves, _test_accuracy(model, probes, test_loader, device, autocast), strict=True):
             curve.append(accuracy)
+        bar.set_postfix({name: f"{curve[-1]['top1']:.1f}" for name, curve in zip(names, curves, strict=True)})
     assert_unchanged(model, snapshot)
-    names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
     blocks = {name: {"lr": pc.lr, **curve[-1], **best_epoch([a["top1"] for a in curve])}
               for name, curve in zip(names, curves, strict=True)}
     results = {"protocol": "paper", "epochs": pc.epochs, "train_images": len(train_set),
