@@ -93,3 +93,16 @@ def test_resume_with_conflicting_override_lists_differences(tmp_path):
     with pytest.raises(ConfigError, match=r"train.lr: 0.2 -> 0.5"):
         resume_config(run, ["train.lr=0.5"])
     assert resume_config(run, ["data.num_workers=2"]).data.num_workers == 2
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """train.compile=true (torch.compile of every stage, head and projector, in place) trains as eager mode does,
+    and its checkpoints keep the plain parameter names. The slowest test (about a minute of compilation on CPU)."""
+    runs = [pretrain(tiny_config(tmp_path / flag, f"train.compile={flag}", "train.max_steps=3"))
+            for flag in ("false", "true")]
+    eager, compiled = (load_checkpoint(run / "checkpoints/last.pt")["model"] for run in runs)
+    assert eager.keys() == compiled.keys()
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    losses = [[r["loss"] for r in run_metrics(run)] for run in runs]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
