@@ -106,3 +106,17 @@ def test_compiled_training_matches_eager(tmp_path):
         torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5, msg=key)
     losses = [[r["loss"] for r in run_metrics(run)] for run in runs]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+@pytest.mark.parametrize(("switches", "rel"), [(["train.channels_last=true"], 1e-5),
+                                               (["train.amp=bf16", "train.channels_last=true"], 0.01),
+                                               (["train.amp=fp16", "train.channels_last=true"], 0.01)])
+def test_gpu_switches_train_like_float32_on_the_cpu(tmp_path, switches, rel):
+    """channels_last is a layout, not a change of computation (noise included); autocast (with a GradScaler for
+    fp16) stays within 1% of float32's losses over a few steps, and the weights stay float32."""
+    runs = [pretrain(tiny_config(tmp_path / name, *overrides, "train.max_steps=4"))
+            for name, overrides in (("fp32", ()), ("switched", switches))]
+    losses = [[r["loss"] for r in run_metrics(run)] for run in runs]
+    assert losses[1] == pytest.approx(losses[0], rel=rel)
+    state = load_checkpoint(runs[1] / "checkpoints/last.pt")["model"]
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())

@@ -108,3 +108,14 @@ def test_deterministic_under_seed(kind):
 def test_channel_noise_on_one_by_one_maps_is_finite():
     x = torch.randn(4, 8, 1, 1)
     assert torch.isfinite(inject_noise(x, "channel", 0.25)).all()
+
+
+@pytest.mark.parametrize("kind", ["global", "channel", "spatial"])
+def test_memory_layout_does_not_change_the_noise(kind):
+    """channels_last (a GPU speed switch) must not change the run: the noise follows the logical layout."""
+    x = torch.randn(2, 3, 5, 4)
+    torch.manual_seed(3)
+    a = inject_noise(x, kind, 0.25)
+    torch.manual_seed(3)
+    b = inject_noise(x.contiguous(memory_format=torch.channels_last), kind, 0.25)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -30,4 +30,6 @@ def inject_noise(x: torch.Tensor, kind: str, sigma: float) -> torch.Tensor:
         return x
     with torch.no_grad():
         scale = noise_scale(x, kind)
-    return x + sigma * scale * torch.randn_like(x)
+    # Drawn in the logical (N, C, H, W) order whatever x's memory layout: channels_last gives the same noise.
+    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+    return x + sigma * scale * noise
