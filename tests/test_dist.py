@@ -172,3 +172,24 @@ def test_corruptions_generated_in_shares_equal_one_process(tmp_path):
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"shared.{rank}", weights_only=True), single)
     assert len(list((tmp_path / "shared").rglob("*.npz"))) == 1
+
+
+def _paper_probe_worker(rank: int, world: int, run: str, out: str) -> None:
+    from blockssl.eval.probe import run_probe
+
+    results = run_probe(run, ["probe.protocol=paper", "probe.epochs=2", "probe.batch_size=16"])
+    torch.save(results, f"{out}.{rank}")
+
+
+def test_paper_probe_under_two_processes_counts_the_test_set_exactly(tmp_path):
+    """Each process trains on half of every batch with averaged gradients: both end with the same probes, hence the
+    same accuracies, computed from exact counts over the 33 test images (none padded in or dropped)."""
+    run = pretrain(tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_size=132"))
+    _spawn(_paper_probe_worker, 2, str(run), str(tmp_path / "res"))
+    results = [torch.load(tmp_path / f"res.{rank}", weights_only=False) for rank in range(2)]
+    assert results[0] == results[1]
+    blocks = results[0]["run"]["blocks"]
+    assert results[0]["run"]["test_images"] == 33 and len(blocks) == 5
+    for r in blocks.values():
+        for accuracy in (*r["curve_top1"], r["top5"]):
+            assert accuracy * 33 / 100 == pytest.approx(round(accuracy * 33 / 100), abs=1e-6)

@@ -8,10 +8,11 @@ parameter gradients over processes, which gives exactly the gradient of the glob
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterable
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -199,11 +200,22 @@ def shard_indices(n: int) -> range:
 
 
 def gather_in_order(local: torch.Tensor, indices: range, n: int) -> torch.Tensor:
-    """Reassemble rows computed for ``shard_indices(n)`` in every process into one tensor in item order."""
+    """Reassemble rows computed for ``shard_indices(n)`` in every process into one tensor in item order (on the CPU).
+
+    One tensor all-gather (shares padded to the same length, on this process's device as NCCL requires), not
+    pickled objects: the features of a large dataset stay one contiguous copy.
+    """
     if not is_distributed():
         return local
-    parts = gather_objects(local.cpu())
+    world = world_size()
+    if len(local) != len(indices):
+        raise ValueError(f"{len(local)} rows for a share of {len(indices)} items")
+    per = math.ceil(n / world)
+    padded = local.new_zeros((per, *local.shape[1:]), device=local_device())
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
     out = local.new_empty((n, *local.shape[1:]), device="cpu")
     for r, part in enumerate(parts):
-        out[r::world_size()] = cast(torch.Tensor, part)
+        out[r::world] = part[: len(range(r, n, world))].cpu()
     return out
