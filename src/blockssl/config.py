@@ -143,8 +143,9 @@ class OnlineProbeConfig:
     Per-block train top-1 and loss, averaged since the previous line, go to metrics.jsonl as online/block{k}_*."""
 
     enabled: bool = False  # off by default: it needs labels in the pretraining set
-    # Train it on every N-th batch only: N > 1 cuts the extra head forward of blocks without a loss (end-to-end,
-    # sequential), which is the probe's only real cost; blocks with a loss give their features for free.
+    # Train it on every N-th batch only: N > 1 cuts the extra head forward of trained blocks without a loss now
+    # (earlier blocks in the sequential scheme, frozen blocks), the probe's only real cost. Blocks with a loss give
+    # their features for free, and blocks no loss trains (end-to-end's first ones) only add a global pooling.
     every: int = 1
     lr: float = 0.1  # SGD lr, constant (features are standardised by a BatchNorm without affine first)
     momentum: float = 0.9
