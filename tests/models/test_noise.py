@@ -94,16 +94,6 @@ def test_gradient_is_identity(kind):
     assert torch.equal(x.grad, upstream)
 
 
-@pytest.mark.parametrize("kind", ["global", "channel", "spatial"])
-def test_deterministic_under_seed(kind):
-    x = torch.randn(2, 3, 5, 5)
-    torch.manual_seed(7)
-    a = inject_noise(x, kind, 0.3)
-    torch.manual_seed(7)
-    b = inject_noise(x, kind, 0.3)
-    assert torch.equal(a, b)
-
-
 @pytest.mark.filterwarnings("ignore:std\\(\\)")
 def test_channel_noise_on_one_by_one_maps_is_finite():
     x = torch.randn(4, 8, 1, 1)
@@ -111,11 +101,12 @@ def test_channel_noise_on_one_by_one_maps_is_finite():
 
 
 @pytest.mark.parametrize("kind", ["global", "channel", "spatial"])
-def test_memory_layout_does_not_change_the_noise(kind):
+def test_same_seed_same_noise_whatever_the_memory_layout(kind):
     """channels_last (a GPU speed switch) must not change the run: the noise follows the logical layout."""
     x = torch.randn(2, 3, 5, 4)
-    torch.manual_seed(3)
-    a = inject_noise(x, kind, 0.25)
-    torch.manual_seed(3)
-    b = inject_noise(x.contiguous(memory_format=torch.channels_last), kind, 0.25)
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    draws = []
+    for layout in (torch.contiguous_format, torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(3)
+        draws.append(inject_noise(x.contiguous(memory_format=layout), kind, 0.25))
+    assert torch.equal(draws[0], draws[1])
+    torch.testing.assert_close(draws[2], draws[0], rtol=1e-6, atol=1e-6)
