@@ -160,19 +160,6 @@ def test_group_stages_compose_to_forward(spec, arch):
         torch.testing.assert_close(h, model(x), rtol=0, atol=0)
 
 
-def test_paper_grouping_parses_as_expected():
-    assert parse_blocks("stem+layer1,layer2,layer3,layer4") == [
-        ["stem", "layer1"],
-        ["layer2"],
-        ["layer3"],
-        ["layer4"],
-    ]
-    assert parse_blocks("stem+layer1+layer2,layer3+layer4") == [
-        ["stem", "layer1", "layer2"],
-        ["layer3", "layer4"],
-    ]
-
-
 def test_state_dict_loads_into_torchvision_resnet18_with_identical_outputs():
     torch.manual_seed(0)
     ours = ResNet("resnet18", zero_init_residual=False)
