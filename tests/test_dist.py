@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -156,10 +157,11 @@ def test_sharded_evaluation_counts_every_image_once(tmp_path):
         assert sharded["top1"] == single["top1"]
 
 
-def _corruption_worker(rank: int, world: int, root: str, images, out: str) -> None:
+def _corruption_worker(rank: int, world: int, root: str, images, out: str, node_local: bool = False) -> None:
     from blockssl.eval.robustness import CorruptionCache
 
-    cache = CorruptionCache(Path(root), "synthetic", images, np.zeros(len(images), dtype=np.int64), seed=0)
+    folder = Path(root) / str(rank) if node_local else Path(root)  # node_local: each process its own cache
+    cache = CorruptionCache(folder, "synthetic", images, np.zeros(len(images), dtype=np.int64), seed=0)
     torch.save(torch.from_numpy(cache.get("shot_noise", 3)), f"{out}.{rank}")
 
 
@@ -172,6 +174,11 @@ def test_corruptions_generated_in_shares_equal_one_process(tmp_path):
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"shared.{rank}", weights_only=True), single)
     assert len(list((tmp_path / "shared").rglob("*.npz"))) == 1
+    # A cache on one node only: the processes regenerate together instead of one waiting alone in the gather.
+    shutil.copytree(tmp_path / "single", tmp_path / "local" / "0")
+    _spawn(_corruption_worker, 2, str(tmp_path / "local"), images, str(tmp_path / "local"), True)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"local.{rank}", weights_only=True), single)
 
 
 def _paper_probe_worker(rank: int, world: int, run: str, out: str) -> None:

@@ -227,12 +227,17 @@ class CorruptionCache:
 
     def get(self, corruption: str, severity: int) -> np.ndarray:
         """The corrupted images, from the cache or generated: under torch.distributed each process corrupts every
-        world_size-th image, the shares are gathered, and rank 0 writes the file."""
+        world_size-th image, the shares are gathered, and rank 0 writes the file. Processes decide together (a
+        node-local cache may hold the file on one node only), so none waits alone in the gather."""
         path = self.path(corruption, severity)
+        cached = None
         if path.is_file():
             with np.load(path) as saved:
                 if str(saved["version"]) == self.version and saved["images"].shape == self.images.shape:
-                    return np.asarray(saved["images"])
+                    cached = np.asarray(saved["images"])
+        missing_somewhere = dist.any_process(cached is None)  # collective: every process calls it
+        if cached is not None and not missing_somewhere:
+            return cached
         shard = dist.shard_indices(len(self.images))
         part = corrupt_images(self.images[shard.start::shard.step], corruption, severity, self.seed, shard)
         images = dist.gather_in_order(torch.from_numpy(part), shard, len(self.images)).numpy()
