@@ -180,7 +180,7 @@ def any_process(flag: bool | int) -> bool:
     """True if ``flag`` is set in any process (so that every process stops at the same step)."""
     if not is_distributed():
         return bool(flag)
-    t = torch.tensor(float(bool(flag)))
+    t = torch.tensor(float(bool(flag)), device=local_device())  # NCCL reduces device tensors only
     dist.all_reduce(t)
     return bool(t.item() > 0)
 
