@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from blockssl import dist
-from blockssl.checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
-from blockssl.config import Config, ConfigError, dump_config, from_dict, lean_execution, loss_blocks
+from blockssl.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint, save_checkpoint
+from blockssl.config import Config, ConfigError, dump_config, from_dict, lean_execution, loss_blocks, to_dict
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
 from blockssl.data.transforms import two_view_transforms
@@ -115,12 +114,6 @@ def _finite(value: torch.Tensor, what: str, step: int, skip: bool) -> bool:
                              "checkpoint is intact. Lower train.lr, check the data, or set train.on_nonfinite=skip")
 
 
-def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else \
-        torch.zeros(())
-
-
 def train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, optimizers: dict[int, torch.optim.Optimizer],
                *, lean: bool, scaler: torch.amp.GradScaler, autocast: Any, step: int, skip_nonfinite: bool = False,
                features: bool = False) -> dict[str, torch.Tensor]:
@@ -139,7 +132,9 @@ def train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, optimize
         params = [p for g in opt.param_groups for p in g["params"]]
         dist.average_gradients(params)
         # With fp16 the scaler itself skips steps whose gradients overflowed.
-        if scaler.is_enabled() or _finite(_grad_norm(params), f"{what} gradient", step, skip_nonfinite):
+        grads = [p.grad for p in params if p.grad is not None]
+        if scaler.is_enabled() or _finite(torch.nn.utils.get_total_norm(grads), f"{what} gradient", step,
+                                          skip_nonfinite):
             scaler.step(opt)
         else:
             skipped += 1
@@ -401,9 +396,6 @@ def _save(out: Path, model: BlockwiseSSL, optimizers: dict[int, torch.optim.Opti
           scaler: torch.amp.GradScaler, step: int, phase: int, counts: dict[str, int], cfg: Config,
           probe: OnlineProbe | None = None) -> None:
     """Rank 0 writes; every process contributes its RNG state so that a resumed run draws the same noise."""
-    from blockssl.checkpoint import FORMAT_VERSION
-    from blockssl.config import to_dict
-
     rng = dist.gather_objects({"torch": torch.get_rng_state(),
                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
     if not dist.is_main_process():
