@@ -64,9 +64,10 @@ class OnlineProbe(nn.Module):
         return [linear(norm(f.float())) for f, norm, linear in zip(features, self.norms, self.classifiers,
                                                                     strict=False)]
 
-    def step(self, features: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
+    def step(self, features: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One SGD step of every block's classifier on this batch; returns this process's batch top-1 (percent,
-        scored before the update) and cross-entropy per block, ``online/block{k}_top1`` and ``_loss``."""
+        scored before the update) and cross-entropy per block, ``online/block{k}_top1`` and ``_loss``, as 0-d
+        tensors on the features' device: training ignores them, so no step waits for a device-to-host copy."""
         if len(features) > len(self.classifiers):
             raise ValueError(f"{len(features)} feature sets for {len(self.classifiers)} online classifiers")
         if labels.numel() and int(labels.max()) >= self.num_classes:  # on the loader's CPU tensor: no sync
@@ -96,9 +97,8 @@ class OnlineProbe(nn.Module):
             self.correct[:blocks] += correct
             self.seen[:blocks] += count
             self.loss_sum[:blocks] += loss * count
-            values = torch.stack([100 * correct / count.clamp(min=1), loss]).cpu().tolist()
-        return {f"online/block{k + 1}_{name}": values[row][k] for row, name in enumerate(("top1", "loss"))
-                for k in range(blocks)}
+            values = {"top1": 100 * correct / count.clamp(min=1), "loss": loss}
+        return {f"online/block{k + 1}_{name}": v[k] for name, v in values.items() for k in range(blocks)}
 
     def window_metrics(self) -> dict[str, float]:
         """Top-1 (percent) and mean loss per block over every labelled image since the last call, summed over
