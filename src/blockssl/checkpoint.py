@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -17,14 +18,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with what is wrong and what to do."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file intact."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write`` fills a temporary file in the same folder, which is fsynced, then renamed over ``path``: a kill
+    at any instant leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,6 +38,16 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through ``atomic_write``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """A text file (UTF-8) through ``atomic_write``."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:

@@ -11,7 +11,6 @@ Execution modes (``train.execution``):
 from __future__ import annotations
 
 import json
-import os
 import platform
 import random
 import shutil
@@ -30,7 +29,14 @@ import numpy as np
 import torch
 
 from blockssl import dist
-from blockssl.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint, save_checkpoint
+from blockssl.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
 from blockssl.config import Config, ConfigError, dump_config, from_dict, lean_execution, loss_blocks, to_dict
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
@@ -421,9 +427,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)  # a kill now leaves either version, never half of one
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def backbone_state_dict(model: BlockwiseSSL) -> dict[str, torch.Tensor]:

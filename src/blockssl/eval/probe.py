@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from blockssl import dist
-from blockssl.checkpoint import CheckpointError, atomic_save
+from blockssl.checkpoint import CheckpointError, atomic_save, atomic_write_text
 from blockssl.config import Config, ConfigError, ProbeConfig, apply_overrides
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.transforms import eval_transform, probe_train_transform
@@ -409,7 +409,7 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
         return results
     atomic_save({"num_classes": info.num_classes, "step": step,
                  "probes": {name: p.state_dict() for name, p in probes.items()}}, run_dir / "probes.pt")
-    (run_dir / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(run_dir / "probe.json", json.dumps(results, indent=2) + "\n")
     return results
 
 

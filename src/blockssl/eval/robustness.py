@@ -23,10 +23,9 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
@@ -40,7 +39,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from blockssl import dist
-from blockssl.checkpoint import CheckpointError
+from blockssl.checkpoint import CheckpointError, atomic_write, atomic_write_text
 from blockssl.config import Config, ConfigError, apply_overrides
 from blockssl.data.datasets import ArrayImages, build_dataset, dataset_info, load_rgb
 from blockssl.data.transforms import eval_transform
@@ -198,19 +197,6 @@ def _library_version() -> str:
         return "unknown"
 
 
-def _save_npz(path: Path, **arrays: Any) -> None:
-    """Atomic write (a killed run never leaves a half-written cache file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class CorruptionCache:
     """Corrupted copies of one set of clean images, one ``<corruption>/<severity>.npz`` file each (uint8 images and
     labels), generated on first use. The folder name holds the dataset, the image count, the seed and a digest of
@@ -242,7 +228,8 @@ class CorruptionCache:
         part = corrupt_images(self.images[shard.start::shard.step], corruption, severity, self.seed, shard)
         images = dist.gather_in_order(torch.from_numpy(part), shard, len(self.images)).numpy()
         if dist.is_main_process():
-            _save_npz(path, images=images, labels=self.labels, version=np.asarray(self.version))
+            atomic_write(path, lambda f: np.savez(f, images=images, labels=self.labels,
+                                                  version=np.asarray(self.version)))
         return images
 
 
@@ -457,12 +444,12 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     results = to_json(results)
     if not dist.is_main_process():  # every process holds the same (all-gathered) results
         return results
-    (run_dir / "robustness.json").write_text(json.dumps(results, indent=2) + "\n")
-    rows = tidy_rows(results)
-    with open(run_dir / "robustness.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_text(run_dir / "robustness.json", json.dumps(results, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(tidy_rows(results))
+    atomic_write_text(run_dir / "robustness.csv", table.getvalue())
     return results
 
 
