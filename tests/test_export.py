@@ -8,7 +8,7 @@ from torch import nn
 
 from blockssl.export import export_run
 from blockssl.train import checkpoint_model, pretrain
-from tests.conftest import tiny_config
+from tests.conftest import assert_same_tensors, tiny_config
 
 
 def test_exported_backbone_loads_into_torchvision(tmp_path):
@@ -30,4 +30,4 @@ def test_exported_backbone_loads_into_torchvision(tmp_path):
     assert set(heads["heads"]) == {k.removeprefix("heads.") for k in model.state_dict() if k.startswith("heads.")}
     # backbone.pt of the run directory is the same state dict
     run_state = torch.load(run / "backbone.pt", weights_only=True)
-    assert all(torch.equal(run_state[k], v) for k, v in state.items())
+    assert_same_tensors(run_state, state)

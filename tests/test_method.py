@@ -11,7 +11,7 @@ import torch
 from blockssl.config import Config
 from blockssl.method import BlockwiseSSL, build_model, pop_features
 from blockssl.train import build_optimizers, plan_phases, train_step
-from tests.conftest import tiny_config
+from tests.conftest import assert_same_tensors, tiny_config
 
 
 def _model(tmp_path, *overrides: str) -> tuple[BlockwiseSSL, Config]:
@@ -106,8 +106,7 @@ def test_frozen_block_is_bit_identical_and_keeps_bn_statistics(tmp_path):
     before = copy.deepcopy(model.blocks[0].state_dict())
     _run_steps(model, cfg, lean=True, steps=2)
     assert not any(m.training for m in model.blocks[0].modules() if isinstance(m, torch.nn.BatchNorm2d))
-    for key, value in model.blocks[0].state_dict().items():
-        assert torch.equal(value, before[key]), key
+    assert_same_tensors(model.blocks[0].state_dict(), before)
     assert 0 not in model.loss_blocks
 
 
@@ -166,6 +165,5 @@ def test_forward_features_are_the_probe_features_and_change_nothing(tmp_path, sc
     b = twin(x1, x2)
     assert all(not v.requires_grad for k, v in a.items() if k.startswith("feat/"))
     assert all(torch.equal(a[k], b[k]) for k in b)
-    for (name, u), v in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
-        assert torch.equal(u, v), name
+    assert_same_tensors(model.state_dict(), twin.state_dict())
     assert [f.shape[1] for f in pop_features(a)] == model.feature_dims and not any(k.startswith("feat/") for k in a)

@@ -196,7 +196,9 @@ def test_max_images_takes_a_seeded_subset(probed_run):
     results = run_robustness(probed_run, ["robustness.corruptions=[fog]", "robustness.severities=[3]",
                                           "robustness.max_images=40"])
     assert results["settings"]["images"] == results["settings"]["clean_images"] == 40
-    assert rob._subset_indices(128, 40, 0) == rob._subset_indices(128, 40, 0) != list(range(40))
+    subset = rob._subset_indices(128, 40, 0)
+    assert len(set(subset)) == 40 and subset == sorted(subset) and subset != list(range(40))
+    assert rob._subset_indices(128, 40, 1) != subset  # the seed picks the images
 
 
 def test_bad_settings_and_missing_probes_are_clear_errors(probed_run, tmp_path):
