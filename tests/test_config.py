@@ -133,26 +133,17 @@ def test_config_error_is_a_value_error():
 # Block groupings
 
 
-def test_parse_blocks():
-    assert parse_blocks("stem+layer1,layer2,layer3,layer4") == [
-        ["stem", "layer1"],
-        ["layer2"],
-        ["layer3"],
-        ["layer4"],
-    ]
-    assert parse_blocks("stem+layer1+layer2,layer3+layer4") == [
-        ["stem", "layer1", "layer2"],
-        ["layer3", "layer4"],
-    ]
-    assert parse_blocks(" stem + layer1 , layer2,layer3,layer4 ") == [
-        ["stem", "layer1"],
-        ["layer2"],
-        ["layer3"],
-        ["layer4"],
-    ]
-    assert parse_blocks("stem+layer1+layer2+layer3+layer4") == [
-        ["stem", "layer1", "layer2", "layer3", "layer4"]
-    ]
+PAPER_BLOCKS = [["stem", "layer1"], ["layer2"], ["layer3"], ["layer4"]]
+
+
+@pytest.mark.parametrize(("spec", "blocks"), [
+    ("stem+layer1,layer2,layer3,layer4", PAPER_BLOCKS),
+    (" stem + layer1 , layer2,layer3,layer4 ", PAPER_BLOCKS),
+    ("stem+layer1+layer2,layer3+layer4", [["stem", "layer1", "layer2"], ["layer3", "layer4"]]),
+    ("stem+layer1+layer2+layer3+layer4", [["stem", "layer1", "layer2", "layer3", "layer4"]]),
+])
+def test_parse_blocks(spec, blocks):
+    assert parse_blocks(spec) == blocks
 
 
 @pytest.mark.parametrize(

@@ -301,43 +301,47 @@ CASES = [
 IDS = ["barlow_twins", "simclr", "vicreg"]
 
 
+def _scaled_pair(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    z1, z2 = _pair(n=n, d=d, seed=seed)
+    return z1 * 0.4, z2  # views of different scales
+
+
+def _autograd(loss, z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss's gradients with respect to both views."""
+    a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    loss(a1, a2).backward()
+    return a1.grad, a2.grad
+
+
 @pytest.mark.parametrize(("loss", "vector", "loops"), CASES, ids=IDS)
 def test_vectorised_reference_equals_loop_reference(loss, vector, loops):
     # Ties the float64 gradient reference below to the loop references above.
-    z1, z2 = _pair(n=6, d=4, seed=20)
-    z1 = z1 * 0.4
+    z1, z2 = _scaled_pair(n=6, d=4, seed=20)
     assert float(vector(z1.double(), z2.double())) == pytest.approx(loops(z1, z2), rel=1e-9)
 
 
 @pytest.mark.parametrize(("loss", "vector", "loops"), CASES, ids=IDS)
 def test_gradients_match_reference_formula(loss, vector, loops):
-    z1, z2 = _pair(n=6, d=4, seed=21)
-    z1 = z1 * 0.4
-    a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    loss(a1, a2).backward()
-    r1, r2 = z1.double().requires_grad_(), z2.double().requires_grad_()
-    vector(r1, r2).backward()
-    for got, want in ((a1.grad, r1.grad), (a2.grad, r2.grad)):
+    z1, z2 = _scaled_pair(n=6, d=4, seed=21)
+    pairs = zip(_autograd(loss, z1, z2), _autograd(vector, z1.double(), z2.double()), strict=True)
+    for got, want in pairs:
         assert want.abs().max() > 1e-4
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(("loss", "vector", "loops"), CASES, ids=IDS)
 def test_gradients_match_finite_differences(loss, vector, loops):
-    z1, z2 = _pair(n=5, d=3, seed=22)
-    z1 = z1 * 0.4
-    a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    loss(a1, a2).backward()
+    z1, z2 = _scaled_pair(n=5, d=3, seed=22)
     eps = 1e-2
-    for z, grad, which in ((z1, a1.grad, 0), (z2, a2.grad, 1)):
+    for which, grad in enumerate(_autograd(loss, z1, z2)):
+        z = (z1, z2)[which]
         numeric = torch.zeros_like(z)
         for idx in range(z.numel()):
-            plus, minus = z.clone(), z.clone()
-            plus.view(-1)[idx] += eps
-            minus.view(-1)[idx] -= eps
-            args_p = (plus, z2) if which == 0 else (z1, plus)
-            args_m = (minus, z2) if which == 0 else (z1, minus)
+            plus, minus = [z1, z2], [z1, z2]
+            plus[which], minus[which] = z.clone(), z.clone()
+            plus[which].view(-1)[idx] += eps
+            minus[which].view(-1)[idx] -= eps
             with torch.no_grad():
-                numeric.view(-1)[idx] = (loss(*args_p) - loss(*args_m)) / (2 * eps)
+                numeric.view(-1)[idx] = (loss(*plus) - loss(*minus)) / (2 * eps)
         assert grad.abs().max() > 1e-3
         torch.testing.assert_close(grad, numeric, rtol=2e-2, atol=2e-3)
