@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
 
-.PHONY: demo test lint bench data clean-demo
+.PHONY: demo test lint bench data
 
 $(BIN)/blockssl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -93,7 +93,6 @@ SETTINGS: dict[str, list[str]] = {
     "reference": ["train.scheme=simultaneous", "train.execution=reference"],
     "lean": ["train.scheme=simultaneous", "train.execution=lean"],
 }
-EXPECTED_LEAN = {"end_to_end": False, "reference": False, "lean": True}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,6 +174,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from blockssl.config import lean_execution, load_config, loss_blocks
     from blockssl.method import build_model
+    from blockssl.optim import set_lr
     from blockssl.train import build_optimizers, plan_phases, resolve_device, train_step
 
     if spec["threads"]:
@@ -187,10 +187,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                  f"train.device={spec['device']}", "train.progress=false"]
     cfg = load_config(None, overrides)
     lean = lean_execution(cfg)
-    if lean != EXPECTED_LEAN[spec["setting"]]:
-        raise RuntimeError(f"{spec['setting']}: lean_execution(cfg) is {lean}, expected the opposite")
-    load_before = os.getloadavg()
-    rss_start = current_rss()
 
     x1 = torch.randn(batch, 3, size, size, device=device)
     x2 = torch.randn(batch, 3, size, size, device=device)
@@ -199,8 +195,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     phase = plan_phases(cfg, model.num_blocks, total_steps=100)[0]
     optimizers = build_optimizers(model, phase, cfg, lean)
     for opt in optimizers.values():
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * 0.1
+        set_lr(opt, 0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     trained = {id(p): p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]}
     total_params = sum(p.numel() for p in model.parameters())
@@ -211,13 +206,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         gpu_built = torch.cuda.memory_allocated(device)
-    build_peak = peak_rss()
     rss_built = current_rss()
     peak_scope = "steps" if reset_peak_rss() else "process"
 
-    quiet = OtherLoad()
-    time.sleep(1.0)
-    others_before = quiet.share()
     times: list[float] = []
     losses: list[float] = []
     for i in range(spec["warmup"] + spec["steps"]):
@@ -252,10 +243,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "mean_step_s": mean_step, "images_per_s": batch / mean_step, "losses": losses,
         "params_total": total_params, "params_trained": trained_params,
         "optimizer_state_mb": state_bytes / MB,
-        "rss_start_mb": rss_start / MB, "rss_built_mb": rss_built / MB, "rss_build_peak_mb": build_peak / MB,
-        "rss_peak_mb": rss_peak / MB, "rss_peak_scope": peak_scope, "threads": torch.get_num_threads(),
-        "loadavg_start": load_before, "loadavg_end": os.getloadavg(),
-        "other_cpu_share_before": others_before, "other_cpu_share_timed": others_during,
+        "rss_built_mb": rss_built / MB, "rss_peak_mb": rss_peak / MB, "rss_peak_scope": peak_scope,
+        "threads": torch.get_num_threads(), "other_cpu_share_timed": others_during,
     }
     if cuda:
         gpu_peak = torch.cuda.max_memory_allocated(device)
@@ -264,6 +253,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         result |= {"memory": "rss", "built_mb": rss_built / MB, "peak_mb": rss_peak / MB}
     result["peak_increase_mb"] = result["peak_mb"] - result["built_mb"]
     return result
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """``peak_increase_vs_end_to_end``: each run's added memory over the end-to-end run of the same model."""
+    e2e = {r["model"]: r.get("peak_increase_mb") for r in results if r["setting"] == "end_to_end"}
+    for r in results:
+        if "error" not in r:
+            base = e2e.get(r["model"])
+            r["peak_increase_vs_end_to_end"] = r["peak_increase_mb"] / base if base else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -286,14 +284,12 @@ def format_table(results: list[dict[str, Any]]) -> str:
     header = (f"{'model':<10} {'setting':<11} {'batch':>5} {'images/s':>9} {'step s':>7} {'built MB':>9} "
               f"{'peak MB':>9} {'peak incr MB':>12} {'vs e2e':>7} {'others':>6}")
     lines = [header, "-" * len(header)]
-    e2e = {r["model"]: r.get("peak_increase_mb") for r in results if r["setting"] == "end_to_end"}
     for r in results:
         if "error" in r:
             lines.append(f"{r['model']:<10} {r['setting']:<11} failed: {r['error']}")
             continue
-        base = e2e.get(r["model"])
-        ratio = f"{r['peak_increase_mb'] / base:.2f}x" if base else "n/a"
-        r["peak_increase_vs_end_to_end"] = r["peak_increase_mb"] / base if base else None
+        vs = r["peak_increase_vs_end_to_end"]
+        ratio = "n/a" if vs is None else f"{vs:.2f}x"
         lines.append(f"{r['model']:<10} {r['setting']:<11} {r['batch']:>5} {r['images_per_s']:>9.2f} "
                      f"{r['mean_step_s']:>7.2f} {r['built_mb']:>9.0f} {r['peak_mb']:>9.0f} "
                      f"{r['peak_increase_mb']:>12.0f} {ratio:>7} {_percent(r['other_cpu_share_timed']):>6}")
@@ -313,14 +309,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def _percent(share: float | None) -> str:
     return "n/a" if share is None else f"{share:.0%}"
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,15 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     table = QUICK_MODELS if args.quick else MODELS
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    for name, known in (("--models", table), ("--settings", SETTINGS)):
-        chosen = models if name == "--models" else settings
+    for name, chosen, known in (("--models", models, table), ("--settings", settings, SETTINGS)):
         bad = [c for c in chosen if c not in known]
         if bad or not chosen:
             parser.error(f"{name}: {', '.join(bad) or 'empty'}; choose from {', '.join(known)}")
 
     import torch
 
-    from blockssl.train import resolve_device
+    from blockssl.train import git_revision, resolve_device
 
     device = resolve_device(args.device)
     threads = args.threads or torch.get_num_threads()
@@ -376,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": args.threads}
             results.append(run_worker(spec, args.timeout))
     elapsed = time.perf_counter() - start
+    add_ratios(results)
 
     memory = "peak = torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak = process RSS high-water mark"
     print(f"\n{memory} during the steps; built = the same after building model, optimizer and inputs; "

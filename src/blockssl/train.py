@@ -174,7 +174,8 @@ def train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, optimize
     return {k: v.detach() for k, v in out.items()}
 
 
-def _git_revision() -> str:
+def git_revision() -> str:
+    """The commit of the blockssl checkout in use (recorded with every run and benchmark)."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
@@ -264,7 +265,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
             _truncate_metrics(out / "metrics.jsonl", step)
     elif main:
         (out / "config.yaml").write_text(dump_config(cfg))
-        run_info = {"command": command or sys.argv, "git_revision": _git_revision(),
+        run_info = {"command": command or sys.argv, "git_revision": git_revision(),
                     "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
                     "world_size": dist.world_size(),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
