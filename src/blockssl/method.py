@@ -46,9 +46,10 @@ class BlockwiseSSL(nn.Module):
     ``forward(x1, x2, features=True)`` adds ``"feat/block{k}"``: the detached head output of view 1 (what
     ``features`` returns, here from the training forward: train-mode BatchNorm, noise included) of every block
     the forward runs, for the online probe. A loss block's head output is already computed for its loss, so it
-    costs nothing; a block without a loss (the end-to-end scheme's first blocks, frozen blocks, earlier blocks in
-    the sequential scheme) costs one head forward, in eval mode and without gradient, so that neither its
-    BatchNorm statistics nor anything else of the model depends on whether features were asked for. Blocks after
+    costs nothing; a block without a loss (frozen blocks, earlier blocks in the sequential scheme) costs one head
+    forward, in eval mode and without gradient, so that neither its BatchNorm statistics nor anything else of the
+    model depends on whether features were asked for; for a block no loss trains (the end-to-end scheme's first
+    blocks) that head is a global average pooling. Blocks after
     the last loss block are not run and have no features. ``pop_features`` takes them out of the dict.
     """
 

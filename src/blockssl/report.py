@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from blockssl.config import Config, ConfigError, diff_configs, from_dict
 from blockssl.data.datasets import dataset_info
-from blockssl.eval.robustness import CORRUPTIONS
+from blockssl.eval.robustness import CORRUPTIONS, fmt_number
 
 FIGURES = {"loss": "report_loss.png", "online": "report_online_probe.png", "probe": "report_probe.png",
            "severity": "report_robustness_severity.png", "heatmap": "report_robustness_heatmap.png"}
@@ -307,12 +307,6 @@ def plot_robustness_heatmap(runs: list[RunData], path: Path) -> bool:
 # Tables
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
             *("| " + " | ".join(r) + " |" for r in rows)]
@@ -331,7 +325,7 @@ def _runs_table(runs: list[RunData]) -> list[str]:
         last = r.metrics[-1] if r.metrics else {}
         rows.append([r.name, f"`{r.path}`", c.train.scheme if c else "?", r.loss_name,
                      f"{c.model.arch} ×{c.model.width:g}" if c else "?", f"`{c.model.blocks}`" if c else "?",
-                     c.data.name if c else "?", _fmt(last.get("step")), _fmt(throughput(r.metrics), 0)])
+                     c.data.name if c else "?", fmt_number(last.get("step")), fmt_number(throughput(r.metrics), 0)])
     return _table(["run", "directory", "scheme", "loss", "model", "blocks", "data", "steps", "images/s (mean)"], rows)
 
 
@@ -360,9 +354,9 @@ def _probe_table(runs: list[RunData]) -> list[str]:
             assert r.probe is not None
             s = r.probe["run"]["blocks"].get(b, {})
             rand = r.probe.get("random_init", {}).get("blocks", {}).get(b)
-            cell = f"{_fmt(s.get('top1'))} / {_fmt(s.get('knn20_top1'))}"
+            cell = f"{fmt_number(s.get('top1'))} / {fmt_number(s.get('knn20_top1'))}"
             if rand:
-                cell += f" (random init {_fmt(rand.get('top1'))} / {_fmt(rand.get('knn20_top1'))})"
+                cell += f" (random init {fmt_number(rand.get('top1'))} / {fmt_number(rand.get('knn20_top1'))})"
             row.append(cell)
         rows.append(row)
     return _table(header, rows)
@@ -377,7 +371,7 @@ def _robustness_table(runs: list[RunData]) -> list[str]:
         row = [b]
         for _, res in rob:
             s = res["blocks"].get(b, {})
-            row.append(" / ".join(_fmt(s.get(k)) for k in ("clean_error", "mean_corruption_error", "mce",
+            row.append(" / ".join(fmt_number(s.get(k)) for k in ("clean_error", "mean_corruption_error", "mce",
                                                           "relative_mce")))
         rows.append(row)
     notes = []

@@ -128,10 +128,9 @@ def _corrupt_fn() -> Callable[..., np.ndarray]:
 
 
 @contextmanager
-def _numpy_global_seed(seed: int) -> Iterator[None]:
-    """Seed NumPy's global RNG (the library draws from it) and restore the caller's state afterwards."""
+def _numpy_global_rng_restored() -> Iterator[None]:
+    """Leave NumPy's global RNG (which the library draws from, reseeded per image) as the caller had it."""
     state = np.random.get_state()
-    np.random.seed(seed)
     try:
         yield
     finally:
@@ -161,7 +160,7 @@ def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int
     indices = range(len(images)) if indices is None else indices
     # NumPy's global RNG is what the library draws from; impulse_noise and glass_blur ignore it and take an
     # explicit seed, drawn here from the seeded RNG so that they are reproducible too.
-    with _numpy_global_seed(0):
+    with _numpy_global_rng_restored():
         for i, (index, array) in enumerate(zip(indices, images, strict=True)):
             np.random.seed(np.random.SeedSequence([seed, CORRUPTIONS.index(corruption), severity, index])
                            .generate_state(1)[0])
@@ -453,8 +452,11 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _fmt(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+def fmt_number(value: Any, digits: int = 1) -> str:
+    """A table cell: floats with ``digits`` decimals, missing or undefined (None, NaN) as a dash, others as text."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def print_robustness_table(results: dict[str, Any]) -> None:
@@ -473,13 +475,13 @@ def print_robustness_table(results: dict[str, Any]) -> None:
         head += f" {'mCE':>7} {'rel mCE':>8}"
     print(head)
     for name, r in blocks.items():
-        line = f"{name:<10} {_fmt(r['clean_error']):>7} {_fmt(r['mean_corruption_error']):>8}"
+        line = f"{name:<10} {fmt_number(r['clean_error']):>7} {fmt_number(r['mean_corruption_error']):>8}"
         if has_base:
-            line += f" {_fmt(r.get('mce')):>7} {_fmt(r.get('relative_mce')):>8}"
+            line += f" {fmt_number(r.get('mce')):>7} {fmt_number(r.get('relative_mce')):>8}"
         print(line)
     print()
     names = list(blocks)
     print(f"{'corruption':<18}" + "".join(f" {n:>8}" for n in names))
     for c in st["corruptions"]:
         cells = [sum(blocks[n]["errors"][c].values()) / len(blocks[n]["errors"][c]) for n in names]
-        print(f"{c:<18}" + "".join(f" {_fmt(v):>8}" for v in cells))
+        print(f"{c:<18}" + "".join(f" {fmt_number(v):>8}" for v in cells))
