@@ -1,14 +1,23 @@
-"""Shared fixtures: a tiny configuration that trains in about a second on the CPU, and bit-exact comparisons."""
+"""Shared fixtures: a tiny configuration that trains in about a second on the CPU, comparisons of runs, and
+two-process launches (gloo on the CPU)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed
+import torch.multiprocessing as mp
 
+from blockssl.checkpoint import load_checkpoint
 from blockssl.config import Config, load_config
+from blockssl.dist import init_from_environment
 
 TINY = [
     "data.name=synthetic", "data.image_size=16", "data.synthetic_size=64", "data.num_workers=0",
@@ -42,3 +51,38 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def run_metrics(run: Path) -> list[dict]:
     """Every record of a run's metrics.jsonl; strict, unlike the report's reader: a torn line fails the test."""
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_model(a: Path, b: Path, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Two runs' last checkpoints hold the same step and, to tolerance, the same weights (exact for integers)."""
+    sa, sb = load_checkpoint(a / "checkpoints/last.pt"), load_checkpoint(b / "checkpoints/last.pt")
+    assert sa["step"] == sb["step"] and sa["model"].keys() == sb["model"].keys()
+    for key, value in sa["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(sb["model"][key], value, rtol=rtol, atol=atol, msg=key)
+        else:
+            assert torch.equal(value, sb["model"][key]), key
+
+
+# A tiny run that two processes train with synchronised BatchNorm (noise off: it differs between processes).
+DDP_RUN = ["train.sync_bn=true", "noise.type=none", "train.epochs=1", "data.synthetic_size=64"]
+
+
+def spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined in a gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_entry, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_from_environment()
+    try:
+        fn(rank, world, *args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -2,48 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from blockssl.checkpoint import load_checkpoint
 from blockssl.config import resume_config
 from blockssl.dist import init_from_environment
 from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
 from blockssl.train import pretrain
-from tests.conftest import tiny_config
+from tests.conftest import DDP_RUN, assert_same_model, spawn, tiny_config
 
 LOSSES = {"barlow_twins": BarlowTwinsLoss, "simclr": SimCLRLoss, "vicreg": VICRegLoss}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, world: int, *args) -> None:
-    port = _free_port()
-    mp.spawn(_entry, args=(world, port, fn, args), nprocs=world, join=True)
-
-
-def _entry(rank: int, world: int, port: int, fn, args) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    init_from_environment()
-    try:
-        fn(rank, world, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _loss_and_grad(name: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,25 +28,37 @@ def _loss_and_grad(name: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[to
     return loss.detach(), w.grad
 
 
-def _loss_worker(rank: int, world: int, name: str, x: torch.Tensor, weight: torch.Tensor, out: str) -> None:
+def _loss_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 16, 6, generator=g), torch.randn(6, 5, generator=g)  # two views of a global batch of 16
+
+
+def _loss_worker(rank: int, world: int, out: str) -> None:
+    x, weight = _loss_inputs()
     local = x[:, rank * (x.shape[1] // world): (rank + 1) * (x.shape[1] // world)]
-    loss, grad = _loss_and_grad(name, local, weight)
-    dist.all_reduce(grad)
-    grad /= world  # what DistributedDataParallel does with parameter gradients
-    torch.save({"loss": loss, "grad": grad}, f"{out}.{rank}")
+    results = {}
+    for name in LOSSES:
+        loss, grad = _loss_and_grad(name, local, weight)
+        dist.all_reduce(grad)
+        grad /= world  # what DistributedDataParallel does with parameter gradients
+        results[name] = {"loss": loss, "grad": grad}
+    torch.save(results, f"{out}.{rank}")
+
+
+@pytest.fixture(scope="module")
+def two_process_losses(tmp_path_factory) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Every loss's value and gradient in each of two processes holding half of the batch (one launch for all)."""
+    out = tmp_path_factory.mktemp("losses") / "r"
+    spawn(_loss_worker, 2, str(out))
+    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_loss_value_and_gradient_match_one_process_with_the_global_batch(tmp_path, name):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 6, generator=g)  # two views of a global batch of 16
-    weight = torch.randn(6, 5, generator=g)
-    loss, grad = _loss_and_grad(name, x, weight)
-    _spawn(_loss_worker, 2, name, x, weight, str(tmp_path / "r"))
-    for rank in range(2):
-        result = torch.load(tmp_path / f"r.{rank}", weights_only=True)
-        torch.testing.assert_close(result["loss"], loss, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(result["grad"], grad, rtol=1e-4, atol=1e-6)
+def test_loss_value_and_gradient_match_one_process_with_the_global_batch(two_process_losses, name):
+    loss, grad = _loss_and_grad(name, *_loss_inputs())
+    for result in two_process_losses:
+        torch.testing.assert_close(result[name]["loss"], loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result[name]["grad"], grad, rtol=1e-4, atol=1e-6)
 
 
 def _train_worker(rank: int, world: int, overrides: list[str], stop_after: int | None, resume: bool) -> None:
@@ -80,41 +66,28 @@ def _train_worker(rank: int, world: int, overrides: list[str], stop_after: int |
     pretrain(resume_config(cfg.out) if resume else cfg, resume=resume, stop_after=stop_after)
 
 
-DDP_RUN = ["train.sync_bn=true", "noise.type=none", "train.epochs=1", "data.synthetic_size=64"]
-
-
-def _assert_same_model(a: Path, b: Path) -> None:
-    sa, sb = load_checkpoint(a / "checkpoints/last.pt"), load_checkpoint(b / "checkpoints/last.pt")
-    assert sa["step"] == sb["step"]
-    for key, value in sa["model"].items():
-        if value.is_floating_point():
-            torch.testing.assert_close(value, sb["model"][key], rtol=1e-4, atol=1e-5, msg=key)
-        else:
-            assert torch.equal(value, sb["model"][key]), key
-
-
 @pytest.mark.parametrize("scheme", ["simultaneous", "end_to_end"])
 def test_two_processes_train_like_one_with_the_global_batch(tmp_path, scheme):
     single = pretrain(tiny_config(tmp_path / "one", f"train.scheme={scheme}", *DDP_RUN))
-    _spawn(_train_worker, 2, [str(tmp_path / "two"), f"train.scheme={scheme}", *DDP_RUN], None, False)
-    _assert_same_model(single, tmp_path / "two")
+    spawn(_train_worker, 2, [str(tmp_path / "two"), f"train.scheme={scheme}", *DDP_RUN], None, False)
+    assert_same_model(single, tmp_path / "two")
 
 
 def test_checkpoint_from_two_processes_resumes_in_one(tmp_path):
-    run = ["train.epochs=2", *DDP_RUN[:-2], "data.synthetic_size=64"]
+    run = [*DDP_RUN, "train.epochs=2"]
     single = pretrain(tiny_config(tmp_path / "one", *run))
-    _spawn(_train_worker, 2, [str(tmp_path / "mixed"), *run], 3, False)  # preempted after 3 of 8 steps
+    spawn(_train_worker, 2, [str(tmp_path / "mixed"), *run], 3, False)  # preempted after 3 of 8 steps
     assert load_checkpoint(tmp_path / "mixed/checkpoints/last.pt")["step"] == 3
     pretrain(resume_config(tmp_path / "mixed"), resume=True)
-    _assert_same_model(single, tmp_path / "mixed")
+    assert_same_model(single, tmp_path / "mixed")
 
 
 def test_checkpoint_from_one_process_resumes_in_two(tmp_path):
-    run = ["train.epochs=2", *DDP_RUN[:-2], "data.synthetic_size=64"]
+    run = [*DDP_RUN, "train.epochs=2"]
     single = pretrain(tiny_config(tmp_path / "one", *run))
     pretrain(tiny_config(tmp_path / "mixed", *run), stop_after=5)
-    _spawn(_train_worker, 2, [str(tmp_path / "mixed"), *run], None, True)
-    _assert_same_model(single, tmp_path / "mixed")
+    spawn(_train_worker, 2, [str(tmp_path / "mixed"), *run], None, True)
+    assert_same_model(single, tmp_path / "mixed")
 
 
 def test_misconfigured_launch_fails_loudly(monkeypatch):
@@ -146,7 +119,7 @@ def _test_set(cfg):
 def test_sharded_evaluation_counts_every_image_once(tmp_path):
     run = pretrain(tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_size=132"))  # 33 test images
     _features_worker(0, 1, str(run), str(tmp_path / "single"))
-    _spawn(_features_worker, 2, str(run), str(tmp_path / "sharded"))
+    spawn(_features_worker, 2, str(run), str(tmp_path / "sharded"))
     single = torch.load(tmp_path / "single.0", weights_only=True)
     assert len(single["labels"]) == 33
     for rank in range(2):
@@ -169,14 +142,14 @@ def test_corruptions_generated_in_shares_equal_one_process(tmp_path):
     """Two processes corrupt every other image each; rank 0 writes the cache, and both hold the whole set."""
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8)
     _corruption_worker(0, 1, str(tmp_path / "single"), images, str(tmp_path / "single"))
-    _spawn(_corruption_worker, 2, str(tmp_path / "shared"), images, str(tmp_path / "shared"))
+    spawn(_corruption_worker, 2, str(tmp_path / "shared"), images, str(tmp_path / "shared"))
     single = torch.load(tmp_path / "single.0", weights_only=True)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"shared.{rank}", weights_only=True), single)
     assert len(list((tmp_path / "shared").rglob("*.npz"))) == 1
     # A cache on one node only: the processes regenerate together instead of one waiting alone in the gather.
     shutil.copytree(tmp_path / "single", tmp_path / "local" / "0")
-    _spawn(_corruption_worker, 2, str(tmp_path / "local"), images, str(tmp_path / "local"), True)
+    spawn(_corruption_worker, 2, str(tmp_path / "local"), images, str(tmp_path / "local"), True)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"local.{rank}", weights_only=True), single)
 
@@ -192,7 +165,7 @@ def test_paper_probe_under_two_processes_counts_the_test_set_exactly(tmp_path):
     """Each process trains on half of every batch with averaged gradients: both end with the same probes, hence the
     same accuracies, computed from exact counts over the 33 test images (none padded in or dropped)."""
     run = pretrain(tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_size=132"))
-    _spawn(_paper_probe_worker, 2, str(run), str(tmp_path / "res"))
+    spawn(_paper_probe_worker, 2, str(run), str(tmp_path / "res"))
     results = [torch.load(tmp_path / f"res.{rank}", weights_only=False) for rank in range(2)]
     assert results[0] == results[1]
     blocks = results[0]["run"]["blocks"]

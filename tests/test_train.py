@@ -12,7 +12,7 @@ from blockssl.config import resume_config
 from blockssl.data.datasets import dataset_info
 from blockssl.method import build_model
 from blockssl.train import pretrain, seed_everything
-from tests.conftest import assert_same_tensors, run_metrics, tiny_config
+from tests.conftest import assert_same_model, assert_same_tensors, run_metrics, tiny_config
 
 
 def test_run_directory_holds_exactly_the_promised_files(tmp_path):
@@ -86,10 +86,7 @@ def test_compiled_training_matches_eager(tmp_path):
     and its checkpoints keep the plain parameter names. The slowest test (about a minute of compilation on CPU)."""
     runs = [pretrain(tiny_config(tmp_path / flag, f"train.compile={flag}", "train.max_steps=3"))
             for flag in ("false", "true")]
-    eager, compiled = (load_checkpoint(run / "checkpoints/last.pt")["model"] for run in runs)
-    assert eager.keys() == compiled.keys()
-    for key, value in eager.items():
-        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert_same_model(*runs)  # the same parameter names, weights within 1e-4 relative / 1e-5 absolute
     losses = [[r["loss"] for r in run_metrics(run)] for run in runs]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 

@@ -11,7 +11,7 @@ from blockssl.checkpoint import load_checkpoint
 from blockssl.config import ConfigError, OnlineProbeConfig, resume_config
 from blockssl.eval.online import NO_LABEL, OnlineProbe
 from blockssl.train import pretrain
-from tests.conftest import assert_same_tensors, run_metrics, tiny_config
+from tests.conftest import DDP_RUN, assert_same_model, assert_same_tensors, run_metrics, spawn, tiny_config
 
 
 def _online_keys(blocks: range) -> list[str]:
@@ -180,14 +180,12 @@ def _two_process_worker(rank: int, world: int, out: str, run: list[str]) -> None
 
 
 def test_two_processes_average_the_probe_and_leave_the_model_alone(tmp_path):
-    from tests.test_dist import DDP_RUN, _assert_same_model, _spawn
-
     single = pretrain(tiny_config(tmp_path / "one", *DDP_RUN))  # probe off
-    _spawn(_two_process_worker, 2, str(tmp_path / "r"), [str(tmp_path / "two"), *DDP_RUN, "online_probe.enabled=true"])
+    spawn(_two_process_worker, 2, str(tmp_path / "r"), [str(tmp_path / "two"), *DDP_RUN, "online_probe.enabled=true"])
     a, b = (torch.load(tmp_path / f"r.{rank}", weights_only=True) for rank in range(2))
     assert a["weight"].abs().sum() > 0 and torch.equal(a["weight"], b["weight"])
     assert a["seen"] == b["seen"] == 24 and a["window"] == b["window"]  # 8 local images x 3 steps; summed: 48
     assert a["window"]["online/block1_top1"] == pytest.approx(100 * (a["correct"] + b["correct"]) / 48)
-    _assert_same_model(single, tmp_path / "two")
+    assert_same_model(single, tmp_path / "two")
     rows = run_metrics(tmp_path / "two")
     assert rows and all(set(_online_keys(range(1, 5))) <= r.keys() for r in rows)
