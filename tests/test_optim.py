@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from blockssl.config import TrainConfig
-from blockssl.optim import LARS, build_optimizer, lr_factor, param_groups
+from blockssl.config import ConfigError, TrainConfig, from_dict, load_config
+from blockssl.method import build_loss
+from blockssl.optim import LARS, build_optimizer, lr_factor, param_groups, set_lr
 
 
 def test_lr_factor_warmup_then_cosine_to_min():
@@ -77,3 +78,54 @@ def test_build_optimizer_decreases_a_quadratic(name):
         loss.backward()
         opt.step()
     assert last < first
+
+
+def _authors_lars_step(model: nn.Module, lr: float, weight_decay: float, eta: float = 0.001) -> None:
+    """The authors' update from zero momentum (blockwise_ssl main.py): one lr for every parameter; 1-d ones get
+    neither weight decay nor the trust ratio."""
+    with torch.no_grad():
+        for p in model.parameters():
+            d = p.grad
+            if p.ndim > 1:
+                d = d + weight_decay * p
+                d = d * (eta * p.norm() / d.norm())
+            p -= lr * d
+
+
+def _authors_barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: float) -> torch.Tensor:
+    def bn(z: torch.Tensor) -> torch.Tensor:
+        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+
+    c = bn(z1).T @ bn(z2) / len(z1)
+    off = c - torch.diag(torch.diagonal(c))
+    return (torch.diagonal(c) - 1).pow(2).sum() * scale + lambd * off.pow(2).sum() * scale
+
+
+@pytest.mark.parametrize("recipe", [None, "configs/fashion_mnist.yaml", "configs/imagenet/barlow_twins_blockwise.yaml"])
+def test_one_step_of_the_defaults_is_the_authors_update(recipe):
+    """Biases and norm parameters included: the defaults and recipes scale the loss by 0.024 and give every
+    parameter lr 0.2 x batch/256, as the authors' code (a pre-scaled bias lr on top would move them 42x less)."""
+    cfg = load_config(recipe, ["data.root=unused"] if recipe else [])
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 16, bias=False))
+    theirs = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 16, bias=False))
+    theirs.load_state_dict(ours.state_dict())
+    x1, x2 = torch.randn(32, 6), torch.randn(32, 6)
+    factor = 0.5  # somewhere in warm-up
+    opt = build_optimizer(ours.parameters(), cfg.train)
+    set_lr(opt, factor)
+    build_loss(cfg)(ours(x1), ours(x2)).backward()
+    opt.step()
+    _authors_barlow_twins(theirs(x1), theirs(x2), lambd=0.0051, scale=0.024).backward()
+    _authors_lars_step(theirs, lr=0.2 * cfg.train.batch_size / 256 * factor, weight_decay=1e-6)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_a_loss_scale_with_a_prescaled_bias_lr_is_refused():
+    with pytest.raises(ConfigError, match=r"train.bias_lr=0.0048.*42x slower.*loss.scale=1"):
+        load_config(None, ["train.bias_lr=0.0048"])
+    assert load_config(None, ["loss.scale=1", "train.bias_lr=0.0048"]).train.bias_lr == 0.0048  # current BT
+    assert load_config(None, ["loss.name=vicreg", "train.bias_lr=0.0048"])  # no loss scale there
+    with pytest.warns(UserWarning, match="twice"):  # a run made that way still loads, to be evaluated or resumed
+        from_dict({"train": {"bias_lr": 0.0048}})

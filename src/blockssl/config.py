@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -72,7 +73,10 @@ class NoiseConfig:
 class LossConfig:
     name: Literal["barlow_twins", "simclr", "vicreg"] = "barlow_twins"
     lambd: float = 0.0051  # Barlow Twins off-diagonal weight
-    scale: float = 0.024  # Barlow Twins loss scale
+    # Barlow Twins loss scale. 0.024 with one lr for every parameter is the authors' code (their main.py and
+    # train.sh); current Barlow Twins uses scale 1 with train.bias_lr=0.0048 (= 0.2 x 0.024) instead. Under LARS both
+    # give biases the same step; only the weight-decay balance differs. Never both: see check_lr_convention.
+    scale: float = 0.024
     temperature: float = 0.1  # SimCLR
     sim_coeff: float = 25.0  # VICReg invariance
     std_coeff: float = 25.0  # VICReg variance
@@ -94,7 +98,8 @@ class TrainConfig:
     max_steps: int = 0  # 0 = no cap
     optimizer: Literal["lars", "sgd", "adamw"] = "lars"
     lr: float = 0.2  # per 256 images: the peak lr is lr * batch_size / 256
-    bias_lr: float = 0.0048  # lr per 256 for biases and norm parameters (Barlow Twins recipe); 0 = same as lr
+    # lr per 256 for biases and norm parameters; 0 = train.lr, the authors' one lr for all (the loss carries 0.024)
+    bias_lr: float = 0.0
     weight_decay: float = 1e-6
     momentum: float = 0.9
     lars_eta: float = 0.001
@@ -322,9 +327,11 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def from_dict(values: dict[str, Any]) -> Config:
+    """A saved configuration (a run's ``config.yaml``): validated, but a run made before a check existed still
+    loads, with a warning, so that it can be evaluated and resumed as it was trained."""
     cfg = Config()
     _apply(cfg, values)
-    validate(cfg)
+    validate(cfg, saved=True)
     return cfg
 
 
@@ -426,8 +433,27 @@ def lean_execution(cfg: Config) -> bool:
     return lean_ok
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks, each naming the key and the fix."""
+def check_lr_convention(cfg: Config) -> str | None:
+    """The problem, if any, of a Barlow Twins loss scale combined with a separately pre-scaled bias lr.
+
+    The authors' code scales the loss by 0.024 and gives every parameter lr 0.2 x batch/256; current Barlow Twins
+    leaves the loss unscaled and gives biases and norm parameters 0.0048 = 0.2 x 0.024. LARS makes the weights'
+    step insensitive to the loss scale, so both conventions move biases alike; applying both shrinks their step
+    by the loss scale a second time (42x at 0.024).
+    """
+    t, loss = cfg.train, cfg.loss
+    if loss.name != "barlow_twins" or loss.scale == 1 or t.bias_lr in (0, t.lr):
+        return None
+    slower = t.lr / t.bias_lr  # their step is bias_lr x scale, against lr x scale in the authors' code
+    return (f"loss.scale={loss.scale} with train.bias_lr={t.bias_lr} (train.lr={t.lr}) scales the biases' step "
+            f"twice: they would learn {slower:.0f}x slower than in the authors' code. Use "
+            "train.bias_lr=0 (the authors' code: one lr for all parameters, the loss scaled; the default) or "
+            "loss.scale=1 with train.bias_lr=0.0048 (current Barlow Twins)")
+
+
+def validate(cfg: Config, saved: bool = False) -> None:
+    """Cross-field checks, each naming the key and the fix. ``saved``: a run's own configuration, where checks added
+    since it was made warn instead (its results were computed under it)."""
     blocks = parse_blocks(cfg.model.blocks)
     n = len(blocks)
     t, m, d = cfg.train, cfg.model, cfg.data
@@ -484,6 +510,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.loss_blocks: the sequential scheme trains each block in turn; leave it auto")
     loss_blocks(cfg)
     lean_execution(cfg)
+    convention = check_lr_convention(cfg)
+    if convention and not saved:
+        raise ConfigError(convention)
+    if convention:
+        warnings.warn(convention, stacklevel=2)
     if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
         raise ConfigError(f"train.device: {t.device!r}; use auto, cpu, cuda or cuda:N")
     if d.name == "synthetic" and d.synthetic_size < t.batch_size:

@@ -20,7 +20,8 @@ def batch_standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 class BarlowTwinsLoss(nn.Module):
     """``scale * (sum_i (1 - C_ii)^2 + lambd * sum_{i!=j} C_ij^2)``, C the cross-correlation of the two views.
 
-    Defaults: lambd = 0.0051, scale = 0.024 (Barlow Twins recipe, kept by the blockwise paper).
+    Defaults: lambd = 0.0051, scale = 0.024 (the blockwise paper's train.sh, as Barlow Twins' original recipe, with
+    one lr for every parameter; current Barlow Twins uses scale 1 and a bias lr of 0.0048 instead).
     """
 
     def __init__(self, lambd: float = 0.0051, scale: float = 0.024) -> None:
