@@ -67,6 +67,7 @@ class BlockwiseSSL(nn.Module):
         projectors: dict[int, list[int]] | None = None,
         noise: str = "none",
         noise_std: float = 0.0,
+        noise_scale_grad: bool = True,
         frozen: set[int] | None = None,
     ) -> None:
         super().__init__()
@@ -87,7 +88,7 @@ class BlockwiseSSL(nn.Module):
         self.projectors = nn.ModuleDict({str(k): projector(heads[k].out_dim, p) for k, p in projectors.items()})
         self.loss = loss
         self.detach = detach
-        self.noise, self.noise_std = noise, noise_std
+        self.noise, self.noise_std, self.noise_scale_grad = noise, noise_std, noise_scale_grad
         self.frozen: set[int] = set(frozen or ())
         self.loss_blocks = list(loss_blocks)
 
@@ -143,8 +144,8 @@ class BlockwiseSSL(nn.Module):
                 # Each view runs separately, as in Barlow Twins: BatchNorm statistics are per view.
                 h1, h2 = blocks[k](h1), blocks[k](h2)
                 if trainable and self.training:
-                    h1 = inject_noise(h1, self.noise, self.noise_std)
-                    h2 = inject_noise(h2, self.noise, self.noise_std)
+                    h1 = inject_noise(h1, self.noise, self.noise_std, self.noise_scale_grad)
+                    h2 = inject_noise(h2, self.noise, self.noise_std, self.noise_scale_grad)
             if k not in self.loss_blocks:
                 if features:
                     out[f"{FEATURE_PREFIX}{k + 1}"] = self._probe_only_head(k, h1)
@@ -217,5 +218,6 @@ def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
         projectors={k: parse_projector(specs[k]) for k in trained},
         noise=cfg.noise.type,
         noise_std=cfg.noise.std,
+        noise_scale_grad=cfg.noise.scale_grad,
         frozen={b - 1 for b in cfg.train.frozen_blocks},
     )

@@ -2,33 +2,40 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 NOISE_TYPES = ("none", "global", "channel", "spatial")
+_DIMS: dict[str, tuple[int, ...]] = {"global": (0, 1, 2, 3), "channel": (2, 3), "spatial": (1,)}
 
 
 def noise_scale(x: torch.Tensor, kind: str) -> torch.Tensor:
     """The standard deviation ``s(x)`` the noise is scaled by, broadcastable to ``x`` (N, C, H, W).
 
     global: one std over the whole tensor (the paper's best, +0.33 points at sigma 0.25);
-    channel: per sample and channel over (H, W) (the reference code takes it over H only, a bug we do not copy);
+    channel: per sample and channel over (H, W) (the reference code's ``c`` variant takes it over H only, a bug
+    we do not copy: its docstring and the paper say per channel);
     spatial: per sample and location over the channels.
+    The unbiased std, as ``torch.std`` in the reference code; over a single element (channel noise on a 1x1 map)
+    it would be NaN, so the population std (0) is used there.
     """
-    # Population std (correction=0): defined for a 1x1 map or a single channel too.
-    if kind == "global":
-        return x.std(correction=0)
-    if kind == "channel":
-        return x.flatten(2).std(dim=2, correction=0)[:, :, None, None]
-    if kind == "spatial":
-        return x.std(dim=1, keepdim=True, correction=0)
-    raise ValueError(f"unknown noise type {kind!r}; choose one of {', '.join(NOISE_TYPES)}")
+    if kind not in _DIMS:
+        raise ValueError(f"unknown noise type {kind!r}; choose one of {', '.join(NOISE_TYPES)}")
+    dims = _DIMS[kind]
+    correction = 1 if math.prod(x.shape[d] for d in dims) > 1 else 0
+    return x.std(dim=dims, keepdim=True, correction=correction)
 
 
-def inject_noise(x: torch.Tensor, kind: str, sigma: float) -> torch.Tensor:
-    """Additive Gaussian noise relative to the activation's own scale; the scale is not differentiated through."""
+def inject_noise(x: torch.Tensor, kind: str, sigma: float, scale_grad: bool = True) -> torch.Tensor:
+    """Additive Gaussian noise relative to the activation's own scale.
+
+    ``scale_grad``: differentiate through ``s(x)`` as the reference code does (autograd sees its ``torch.std``);
+    off, the noise is a constant offset and the gradient is the identity.
+    """
     if kind == "none" or sigma == 0:
         return x
-    with torch.no_grad():
+    with torch.set_grad_enabled(scale_grad and torch.is_grad_enabled()):
         scale = noise_scale(x, kind)
     # Drawn in the logical (N, C, H, W) order whatever x's memory layout: channels_last gives the same noise.
     noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
