@@ -100,17 +100,26 @@ def test_missing_fashion_mnist_names_the_debian_package(tmp_path, monkeypatch):
         build_dataset(DataConfig(name="fashion_mnist", root=""), "train")
 
 
-def test_subset_truncates_training_splits_only(tmp_path):
+def test_subset_is_a_seeded_random_sample_of_training_splits_only(tmp_path):
     arrays = _fake_fashion_mnist(tmp_path, gz=False, n_train=7, n_test=4)
     cfg = DataConfig(name="fashion_mnist", root=str(tmp_path), subset=3)
+    train_images = [a.tobytes() for a in arrays["train"][0]]
+    chosen = torch.randperm(7, generator=torch.Generator().manual_seed(0))[:3].sort().values.tolist()
     for split in ("train", "pretrain"):
         ds = build_dataset(cfg, split)
-        assert len(ds) == 3
-        assert [np.asarray(ds[i][0]).tobytes() for i in range(3)] == [
-            a.tobytes() for a in arrays["train"][0][:3]
-        ]
+        assert [np.asarray(ds[i][0]).tobytes() for i in range(3)] == [train_images[i] for i in chosen]
+    other = build_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path), subset=3, subset_seed=1), "train")
+    assert other.indices != build_dataset(cfg, "train").indices  # type: ignore[attr-defined]
     assert len(build_dataset(cfg, "test")) == 4
     assert len(build_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path), subset=100), "train")) == 7
+
+
+def test_subset_of_a_class_sorted_imagefolder_keeps_every_class(tmp_path):
+    """ImageFolder lists images class by class: the first N would be one class only."""
+    _image_tree(tmp_path, {"train": {f"c{i}": 5 for i in range(4)}, "val": {f"c{i}": 1 for i in range(4)}})
+    ds = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), subset=8), "train")
+    labels = [ds[i][1] for i in range(8)]
+    assert len(set(labels)) > 1 and labels == sorted(labels)  # several classes, in dataset order
 
 
 def test_unknown_split_is_rejected(tmp_path):
@@ -175,8 +184,8 @@ def test_dataset_info():
 # ImageFolder and CIFAR-10 (torchvision's on-disk layouts)
 
 
-def _image_tree(root: Path) -> dict[str, dict[str, int]]:
-    counts = {"train": {"cat": 3, "dog": 2}, "val": {"cat": 1, "dog": 2}}
+def _image_tree(root: Path, counts: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
+    counts = counts or {"train": {"cat": 3, "dog": 2}, "val": {"cat": 1, "dog": 2}}
     rng = np.random.default_rng(0)
     for split, classes in counts.items():
         for name, n in classes.items():

@@ -216,7 +216,8 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
 
 
 def build_dataset(cfg: DataConfig, split: Split) -> Dataset:
-    """The raw dataset of ``split``, yielding (PIL image, label); ``data.subset`` applies to training splits."""
+    """The raw dataset of ``split``, yielding (PIL image, label); ``data.subset`` applies to training splits: the
+    images of a random permutation seeded by ``data.subset_seed``, in dataset order."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     dataset_info(cfg)  # checks the name
@@ -224,6 +225,8 @@ def build_dataset(cfg: DataConfig, split: Split) -> Dataset:
     dataset = builder(cfg, split)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError(f"dataset {cfg.name!r} ({split}) in {cfg.root!r} is empty")
-    if cfg.subset and split != "test":
-        dataset = torch.utils.data.Subset(dataset, range(min(cfg.subset, len(dataset))))  # type: ignore[arg-type]
+    if cfg.subset and split != "test" and cfg.subset < len(dataset):  # type: ignore[arg-type]
+        g = torch.Generator().manual_seed(cfg.subset_seed)
+        chosen = torch.randperm(len(dataset), generator=g)[:cfg.subset].sort().values  # type: ignore[arg-type]
+        dataset = torch.utils.data.Subset(dataset, chosen.tolist())
     return dataset
