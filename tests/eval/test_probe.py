@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blockssl.config import ConfigError
-from blockssl.eval.probe import assert_unchanged, knn_predict, run_probe, topk_accuracy
+from blockssl.eval.probe import assert_unchanged, knn_predict, raw_probe, run_probe, topk_accuracy
 from blockssl.train import pretrain
 from tests.conftest import tiny_config
 
@@ -78,17 +78,30 @@ def test_label_subsets_are_stratified_and_seeded():
 
 def test_paper_protocol_trains_every_block_on_augmented_images(tmp_path):
     run = pretrain(tiny_config(tmp_path / "run", "data.synthetic_size=512", "train.epochs=1"))
-    results = run_probe(run, ["probe.protocol=paper", "probe.epochs=4", "probe.batch_size=32", "probe.lr=0.1"])
+    # Raw features (no standardisation, as the reference) of a tiny model are small: a larger lr than ImageNet's 0.1.
+    results = run_probe(run, ["probe.protocol=paper", "probe.epochs=8", "probe.batch_size=32", "probe.lr=1.0"])
     r = results["run"]
-    assert (r["protocol"], r["epochs"], r["train_images"]) == ("paper", 4, 512)
+    assert (r["protocol"], r["epochs"], r["train_images"]) == ("paper", 8, 512)
     assert list(r["blocks"]) == ["block1", "block2", "block3", "block4", "concat"]
     for b in r["blocks"].values():
-        assert b["lr"] == 0.1 and 0 <= b["top1"] <= b["top5"] <= 100
-        assert len(b["curve_top1"]) == 4 and b["curve_top1"][-1] == b["top1"] and b["best_top1"] >= b["top1"]
+        assert b["lr"] == 1.0 and 0 <= b["top1"] <= b["top5"] <= 100
+        assert len(b["curve_top1"]) == 8 and b["curve_top1"][-1] == b["top1"] and b["best_top1"] >= b["top1"]
         assert "knn20_top1" not in b  # kNN and label fractions belong to the fast protocol
     assert r["blocks"]["concat"]["top1"] > 20  # 10 shape classes: chance is 10%
     saved = torch.load(run / "probes.pt", weights_only=True)
     assert set(saved["probes"]) == set(r["blocks"])
+    for probe in saved["probes"].values():  # raw features: the standardisation buffers are the identity
+        assert torch.equal(probe["mean"], torch.zeros_like(probe["mean"]))
+        assert torch.equal(probe["std"], torch.ones_like(probe["std"]))
+
+
+def test_raw_probe_starts_as_the_reference_classifier():
+    torch.manual_seed(0)
+    probe = raw_probe(4096, 10)
+    assert probe.linear.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert torch.equal(probe.linear.bias, torch.zeros(10))
+    x = torch.randn(3, 4096)
+    torch.testing.assert_close(probe(x), probe.linear(x))  # no standardisation
 
 
 def test_paper_protocol_refuses_a_batch_larger_than_the_data(tmp_path):

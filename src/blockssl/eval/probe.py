@@ -74,7 +74,7 @@ def assert_unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> Non
 
 
 class LinearProbe(nn.Module):
-    """A linear classifier on features standardised with the training set's statistics."""
+    """A linear classifier on features standardised by ``mean`` and ``std`` (0 and 1: raw features)."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -98,7 +98,8 @@ def train_linear_probes(train_feats: list[torch.Tensor], train_labels: torch.Ten
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    probes = [LinearProbe(f.mean(0), f.std(0) + 1e-6, num_classes) for f in train_feats]
+    probes = [LinearProbe(f.mean(0), f.std(0) + 1e-6, num_classes) if cfg.standardize else raw_probe(f.shape[1],
+              num_classes) for f in train_feats]
     params = [p for probe in probes for p in probe.parameters()]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
     n = len(train_labels)
@@ -118,6 +119,14 @@ def train_linear_probes(train_feats: list[torch.Tensor], train_labels: torch.Ten
         if on_epoch is not None:
             on_epoch(probes)
     return probes
+
+
+def raw_probe(dim: int, num_classes: int) -> LinearProbe:
+    """A probe on raw features, initialised as the reference evaluate.py: weights N(0, 0.01), zero bias."""
+    probe = LinearProbe(torch.zeros(dim), torch.ones(dim), num_classes)
+    nn.init.normal_(probe.linear.weight, std=0.01)
+    nn.init.zeros_(probe.linear.bias)
+    return probe
 
 
 def with_concat(features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -238,45 +247,14 @@ def best_epoch(curve: list[float]) -> dict[str, Any]:
     return {"best_top1": curve[epoch], "best_epoch": epoch + 1, "curve_top1": curve}
 
 
-# Images whose features set the paper-protocol probes' standardisation (a fixed seeded sample of the training set).
-STATS_IMAGES = 4096
-
-
-@torch.no_grad()
-def _feature_statistics(model: BlockwiseSSL, dataset: Dataset, batch_size: int, workers: int, device: str,
-                        seed: int, autocast: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Mean and std of every feature set (blocks, then concat) over a seeded sample of augmented training images,
-    summed over processes so that every process standardises alike."""
-    g = torch.Generator().manual_seed(seed)
-    sample = torch.randperm(len(dataset), generator=g)[:STATS_IMAGES]  # type: ignore[arg-type]
-    shard = sample[dist.rank()::dist.world_size()].tolist()
-    sums: list[torch.Tensor] = []
-    for x, _ in DataLoader(Subset(dataset, shard), batch_size=batch_size, num_workers=workers):
-        with autocast:
-            feats = with_concat(model.features(x.to(device)))
-        for k, f in enumerate(feats):
-            f = f.double()
-            moments = torch.stack([torch.full_like(f[0], len(f)), f.sum(0), (f * f).sum(0)])
-            if len(sums) <= k:
-                sums.append(moments)
-            else:
-                sums[k] += moments
-    stats = []
-    for moments in sums:
-        n, total, squares = dist.all_reduce_sum(moments)
-        mean = total / n
-        stats.append((mean.float(), ((squares / n - mean**2).clamp_min(0).sqrt() + 1e-6).float()))
-    return stats
-
-
 def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "cpu"
                 ) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
-    """The paper's protocol (Siddiqui et al. 2024, after Barlow Twins' linear evaluation): every probe trained in
-    one pass per epoch through the frozen backbone on RandomResizedCrop + flip images, SGD momentum 0.9 at
-    ``probe.lr`` (0.1), batch ``probe.batch_size`` (256), cosine over ``probe.epochs`` (100), evaluated after every
-    epoch on Resize + CenterCrop test images. Reports the final epoch and, beside it, the best. Features are
-    standardised with the statistics of ``STATS_IMAGES`` augmented training images, as the fast protocol
-    standardises with the training set's, so that one lr suits the scale of every block's features.
+    """The paper's protocol, as the authors' ``evaluate.py`` (after Barlow Twins'): every probe trained in one pass
+    per epoch through the frozen backbone on RandomResizedCrop + flip images (bilinear), on raw features, weights
+    initialised N(0, 0.01) and biases 0, SGD momentum 0.9 at ``probe.lr`` (0.1) with weight decay
+    ``probe.weight_decay`` (1e-6), batch ``probe.batch_size`` (256), a cosine stepped once per epoch over
+    ``probe.epochs`` (100); evaluated after every epoch on Resize + CenterCrop test images. Reports the final epoch
+    and, beside it, the best (what the reference reports).
 
     Under torch.distributed the global batch is split across processes, the probes' gradients are averaged, and
     test counts are summed exactly (each process evaluates every world_size-th test image).
@@ -293,8 +271,8 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
     workers = min(cfg.data.num_workers, 8)
     torch.manual_seed(seed)  # augmentation draws and probe initialisation
     autocast = autocast_context(cfg.train.amp, torch.device(device))  # the backbone forward in the run's precision
-    stats = _feature_statistics(model, train_set, pc.eval_batch_size, workers, device, seed, autocast)
-    probes = [LinearProbe(mean, std, info.num_classes).to(device) for mean, std in stats]
+    dims = [*model.feature_dims, sum(model.feature_dims)]
+    probes = [raw_probe(d, info.num_classes).to(device) for d in dims]
     dist.broadcast_state(nn.ModuleList(probes))
     params = [p for probe in probes for p in probe.parameters()]
     opt = torch.optim.SGD(params, lr=pc.lr, momentum=0.9, weight_decay=pc.weight_decay)
@@ -304,7 +282,7 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
                         drop_last=True, pin_memory=cfg.data.pin_memory and device != "cpu")
     if len(loader) == 0:
         raise ConfigError(f"probe.batch_size={pc.batch_size} is larger than the {len(train_set)} training images")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, pc.epochs * len(loader))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, pc.epochs)
     test_loader = DataLoader(Subset(test_set, dist.shard_indices(len(test_set))), batch_size=pc.eval_batch_size,
                              num_workers=workers)
     curves: list[list[dict[str, float]]] = [[] for _ in probes]
@@ -323,7 +301,7 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
             loss.backward()  # type: ignore[union-attr]
             dist.average_gradients(params)
             opt.step()
-            sched.step()
+        sched.step()
         for curve, accuracy in zip(curves, _test_accuracy(model, probes, test_loader, device, autocast), strict=True):
             curve.append(accuracy)
         bar.set_postfix({name: f"{curve[-1]['top1']:.1f}" for name, curve in zip(names, curves, strict=True)})
