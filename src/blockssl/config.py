@@ -33,9 +33,14 @@ class ConfigError(ValueError):
 class DataConfig:
     name: DatasetName = "imagefolder"  # ImageNet in its train/ and val/ folder layout
     root: str = ""  # "" = the dataset's standard location (e.g. Debian's package for Fashion-MNIST)
-    subset: int = 0  # use only the first N training images; 0 = all
+    # Use only N training images (pretraining and probe training), a random subset drawn with subset_seed: an
+    # ImageFolder is sorted by class, so its first N images would hold only the first classes. 0 = all.
+    subset: int = 0
+    subset_seed: int = 0
     image_size: int = 0  # crop size; 0 = the dataset's native size (224 for ImageFolder)
     augment: Literal["auto", "barlow_twins", "simclr", "vicreg"] = "auto"  # auto = preset of loss.name
+    min_crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (Barlow Twins, SimCLR)
+    blur: Literal["auto", "on", "off"] = "auto"  # the presets' Gaussian blur; auto = off at 32 px and below
     strict: bool = False  # an unreadable image stops the run (false: it is replaced, counted in metrics.jsonl)
     num_workers: int = 8
     pin_memory: bool = True
@@ -67,6 +72,9 @@ class ModelConfig:
 class NoiseConfig:
     type: Literal["none", "global", "channel", "spatial"] = "global"
     std: float = 0.25  # sigma; best value in the paper (+0.33 points on ImageNet)
+    # Backpropagate through s(x), as the reference code does; false: s(x) is a constant and the noise's gradient
+    # is the identity.
+    scale_grad: bool = True
 
 
 @dataclass
@@ -121,10 +129,12 @@ class TrainConfig:
 @dataclass
 class ProbeConfig:
     """Linear-probe evaluation, one linear probe per block (and one on all blocks concatenated), SGD momentum 0.9,
-    cosine schedule. ``fast``: features extracted once (no augmentation), the lr chosen per block on a held-out part
-    of the training set, never on the test set; kNN and label-fraction probes on the same features. ``paper``:
-    the paper's protocol for ImageNet-scale runs: every epoch goes through the frozen backbone on RandomResizedCrop +
-    flip images, lr ``lr``, Resize + CenterCrop evaluation after every epoch (100 epochs, batch 256, lr 0.1)."""
+    cosine schedule. ``fast``: features extracted once (no augmentation), standardised (``standardize``), the lr
+    chosen per block on a held-out part of the training set, never on the test set; kNN and label-fraction probes
+    on the same features. ``paper``: the reference ``evaluate.py`` for ImageNet-scale runs: every epoch goes through
+    the frozen backbone on RandomResizedCrop + flip images, raw features, classifier initialised N(0, 0.01) with a
+    zero bias, lr ``lr`` on a cosine stepped per epoch, Resize + CenterCrop evaluation after every epoch (100 epochs,
+    batch 256, lr 0.1, weight decay 1e-6), the best epoch reported beside the final one."""
 
     protocol: Literal["fast", "paper"] = "fast"
     epochs: int = 30
@@ -132,7 +142,8 @@ class ProbeConfig:
     lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])  # fast protocol: SGD lr grid
     lr: float = 0.1  # paper protocol: the one lr
     val_fraction: float = 0.1  # held-out share of the training set for choosing the lr
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-6  # the reference evaluate.py's
+    standardize: bool = True  # fast protocol: features standardised by the training set's mean and std
     eval_batch_size: int = 512
     knn_k: list[int] = field(default_factory=lambda: [20, 200])  # weighted kNN on the same features
     # Linear probes trained on a fraction of the labels (semi-supervised evaluation on frozen features)
@@ -472,6 +483,8 @@ def validate(cfg: Config, saved: bool = False) -> None:
         raise ConfigError("train.batch_size: the losses use batch statistics and need at least 2 images per batch")
     if m.head_kernel % 2 == 0:
         raise ConfigError(f"model.head_kernel: must be odd to keep the spatial size, got {m.head_kernel}")
+    if not 0 < d.min_crop_scale <= 1:
+        raise ConfigError(f"data.min_crop_scale: must lie in (0, 1], got {d.min_crop_scale}")
     if m.width <= 0:
         raise ConfigError(f"model.width: must be positive, got {m.width}")
     if cfg.noise.std < 0:

@@ -218,7 +218,8 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     info = dataset_info(cfg.data)
     base = build_dataset(cfg.data, "pretrain")
     preset = cfg.loss.name if cfg.data.augment == "auto" else cfg.data.augment
-    views = TwoViews(base, two_view_transforms(preset, info), cfg.seed, strict=cfg.data.strict)
+    transforms = two_view_transforms(preset, info, cfg.data.min_crop_scale, cfg.data.blur)
+    views = TwoViews(base, transforms, cfg.seed, strict=cfg.data.strict)
     sampler = EpochSampler(len(views), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
     loader = pretrain_loader(views, sampler, num_workers=cfg.data.num_workers,
                              pin_memory=cfg.data.pin_memory and device.type == "cuda",

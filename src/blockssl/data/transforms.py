@@ -1,8 +1,9 @@
 """Two-view augmentation presets (Barlow Twins, SimCLR, VICReg) and evaluation transforms.
 
-ImageNet values are the papers'; for small images the crop scale and blur are adapted as in the CIFAR
-recipes of SimCLR (no blur at 32 px and below), and for grayscale images the colour operations that need
-colour are dropped.
+ImageNet values are the papers'. RandomResizedCrop keeps areas from ``data.min_crop_scale`` (0.08, as Barlow Twins
+and SimCLR on ImageNet and SimCLR on CIFAR) to 1 of the image; blur is skipped at 32 px and below unless
+``data.blur=on`` (SimCLR's CIFAR recipe has none); on grayscale images the colour operations that need colour are
+dropped. Evaluation resizes bilinearly, as the reference linear evaluation (torchvision's default).
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from blockssl.data.datasets import DatasetInfo
 AUGMENT_PRESETS = ("barlow_twins", "simclr", "vicreg")
 
 
-def _view(info: DatasetInfo, *, jitter: tuple[float, float, float, float], blur_p: float, solarize_p: float
-          ) -> Callable[[Image.Image], torch.Tensor]:
+def _view(info: DatasetInfo, *, jitter: tuple[float, float, float, float], blur_p: float, solarize_p: float,
+          min_scale: float, blur: str) -> Callable[[Image.Image], torch.Tensor]:
     size = info.image_size
-    small = size <= 64
     ops: list[Callable] = [
-        T.RandomResizedCrop(size, scale=(0.2 if small else 0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
     ]
     if info.channels == 1:
@@ -31,8 +31,8 @@ def _view(info: DatasetInfo, *, jitter: tuple[float, float, float, float], blur_
         ops.append(T.RandomApply([T.ColorJitter(b, c)], p=0.8))
     else:
         ops += [T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)]
-    if size > 32 and blur_p > 0:
-        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd (23 at 224 px)
+    if blur_p > 0 and (blur == "on" or (blur == "auto" and size > 32)):
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd (23 at 224 px, 3 at 28 px)
         ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(128, p=solarize_p))
@@ -40,33 +40,39 @@ def _view(info: DatasetInfo, *, jitter: tuple[float, float, float, float], blur_
     return T.Compose(ops)
 
 
-def two_view_transforms(preset: str, info: DatasetInfo) -> tuple[Callable, Callable]:
+def two_view_transforms(preset: str, info: DatasetInfo, min_scale: float = 0.08, blur: str = "auto"
+                        ) -> tuple[Callable, Callable]:
     """The pair of view transforms of ``preset``.
 
     barlow_twins / vicreg: asymmetric (view 1 always blurred, view 2 blurred 10% and solarized 20%),
-    jitter (0.4, 0.4, 0.2, 0.1). simclr: symmetric, jitter (0.8, 0.8, 0.8, 0.2), blur 50%.
+    jitter (0.4, 0.4, 0.2, 0.1). simclr: symmetric, jitter (0.8, 0.8, 0.8, 0.2), blur 50%. ``min_scale``: the
+    smallest crop area; ``blur``: auto (none at 32 px and below), on or off.
     """
     if preset in ("barlow_twins", "vicreg"):
         jitter = (0.4, 0.4, 0.2, 0.1)
-        return (_view(info, jitter=jitter, blur_p=1.0, solarize_p=0.0),
-                _view(info, jitter=jitter, blur_p=0.1, solarize_p=0.2))
+        return (_view(info, jitter=jitter, blur_p=1.0, solarize_p=0.0, min_scale=min_scale, blur=blur),
+                _view(info, jitter=jitter, blur_p=0.1, solarize_p=0.2, min_scale=min_scale, blur=blur))
     if preset == "simclr":
-        view = _view(info, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0)
+        view = _view(info, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0, min_scale=min_scale, blur=blur)
         return view, view
     raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
 
 
 def eval_transform(info: DatasetInfo) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize + centre crop (256 -> 224 at ImageNet scale, the same ratio elsewhere), then normalise."""
+    """Resize + centre crop (256 -> 224 at ImageNet scale, the same ratio elsewhere; bilinear), then normalise."""
     size = info.image_size
     resize = round(size * 256 / 224) if size > 64 else size
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                      T.ToTensor(), T.Normalize(info.mean, info.std)])
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+def pregenerated_transform(info: DatasetInfo) -> Callable[[Image.Image], torch.Tensor]:
+    """Images already framed by ``eval_transform``'s resize and crop (ImageNet-C was made from Resize 256 +
+    CenterCrop 224 of the validation set): only normalised, as Hendrycks' test.py (its CenterCrop leaves a 224 px
+    image as it is; a larger one is cropped, never resized)."""
+    return T.Compose([T.CenterCrop(info.image_size), T.ToTensor(), T.Normalize(info.mean, info.std)])
 
 
 def probe_train_transform(info: DatasetInfo) -> Callable[[Image.Image], torch.Tensor]:
-    """RandomResizedCrop + flip, the paper's linear-probe training augmentation."""
-    small = info.image_size <= 64
-    return T.Compose([T.RandomResizedCrop(info.image_size, scale=(0.2 if small else 0.08, 1.0),
-                                          interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(info.mean, info.std)])
+    """RandomResizedCrop (scale 0.08 to 1, bilinear) + flip: the reference linear evaluation's augmentation."""
+    return T.Compose([T.RandomResizedCrop(info.image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(info.mean, info.std)])
