@@ -40,7 +40,7 @@ class DataConfig:
     image_size: int = 0  # crop size; 0 = the dataset's native size (224 for ImageFolder)
     augment: Literal["auto", "barlow_twins", "simclr", "vicreg"] = "auto"  # auto = preset of loss.name
     min_crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (Barlow Twins, SimCLR)
-    blur: Literal["auto", "on", "off"] = "auto"  # the presets' Gaussian blur; auto = off at 32 px and below
+    blur: Literal["auto", "true", "false"] = "auto"  # the presets' Gaussian blur; auto = none at 32 px and below
     strict: bool = False  # an unreadable image stops the run (false: it is replaced, counted in metrics.jsonl)
     num_workers: int = 8
     pin_memory: bool = True

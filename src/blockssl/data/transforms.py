@@ -2,7 +2,7 @@
 
 ImageNet values are the papers'. RandomResizedCrop keeps areas from ``data.min_crop_scale`` (0.08, as Barlow Twins
 and SimCLR on ImageNet and SimCLR on CIFAR) to 1 of the image; blur is skipped at 32 px and below unless
-``data.blur=on`` (SimCLR's CIFAR recipe has none); on grayscale images the colour operations that need colour are
+``data.blur=true`` (SimCLR's CIFAR recipe has none); on grayscale images the colour operations that need colour are
 dropped. Evaluation resizes bilinearly, as the reference linear evaluation (torchvision's default).
 """
 
@@ -31,7 +31,7 @@ def _view(info: DatasetInfo, *, jitter: tuple[float, float, float, float], blur_
         ops.append(T.RandomApply([T.ColorJitter(b, c)], p=0.8))
     else:
         ops += [T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)]
-    if blur_p > 0 and (blur == "on" or (blur == "auto" and size > 32)):
+    if blur_p > 0 and (blur == "true" or (blur == "auto" and size > 32)):
         kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd (23 at 224 px, 3 at 28 px)
         ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
     if solarize_p > 0:
@@ -46,7 +46,7 @@ def two_view_transforms(preset: str, info: DatasetInfo, min_scale: float = 0.08,
 
     barlow_twins / vicreg: asymmetric (view 1 always blurred, view 2 blurred 10% and solarized 20%),
     jitter (0.4, 0.4, 0.2, 0.1). simclr: symmetric, jitter (0.8, 0.8, 0.8, 0.2), blur 50%. ``min_scale``: the
-    smallest crop area; ``blur``: auto (none at 32 px and below), on or off.
+    smallest crop area; ``blur``: auto (none at 32 px and below), true or false.
     """
     if preset in ("barlow_twins", "vicreg"):
         jitter = (0.4, 0.4, 0.2, 0.1)
