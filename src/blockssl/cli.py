@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  blockssl robustness runs/demo robustness.max_images=1000\n"
                                    "  blockssl robustness runs/demo --baseline runs/e2e robustness.corruptions=[fog]")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--baseline", metavar="RUN_DIR", help="normalise errors by this run's (CE, mCE, relative mCE)")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="normalise errors by this run's (CE, mCE, relative mCE); "
+                   "'alexnet': by AlexNet's published ImageNet-C errors, as the original benchmark")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="robustness.* and data.* settings, e.g. robustness.source=folder robustness.root=DIR")
     p.set_defaults(func=_robustness)

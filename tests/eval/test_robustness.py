@@ -10,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from blockssl.checkpoint import CheckpointError
 from blockssl.cli import main
-from blockssl.config import ConfigError, resume_config
+from blockssl.config import ConfigError, DataConfig, load_config, resume_config
+from blockssl.data.datasets import build_dataset, dataset_info
+from blockssl.data.transforms import eval_transform, pregenerated_transform
 from blockssl.eval import robustness as rob
 from blockssl.eval.probe import run_probe
 from blockssl.eval.robustness import (
@@ -27,7 +30,7 @@ from blockssl.eval.robustness import (
     run_robustness,
     summarize,
 )
-from blockssl.train import pretrain
+from blockssl.train import checkpoint_model, pretrain
 from tests.conftest import tiny_config
 
 BLOCKS = ["block1", "block2", "block3", "block4", "concat"]
@@ -227,3 +230,50 @@ def test_cli_prints_the_table(probed_run, capsys):
     assert "mean c." in out and "gaussian_noise" in out and "concat" in out
     assert main(["robustness", str(probed_run), "robustness.severities=[7]"]) == 2
     assert "robustness.severities" in capsys.readouterr().err
+
+
+def test_a_pregenerated_224px_image_reaches_the_model_only_normalised():
+    """ImageNet-C images were made from Resize 256 + CenterCrop 224: resizing them again would zoom them 1.14x."""
+    info = dataset_info(DataConfig(name="imagefolder"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    mean, std = torch.tensor(info.mean)[:, None, None], torch.tensor(info.std)[:, None, None]
+    expected = (torch.from_numpy(np.array(image)).permute(2, 0, 1) / 255 - mean) / std
+    torch.testing.assert_close(pregenerated_transform(info)(image), expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(eval_transform(info)(image), expected, atol=1e-2)  # the clean images' framing
+
+
+def test_folder_source_feeds_corrupted_images_through_the_normalise_only_transform(probed_run, tmp_path,
+                                                                                   monkeypatch):
+    folder = tmp_path / "imagenet-c" / "fog" / "1"
+    cfg = checkpoint_model(probed_run)[1]
+    for i, (image, label) in enumerate(build_dataset(cfg.data, "test")):
+        (folder / f"class{label}").mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"class{label}" / f"{i:04d}.png")
+    seen = []
+    real = rob.probe_errors
+
+    def spy(model, probes, dataset, *args):
+        seen.append(dataset.transform)
+        return real(model, probes, dataset, *args)
+
+    monkeypatch.setattr(rob, "probe_errors", spy)
+    run_robustness(probed_run, ["robustness.corruptions=[fog]", "robustness.severities=[1]",
+                                "robustness.source=folder", f"robustness.root={tmp_path / 'imagenet-c'}"])
+    clean, corrupted = seen
+    assert "Resize" in repr(clean) and "Resize" not in repr(corrupted) and "Normalize" in repr(corrupted)
+
+
+def test_alexnet_normaliser_scores_alexnet_100_and_needs_imagenet_c(probed_run):
+    cfg = load_config(None, ["robustness.source=folder", "robustness.root=unused"])
+    base, base_clean = rob._alexnet_normaliser(cfg, ["block1"])
+    own = {c: dict.fromkeys(rob.SEVERITIES, e) for c, e in rob.ALEXNET_ERRORS.items()}
+    scores = rob.summarize({"block1": own}, {"block1": rob.ALEXNET_CLEAN_ERROR}, base, base_clean)
+    assert scores["block1"]["mce"] == pytest.approx(100) and scores["block1"]["relative_mce"] == pytest.approx(100)
+    half = {c: {s: e / 2 for s, e in per.items()} for c, per in own.items()}
+    assert rob.summarize({"block1": half}, {"block1": 0.0}, base, base_clean)["block1"]["mce"] == (
+        pytest.approx(50))
+    with pytest.raises(ConfigError, match="severities"):
+        rob._alexnet_normaliser(load_config(None, ["robustness.source=folder", "robustness.severities=[1,2]"]),
+                                ["block1"])
+    with pytest.raises(ConfigError, match="imagefolder"):  # a Fashion-MNIST run, refused before any evaluation
+        run_robustness(probed_run, baseline="alexnet")
