@@ -118,11 +118,17 @@ def test_override_needs_an_equals_sign():
     "train.epochs=-1", "train.epochs=0", "train.batch_size=1", "train.max_steps=-5", "data.subset=-1",
     "model.head_kernel=2", "model.width=0", "noise.std=-0.1", "model.projector=512-x",
     "probe.epochs=0", "probe.lr=0", "probe.lrs=[0.1,-1]", "probe.val_fraction=1", "probe.label_fractions=[0]",
+    "data.min_crop_scale=0", "data.min_crop_scale=1.5", "data.blur=sometimes",
 ])
 def test_bad_values_name_the_key(override):
     key = override.partition("=")[0]
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_config(overrides=[override])
+
+
+def test_reference_allreduce_is_barlow_twins_only():
+    with pytest.raises(ConfigError, match=r"loss.reference_allreduce.*vicreg"):
+        load_config(overrides=["loss.name=vicreg", "loss.reference_allreduce=true"])
 
 
 def test_config_error_is_a_value_error():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 
 from blockssl.checkpoint import load_checkpoint
 from blockssl.config import resume_config
@@ -17,13 +19,32 @@ from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
 from blockssl.train import pretrain
 from tests.conftest import DDP_RUN, assert_same_model, spawn, tiny_config
 
-LOSSES = {"barlow_twins": BarlowTwinsLoss, "simclr": SimCLRLoss, "vicreg": VICRegLoss}
+
+def _authors_barlow_twins(z1: torch.Tensor, z2: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The blockwise paper's loss as its main.py computes it under SyncBatchNorm: autograd-aware batch statistics,
+    then the cross-correlation summed in place by a raw all_reduce."""
+    def sync_bn(z: torch.Tensor) -> torch.Tensor:  # BatchNorm1d(affine=False) converted to SyncBatchNorm
+        mean = dist_fn.all_reduce(z.sum(0)) / batch_size
+        var = dist_fn.all_reduce((z - mean).pow(2).sum(0)) / batch_size
+        return (z - mean) / torch.sqrt(var + 1e-5)
+
+    c = sync_bn(z1).T @ sync_bn(z2)
+    c.div_(batch_size)
+    dist.all_reduce(c)
+    off = c - torch.diag(torch.diagonal(c))
+    return (torch.diagonal(c) - 1).pow(2).sum() * 0.024 + 0.0051 * off.pow(2).sum() * 0.024
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "barlow_twins": BarlowTwinsLoss(), "simclr": SimCLRLoss(), "vicreg": VICRegLoss(),
+    "barlow_twins_reference": BarlowTwinsLoss(reference_allreduce=True),
+}
 
 
 def _loss_and_grad(name: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.clone().requires_grad_(True)
     z1, z2 = x[0] @ w, x[1] @ w.tanh()
-    loss = LOSSES[name]()(z1, z2)
+    loss = (_authors_barlow_twins(z1, z2, 16) if name == "authors" else LOSSES[name](z1, z2))
     loss.backward()
     return loss.detach(), w.grad
 
@@ -37,7 +58,7 @@ def _loss_worker(rank: int, world: int, out: str) -> None:
     x, weight = _loss_inputs()
     local = x[:, rank * (x.shape[1] // world): (rank + 1) * (x.shape[1] // world)]
     results = {}
-    for name in LOSSES:
+    for name in [*LOSSES, "authors"]:
         loss, grad = _loss_and_grad(name, local, weight)
         dist.all_reduce(grad)
         grad /= world  # what DistributedDataParallel does with parameter gradients
@@ -53,7 +74,19 @@ def two_process_losses(tmp_path_factory) -> list[dict[str, dict[str, torch.Tenso
     return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_reference_allreduce_is_the_authors_update_at_1_over_world_size(two_process_losses):
+    """loss.reference_allreduce reproduces the paper's gradients: those of a raw-all_reduce re-implementation of
+    the authors' loss, half (1/world_size) of the exact global-batch gradient, with the same loss value."""
+    exact_loss, exact_grad = _loss_and_grad("barlow_twins", *_loss_inputs())
+    for result in two_process_losses:
+        ours, theirs = result["barlow_twins_reference"], result["authors"]
+        torch.testing.assert_close(ours["grad"], theirs["grad"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ours["loss"], theirs["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours["loss"], exact_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours["grad"], exact_grad / 2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["barlow_twins", "simclr", "vicreg"])
 def test_loss_value_and_gradient_match_one_process_with_the_global_batch(two_process_losses, name):
     loss, grad = _loss_and_grad(name, *_loss_inputs())
     for result in two_process_losses:

@@ -85,6 +85,10 @@ class LossConfig:
     # train.sh); current Barlow Twins uses scale 1 with train.bias_lr=0.0048 (= 0.2 x 0.024) instead. Under LARS both
     # give biases the same step; only the weight-decay balance differs. Never both: see check_lr_convention.
     scale: float = 0.024
+    # Barlow Twins: sum the cross-correlation over processes with the reference code's plain all_reduce, which
+    # autograd does not see: every gradient becomes 1/world_size of the true one (1/16 in the paper's runs), which
+    # reproduces the paper's update exactly. Off (default): exact global-batch gradients.
+    reference_allreduce: bool = False
     temperature: float = 0.1  # SimCLR
     sim_coeff: float = 25.0  # VICReg invariance
     std_coeff: float = 25.0  # VICReg variance
@@ -523,6 +527,9 @@ def validate(cfg: Config, saved: bool = False) -> None:
         raise ConfigError("train.loss_blocks: the sequential scheme trains each block in turn; leave it auto")
     loss_blocks(cfg)
     lean_execution(cfg)
+    if cfg.loss.reference_allreduce and cfg.loss.name != "barlow_twins":
+        raise ConfigError(f"loss.reference_allreduce: only Barlow Twins' reference code sums with a raw all_reduce; "
+                          f"the {cfg.loss.name} reference gradients are exact, set it to false")
     convention = check_lr_convention(cfg)
     if convention and not saved:
         raise ConfigError(convention)

@@ -50,6 +50,17 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
         return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM)
 
 
+def all_reduce_sum_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum over processes as a plain ``torch.distributed.all_reduce`` on a tensor of the graph: the value is the sum,
+    but autograd sees only the local term, so gradients averaged over processes come out 1/world_size of the true
+    ones. Only for reproducing reference code that does this (Barlow Twins, the blockwise paper)."""
+    if not is_distributed():
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return x + (total - x.detach())
+
+
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every process's ``x`` along dim 0, in rank order; autograd-aware."""
     if not is_distributed():

@@ -28,7 +28,8 @@ BlockLossHook = Callable[[int, torch.Tensor], None]
 def build_loss(cfg: Config) -> nn.Module:
     c = cfg.loss
     losses: dict[str, Callable[[], nn.Module]] = {
-        "barlow_twins": lambda: BarlowTwinsLoss(lambd=c.lambd, scale=c.scale),
+        "barlow_twins": lambda: BarlowTwinsLoss(lambd=c.lambd, scale=c.scale,
+                                                reference_allreduce=c.reference_allreduce),
         "simclr": lambda: SimCLRLoss(temperature=c.temperature),
         "vicreg": lambda: VICRegLoss(sim_coeff=c.sim_coeff, std_coeff=c.std_coeff, cov_coeff=c.cov_coeff),
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blockssl.dist import all_reduce_sum
+from blockssl.dist import all_reduce_sum, all_reduce_sum_local_grad
 from blockssl.losses.common import at_least_fp32, off_diagonal
 
 
@@ -22,16 +22,20 @@ class BarlowTwinsLoss(nn.Module):
 
     Defaults: lambd = 0.0051, scale = 0.024 (the blockwise paper's train.sh, as Barlow Twins' original recipe, with
     one lr for every parameter; current Barlow Twins uses scale 1 and a bias lr of 0.0048 instead).
+
+    ``reference_allreduce``: sum C over processes as the reference code does, with a plain all_reduce autograd does
+    not see (the batch standardisation stays exact, as their SyncBatchNorm): the value is unchanged, but gradients
+    averaged over W processes are 1/W of the global-batch loss's, as in the paper's runs (W = 16). Off: exact.
     """
 
-    def __init__(self, lambd: float = 0.0051, scale: float = 0.024) -> None:
+    def __init__(self, lambd: float = 0.0051, scale: float = 0.024, reference_allreduce: bool = False) -> None:
         super().__init__()
-        self.lambd, self.scale = lambd, scale
+        self.lambd, self.scale, self.reference_allreduce = lambd, scale, reference_allreduce
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         z1, z2 = batch_standardize(at_least_fp32(z1)), batch_standardize(at_least_fp32(z2))
         n = all_reduce_sum(z1.new_tensor(float(z1.shape[0])))
-        c = all_reduce_sum(z1.T @ z2) / n
+        c = (all_reduce_sum_local_grad if self.reference_allreduce else all_reduce_sum)(z1.T @ z2) / n
         on_diag = (torch.diagonal(c) - 1).pow(2).sum()
         off_diag = off_diagonal(c).pow(2).sum()
         return self.scale * (on_diag + self.lambd * off_diag)
