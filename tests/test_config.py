@@ -344,6 +344,22 @@ def test_every_recipe_in_configs_loads():
                 assert got == want, (path, key)
 
 
+def test_recipes_follow_the_references():
+    """The paper's SyncBatchNorm, the standard end-to-end model, and each loss's own optimiser settings."""
+    recipes = {p.relative_to(CONFIGS).as_posix(): load_config(p) for p in CONFIGS.rglob("*.yaml")}
+    for name, cfg in recipes.items():
+        assert cfg.train.bias_lr == 0, name  # one lr for every parameter (the authors' code; VICReg; SimCLR)
+        if name.startswith(("imagenet/", "cifar10/")):
+            assert cfg.train.sync_bn, name
+        if cfg.train.scheme == "end_to_end":
+            assert cfg.model.head == "gap", name  # Barlow Twins: pooled layer4 into the projector
+    simclr = recipes["imagenet/simclr_blockwise.yaml"]
+    assert (simclr.train.lr, simclr.train.weight_decay, simclr.loss.temperature, simclr.model.projector,
+            simclr.train.min_lr_ratio) == (0.3, 1e-6, 0.1, "2048-128", 0.0)
+    vicreg = recipes["imagenet/vicreg_blockwise.yaml"]
+    assert (vicreg.train.lr, vicreg.train.weight_decay, vicreg.model.projector) == (0.2, 1e-6, "8192-8192-8192")
+
+
 def test_dump_and_from_dict_round_trip():
     cfg = load_config(
         overrides=[
