@@ -404,7 +404,7 @@ def _alexnet_normaliser(cfg: Config, blocks: list[str]) -> tuple[dict[str, Error
     if sorted(rc.severities) != list(SEVERITIES):
         raise ConfigError(f"--baseline alexnet: the published errors average severities 1-5; robustness.severities="
                           f"{rc.severities} must be [1,2,3,4,5]")
-    errors = {c: dict.fromkeys(SEVERITIES, ALEXNET_ERRORS[c]) for c in rc.corruptions}
+    errors: Errors = {c: dict.fromkeys(SEVERITIES, ALEXNET_ERRORS[c]) for c in rc.corruptions}
     return dict.fromkeys(blocks, errors), dict.fromkeys(blocks, ALEXNET_CLEAN_ERROR)
 
 
