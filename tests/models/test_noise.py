@@ -33,8 +33,8 @@ def test_global_noise_std_is_sigma_times_tensor_std():
 def _channel_input() -> torch.Tensor:
     """(N, C, H, W) whose channels have very different scales and vary along W only.
 
-    The std over H alone is zero while the std over (H, W) is not, so a scale computed over H only (the
-    reference code's bug) would add no noise at all.
+    The std over H alone is zero while the std over (H, W) is not, so a scale computed over H only (what the
+    reference code's ``c`` variant computes) would add no noise at all.
     """
     g = torch.Generator().manual_seed(1)
     n, c, h, w = 3, 4, 64, 64

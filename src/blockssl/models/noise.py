@@ -13,10 +13,11 @@ _DIMS: dict[str, tuple[int, ...]] = {"global": (0, 1, 2, 3), "channel": (2, 3), 
 def noise_scale(x: torch.Tensor, kind: str) -> torch.Tensor:
     """The standard deviation ``s(x)`` the noise is scaled by, broadcastable to ``x`` (N, C, H, W).
 
-    global: one std over the whole tensor (the paper's best, +0.33 points at sigma 0.25);
-    channel: per sample and channel over (H, W) (the reference code's ``c`` variant takes it over H only, a bug
-    we do not copy: its docstring and the paper say per channel);
-    spatial: per sample and location over the channels.
+    global: one std over the whole tensor (the paper's best, +0.33 points at sigma 0.25; the reference's ``all``);
+    channel: per sample and channel over (H, W) (the reference's ``hw``);
+    spatial: per sample and location over the channels: what the reference's ``c`` variant intends (its comment
+    gives the shape B x 1 x H x W) but does not compute: it takes the std over H only (``dim=2``), a bug we do
+    not copy.
     The unbiased std, as ``torch.std`` in the reference code; over a single element (channel noise on a 1x1 map)
     it would be NaN, so the population std (0) is used there.
     """
