@@ -51,6 +51,28 @@ def _export(args: argparse.Namespace) -> None:
         print(p)
 
 
+def _study(args: argparse.Namespace) -> None:
+    import yaml
+
+    from blockssl.study import load_study, parse_only, run_commands, run_study, submit_slurm
+
+    study = load_study(args.study, args.overrides)
+    if args.print:
+        print("\n".join(run_commands(args.study, study, args.overrides)))
+    elif args.slurm:
+        parameters = {}
+        for item in args.slurm_param:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--slurm-param {item!r}: expected KEY=VALUE, e.g. slurm_partition=gpu")
+            parameters[key] = yaml.safe_load(value)
+        jobs = submit_slurm(study, parameters)
+        print(f"submitted {len(jobs)} runs as job array {jobs[0].job_id.split('_')[0]}; when they are done, "
+              f"`blockssl study {args.study}` writes {study.out}/results.md")
+    else:
+        print(run_study(study, parse_only(study, args.only) if args.only else None))
+
+
 def _config(args: argparse.Namespace) -> None:
     from blockssl.config import dump_config
 
@@ -101,6 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("out", metavar="OUT_DIR")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("study", help="variants x seeds of a recipe, trained, evaluated and aggregated",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a study file (see blockssl/study.py and studies/): every (variant, seed) is a "
+                                   "run directory under its out; finished runs are skipped, interrupted ones resumed; "
+                                   "then results.md, results.json and results.csv are written, e.g.\n"
+                                   "  blockssl study studies/fashion_mnist.yaml\n"
+                                   "  blockssl study studies/fashion_mnist.yaml --print   # one command per run\n"
+                                   "  blockssl study studies/fashion_mnist.yaml --slurm --slurm-param "
+                                   "slurm_partition=gpu --slurm-param timeout_min=720")
+    p.add_argument("study", type=Path, metavar="STUDY.yaml")
+    p.add_argument("--only", metavar="VARIANT/SEED", help="train and evaluate this one run (a job-array task)")
+    p.add_argument("--print", action="store_true", help="print one command per run, then the aggregating one")
+    p.add_argument("--slurm", action="store_true", help="submit the runs as a SLURM job array with submitit")
+    p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit executor parameter, e.g. slurm_partition=gpu, timeout_min=600, gpus_per_node=1")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
+    p.set_defaults(func=_study)
 
     p = sub.add_parser("config", help="print the resolved configuration of a recipe and overrides")
     p.add_argument("--config", type=Path)

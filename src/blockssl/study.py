@@ -1,0 +1,430 @@
+"""Studies: named variants of a base recipe x seeds, each an ordinary run directory, aggregated over seeds.
+
+A study file (YAML) names the base recipe, overrides for every run, the variants (lists of ``key=value``), the seeds,
+the evaluations and the baseline variant::
+
+    base: configs/fashion_mnist.yaml        # paths relative to the current directory, like --config
+    out: runs/study
+    seeds: [0, 1, 2]
+    overrides: [train.epochs=4]
+    variants:
+      end_to_end: [train.scheme=end_to_end, noise.type=none]
+      blockwise: []
+    evaluate: [probe, robustness]
+    baseline: end_to_end
+    probe: []                               # optional probe.* / data.* overrides of the evaluations
+    robustness: [robustness.max_images=2000]
+
+Run (variant, seed) lives in ``<out>/<variant>/seed<seed>``. Driving the study is idempotent: evaluated runs are
+skipped (their evaluation files suffice, checkpoints may be gone), interrupted ones resumed from their last
+checkpoint. The resolved study is saved as
+``<out>/study.yaml``; a study file (or command-line overrides, or a base recipe) that no longer matches it, or a run
+whose saved configuration differs from what the study now resolves to, is an error listing the differences.
+Robustness is evaluated per run without a baseline and normalised at aggregation (CE and relative CE against the
+baseline variant's run of the same seed), so runs never wait for each other and can be spread over a job array.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from blockssl.checkpoint import atomic_write_text
+from blockssl.config import Config, ConfigError, diff_configs, from_dict, load_config
+
+EVALUATIONS = ("probe", "robustness")
+TIMING = "study_timing.json"  # seconds spent per stage on a run, summed over resumptions
+
+
+@dataclass
+class Study:
+    """A resolved study: every field a run's configuration or evaluation depends on."""
+
+    base: str
+    out: str
+    variants: dict[str, list[str]]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: list[str] = field(default_factory=list)
+    evaluate: list[str] = field(default_factory=lambda: ["probe"])
+    baseline: str = ""
+    probe: list[str] = field(default_factory=list)
+    robustness: list[str] = field(default_factory=list)
+
+    def run_dir(self, variant: str, seed: int) -> Path:
+        return Path(self.out) / variant / f"seed{seed}"
+
+    def runs(self) -> Iterator[tuple[str, int]]:
+        """Every (variant, seed), seed by seed, the baseline variant first."""
+        order = [self.baseline, *(v for v in self.variants if v != self.baseline)]
+        for seed in self.seeds:
+            for variant in order:
+                yield variant, seed
+
+    def config(self, variant: str, seed: int) -> Config:
+        try:
+            return load_config(self.base, [*self.overrides, *self.variants[variant], f"seed={seed}",
+                                           f"out={self.run_dir(variant, seed)}"])
+        except ConfigError as e:
+            raise ConfigError(f"study variant {variant!r}: {e}") from None
+
+
+def _string_list(key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"study {key}: expected a list of key=value strings, e.g. [train.epochs=4], got {value!r}")
+    return list(value)
+
+
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
+    """Read and check a study file; ``overrides`` (``key=value``) apply to every run, after the study's own."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of study keys at the top level")
+    known = {f for f in Study.__dataclass_fields__}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown study keys {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    for key in ("base", "out", "variants"):
+        if not raw.get(key):
+            raise ConfigError(f"{path}: '{key}' is required (see `blockssl study --help`)")
+    variants = raw["variants"]
+    if not isinstance(variants, dict):
+        raise ConfigError(f"{path}: variants must map names to lists of key=value overrides")
+    for name in variants:
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{path}: variant name {name!r} must be letters, digits, '_' or '-' (it names a folder)")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    evaluate = _string_list("evaluate", raw.get("evaluate", ["probe"]))
+    bad = [e for e in evaluate if e not in EVALUATIONS]
+    if bad:
+        raise ConfigError(f"{path}: evaluate: {bad} not among {', '.join(EVALUATIONS)}")
+    if "robustness" in evaluate and "probe" not in evaluate:
+        evaluate.insert(0, "probe")  # robustness evaluates the probes
+    baseline = raw.get("baseline") or next(iter(variants))
+    if baseline not in variants:
+        raise ConfigError(f"{path}: baseline {baseline!r} is not a variant; choose one of {', '.join(variants)}")
+    study = Study(base=str(raw["base"]), out=str(raw["out"]),
+                  variants={k: _string_list(f"variants.{k}", v) for k, v in variants.items()}, seeds=seeds,
+                  overrides=[*_string_list("overrides", raw.get("overrides")), *overrides], evaluate=evaluate,
+                  baseline=baseline, probe=_string_list("probe", raw.get("probe")),
+                  robustness=_string_list("robustness", raw.get("robustness")))
+    for variant in study.variants:  # every configuration resolves before any run starts
+        study.config(variant, study.seeds[0])
+    return study
+
+
+def check_unchanged(study: Study) -> None:
+    """Record the study in ``<out>/study.yaml`` on first use; afterwards refuse any difference, and any run whose
+    saved configuration is not what the study resolves to now (an edited base recipe, for instance)."""
+    saved_path = Path(study.out) / "study.yaml"
+    current = asdict(study)
+    if saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text())
+        changes = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
+        if changes:
+            raise ConfigError(f"the study differs from the one recorded in {saved_path}:\n  " + "\n  ".join(changes)
+                              + "\nrevert the change, or give the changed study a new out=")
+    problems = []
+    for variant, seed in study.runs():
+        run_config = study.run_dir(variant, seed) / "config.yaml"
+        if run_config.is_file():
+            diffs = diff_configs(from_dict(yaml.safe_load(run_config.read_text())), study.config(variant, seed))
+            problems += [f"{variant}/seed{seed}: {d}" for d in diffs]
+    if problems:
+        raise ConfigError("runs of this study were made with other configurations (saved -> now):\n  "
+                          + "\n  ".join(problems) + "\nrevert the recipe, or give the changed study a new out=")
+    if not saved_path.is_file():
+        saved_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved_path, yaml.safe_dump(current, sort_keys=False))
+
+
+def _timed(run_dir: Path, stage: str, work: Callable[[], object]) -> None:
+    """Run ``work`` and add its seconds to the run's ``study_timing.json`` (also when it is interrupted)."""
+    start = time.perf_counter()
+    try:
+        work()
+    finally:
+        path = run_dir / TIMING
+        timing = json.loads(path.read_text()) if path.is_file() else {}
+        timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - start
+        atomic_write_text(path, json.dumps(timing, indent=2) + "\n")
+
+
+def run_one(study: Study, variant: str, seed: int) -> Path:
+    """Train (or resume) and evaluate one run of the study; what is already done is skipped.
+
+    A run whose evaluation files exist is done even without its checkpoints, so a study can keep only its small
+    files (``config.yaml``, ``metrics.jsonl``, ``probe.json``, ``robustness.json``, ...) in version control and
+    finish over several machines.
+    """
+    from blockssl.config import resume_config
+    from blockssl.eval.probe import run_probe
+    from blockssl.eval.robustness import run_robustness
+    from blockssl.train import pretrain
+
+    run_dir = study.run_dir(variant, seed)
+    wanted = {"probe": "probe.json", "robustness": "robustness.json"}
+    missing = [e for e in study.evaluate if not (run_dir / wanted[e]).is_file()]
+    if not missing and (study.evaluate or (run_dir / "backbone.pt").is_file()):
+        return run_dir
+    if not (run_dir / "backbone.pt").is_file():
+        if (run_dir / "checkpoints" / "last.pt").is_file():
+            _timed(run_dir, "pretrain_s", lambda: pretrain(resume_config(run_dir), resume=True))
+        else:  # nothing to lose: a run killed before its first checkpoint starts again
+            cfg = study.config(variant, seed)
+            _timed(run_dir, "pretrain_s", lambda: pretrain(cfg, overwrite=True))
+    if "probe" in missing or ("robustness" in missing and not (run_dir / "probes.pt").is_file()):
+        _timed(run_dir, "probe_s", lambda: run_probe(run_dir, study.probe))
+    if "robustness" in missing:
+        _timed(run_dir, "robustness_s", lambda: run_robustness(run_dir, study.robustness))
+    return run_dir
+
+
+def run_commands(study_file: str | Path, study: Study, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """One shell command per run (for a job array), then the command that aggregates."""
+    tail = " ".join(shlex.quote(o) for o in overrides)
+    base = f"blockssl study {shlex.quote(str(study_file))}" + (f" {tail}" if tail else "")
+    return [f"{base} --only {variant}/{seed}" for variant, seed in study.runs()] + [base]
+
+
+def parse_only(study: Study, spec: str) -> tuple[str, int]:
+    """``"variant/seed"`` of ``--only``, checked against the study."""
+    variant, _, seed = spec.partition("/")
+    if variant not in study.variants or not seed.lstrip("-").isdigit() or int(seed) not in study.seeds:
+        raise ConfigError(f"--only {spec!r}: expected VARIANT/SEED with a variant of {', '.join(study.variants)} "
+                          f"and a seed of {study.seeds}")
+    return variant, int(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def collect_rows(study: Study) -> list[dict[str, Any]]:
+    """One tidy row per (variant, seed, block, metric) of every evaluated run; robustness normalised by the
+    baseline variant's run of the same seed."""
+    from blockssl.eval.robustness import summarize
+
+    def load(run: Path, name: str) -> dict[str, Any] | None:
+        path = run / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    rows: list[dict[str, Any]] = []
+    for variant, seed in study.runs():
+        run = study.run_dir(variant, seed)
+        probe = load(run, "probe.json")
+        if probe is None:
+            continue
+        for block, r in probe["run"]["blocks"].items():
+            rows.append(dict(variant=variant, seed=seed, block=block, metric="linear_top1", value=r["top1"]))
+            knn = sorted((k for k in r if k.startswith("knn") and k.endswith("_top1")),
+                         key=lambda k: int(k[3:-5]))
+            if knn:
+                rows.append(dict(variant=variant, seed=seed, block=block, metric="knn_top1", value=r[knn[0]]))
+        robust, base = load(run, "robustness.json"), load(study.run_dir(study.baseline, seed), "robustness.json")
+        if robust is not None and base is not None:
+            def errors(results: dict[str, Any], block: str) -> dict[str, dict[int, float]]:
+                return {c: {int(s): e for s, e in per.items()} for c, per in results["blocks"][block]["errors"].items()}
+
+            blocks = [b for b in robust["blocks"] if b in base["blocks"]]
+            scores = summarize({b: errors(robust, b) for b in blocks},
+                               {b: robust["blocks"][b]["clean_error"] for b in blocks},
+                               {b: errors(base, b) for b in blocks},
+                               {b: base["blocks"][b]["clean_error"] for b in blocks})
+            for b, s in scores.items():
+                rows += [dict(variant=variant, seed=seed, block=b, metric=m, value=s[m])
+                         for m in ("mce", "relative_mce")]
+        timing = load(run, TIMING) or {}
+        if "pretrain_s" in timing:
+            rows.append(dict(variant=variant, seed=seed, block="", metric="train_time_s", value=timing["pretrain_s"]))
+    return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the deviation is NaN for a single value, both are NaN when a
+    value is (an undefined relative CE, for instance)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return mean, std
+
+
+def summary(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """Per (variant, block, metric): mean and std over seeds, the per-seed values, and the difference to the
+    baseline variant, paired by seed (its mean and std over the seeds both have)."""
+    by_key: dict[tuple[str, str, str], dict[int, float]] = {}
+    for r in rows:
+        by_key.setdefault((r["variant"], r["block"], r["metric"]), {})[r["seed"]] = r["value"]
+    out = []
+    for (variant, block, metric), per_seed in by_key.items():
+        mean, std = mean_std(list(per_seed.values()))
+        base = by_key.get((baseline, block, metric), {})
+        diffs = [v - base[s] for s, v in per_seed.items() if s in base]
+        d_mean, d_std = mean_std(diffs) if diffs else (math.nan, math.nan)
+        out.append(dict(variant=variant, block=block, metric=metric, mean=mean, std=std, n=len(per_seed),
+                        seeds=dict(sorted(per_seed.items())), diff_mean=d_mean, diff_std=d_std))
+    return out
+
+
+def _pm(mean: float, std: float, digits: int = 2) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+
+
+METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1 (%)", "mce": "mCE (%)",
+                 "relative_mce": "Relative mCE (%)"}
+
+
+def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> str:
+    variants = list(study.variants)
+    lines = [f"# Study `{study.out}`", "",
+             f"Base recipe `{study.base}`, overrides `{' '.join(study.overrides) or 'none'}`, seeds "
+             f"{study.seeds}; baseline variant `{study.baseline}`. Cells: mean ± standard deviation over seeds "
+             "(per-seed values in brackets); differences to the baseline are paired by seed.", "",
+             "| variant | overrides |", "|---|---|"]
+    lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` |" for v in variants]
+    index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
+    for metric, title in METRIC_TITLES.items():
+        blocks = list(dict.fromkeys(s["block"] for s in stats if s["metric"] == metric))
+        if not blocks:
+            continue
+        lines += ["", f"## {title}", "", "| variant | " + " | ".join(blocks) + " |", "|---" * (len(blocks) + 1) + "|"]
+        for v in variants:
+            cells = []
+            for b in blocks:
+                s = index.get((v, b, metric))
+                cells.append("-" if s is None else _pm(s["mean"], s["std"]) + " (" + ", ".join(
+                    f"{x:.2f}" for x in s["seeds"].values()) + ")")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        lines += ["", f"Difference to `{study.baseline}`:", "", "| variant | " + " | ".join(blocks) + " |",
+                  "|---" * (len(blocks) + 1) + "|"]
+        for v in variants:
+            if v == study.baseline:
+                continue
+            cells = [_pm(index[(v, b, metric)]["diff_mean"], index[(v, b, metric)]["diff_std"])
+                     if (v, b, metric) in index else "-" for b in blocks]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    times = [(v, index[(v, "", "train_time_s")]) for v in variants if (v, "", "train_time_s") in index]
+    if times:
+        lines += ["", "## Training time (s per run, this machine)", "", "| variant | seconds |", "|---|---|"]
+        lines += [f"| {v} | {_pm(s['mean'], s['std'], 0)} |" for v, s in times]
+    lines += ["", *[f"![{name}]({name})" for name in figures], ""]
+    return "\n".join(lines)
+
+
+def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
+    """Per-block linear top-1 with error bars per variant, and the last block's gap to the baseline."""
+    from matplotlib.figure import Figure
+
+    linear = [s for s in stats if s["metric"] == "linear_top1"]
+    if not linear:
+        return []
+    blocks = list(dict.fromkeys(s["block"] for s in linear))
+    index = {(s["variant"], s["block"]): s for s in linear}
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for i, v in enumerate(study.variants):
+        xs = [j + (i - (len(study.variants) - 1) / 2) * 0.06 for j, b in enumerate(blocks) if (v, b) in index]
+        ss = [index[(v, b)] for b in blocks if (v, b) in index]
+        ax.errorbar(xs, [s["mean"] for s in ss], yerr=[0 if math.isnan(s["std"]) else s["std"] for s in ss],
+                    marker="o", capsize=3, label=v)
+    ax.set_xticks(range(len(blocks)), blocks)
+    ax.set_ylabel("linear probe top-1 (%)")
+    ax.set_title("Per-block accuracy (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(out / "per_block_top1.png", dpi=120)
+    names = ["per_block_top1.png"]
+    last = next((b for b in reversed(blocks) if b != "concat"), blocks[-1])
+    gaps = [(v, index[(v, last)]) for v in study.variants if v != study.baseline and (v, last) in index]
+    gaps = [(v, s) for v, s in gaps if not math.isnan(s["diff_mean"])]
+    if gaps:
+        fig = Figure(figsize=(max(4.0, 1.1 * len(gaps) + 2), 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        ax.bar(range(len(gaps)), [s["diff_mean"] for _, s in gaps],
+               yerr=[0 if math.isnan(s["diff_std"]) else s["diff_std"] for _, s in gaps], capsize=4,
+               color=["tab:green" if s["diff_mean"] >= 0 else "tab:red" for _, s in gaps])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(gaps)), [v for v, _ in gaps], rotation=20, ha="right")
+        ax.set_ylabel(f"{last} top-1 minus {study.baseline} (points)")
+        ax.set_title(f"{last}: gap to {study.baseline} (paired by seed)")
+        ax.grid(axis="y", alpha=0.3)
+        fig.savefig(out / "last_block_gap.png", dpi=120)
+        names.append("last_block_gap.png")
+    return names
+
+
+def write_results(study: Study) -> Path:
+    """``results.json`` and ``results.csv`` (tidy rows), ``results.md`` and its figures, in ``out``."""
+    out = Path(study.out)
+    rows = collect_rows(study)
+    stats = summary(rows, study.baseline)
+    from blockssl.eval.robustness import to_json
+
+    atomic_write_text(out / "results.json", json.dumps(to_json({"rows": rows, "summary": stats}), indent=1) + "\n")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["variant", "seed", "block", "metric", "value"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", table.getvalue())
+    figures = _figures(study, stats, out)
+    atomic_write_text(out / "results.md", _markdown(study, stats, figures))
+    return out / "results.md"
+
+
+class SlurmTask:
+    """One run of a study as a task of a SLURM job array (submitit). On preemption or timeout submitit calls
+    ``checkpoint`` and requeues the task, which resumes its run from the last checkpoint."""
+
+    def __init__(self, study: Study) -> None:
+        self.study = study
+
+    def __call__(self, variant: str, seed: int) -> str:
+        return str(run_one(self.study, variant, seed))
+
+    def checkpoint(self, variant: str, seed: int) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, variant, seed)
+
+
+def submit_slurm(study: Study, parameters: dict[str, Any], cluster: str | None = None) -> list[Any]:
+    """Submit every run as one SLURM job array through submitit (logs in ``<out>/slurm``); returns the jobs.
+    ``parameters`` go to ``AutoExecutor.update_parameters`` (e.g. slurm_partition, timeout_min, gpus_per_node)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("--slurm needs submitit: pip install 'blockssl[slurm]' (or pip install submitit)") from None
+    check_unchanged(study)
+    executor = submitit.AutoExecutor(folder=Path(study.out) / "slurm", cluster=cluster)
+    executor.update_parameters(name=f"blockssl-study-{Path(study.out).name}", **parameters)
+    runs = list(study.runs())
+    return executor.map_array(SlurmTask(study), [v for v, _ in runs], [s for _, s in runs])
+
+
+def run_study(study: Study, only: tuple[str, int] | None = None) -> Path:
+    """Drive the study (or one run of it): skip what is done, resume what was interrupted, then aggregate."""
+    check_unchanged(study)
+    if only is not None:
+        return run_one(study, *only)
+    for variant, seed in study.runs():
+        run_one(study, variant, seed)
+    return write_results(study)

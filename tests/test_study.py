@@ -1,0 +1,163 @@
+"""Studies: the run directories and result files, aggregation against hand-computed statistics, skipping and
+resuming, the refusal of a changed study, and the job-array and SLURM entry points."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blockssl import study as study_module
+from blockssl.checkpoint import load_checkpoint
+from blockssl.cli import main
+from blockssl.config import ConfigError, load_config
+from blockssl.study import load_study, run_commands, run_one, run_study, submit_slurm
+from blockssl.train import pretrain
+from tests.conftest import TINY, assert_same_tensors, run_metrics
+
+EVAL = {"probe": ["probe.epochs=2", "probe.label_fractions=[0.5]"],
+        "robustness": ["robustness.corruptions=[gaussian_noise]", "robustness.severities=[1,3]"]}
+
+
+def _write_study(root: Path, **changes: object) -> Path:
+    (root / "base.yaml").write_text("data:\n  name: synthetic\n")
+    spec = {"base": str(root / "base.yaml"), "out": str(root / "study"), "seeds": [0, 1],
+            "overrides": [*TINY, "train.epochs=1", "data.synthetic_size=48"],
+            "variants": {"end_to_end": ["train.scheme=end_to_end", "noise.type=none", "model.head=gap"],
+                         "blockwise": []},
+            "evaluate": ["probe", "robustness"], "baseline": "end_to_end", **EVAL}
+    spec.update(changes)
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A tiny study (two variants, two seeds) driven to the end; returns its study file."""
+    path = _write_study(tmp_path_factory.mktemp("study"))
+    run_study(load_study(path))
+    return path
+
+
+def test_the_study_writes_run_directories_and_results(finished):
+    out = Path(load_study(finished).out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "blockwise", "end_to_end", "last_block_gap.png", "per_block_top1.png", "results.csv", "results.json",
+        "results.md", "study.yaml"]
+    for variant in ("blockwise", "end_to_end"):
+        for seed in (0, 1):
+            run = out / variant / f"seed{seed}"
+            assert {"config.yaml", "backbone.pt", "probe.json", "robustness.json", "study_timing.json"} <= {
+                p.name for p in run.iterdir()}
+            assert load_config(run / "config.yaml").seed == seed
+    md = (out / "results.md").read_text()
+    assert "## Linear probe top-1 (%)" in md and "## Relative mCE (%)" in md and "![per_block_top1.png]" in md
+
+
+def test_aggregation_matches_hand_computed_statistics(finished):
+    study = load_study(finished)
+    out = Path(study.out)
+    top1 = {(v, s): json.loads((out / v / f"seed{s}" / "probe.json").read_text())["run"]["blocks"]["block4"]["top1"]
+            for v in study.variants for s in study.seeds}
+    summary = {(r["variant"], r["block"], r["metric"]): r for r in json.loads((out / "results.json").read_text())[
+        "summary"]}
+    blockwise = summary[("blockwise", "block4", "linear_top1")]
+    values = [top1[("blockwise", 0)], top1[("blockwise", 1)]]
+    assert blockwise["mean"] == pytest.approx(statistics.fmean(values))
+    assert blockwise["std"] == pytest.approx(statistics.stdev(values))
+    diffs = [top1[("blockwise", s)] - top1[("end_to_end", s)] for s in (0, 1)]
+    assert blockwise["diff_mean"] == pytest.approx(statistics.fmean(diffs))
+    assert blockwise["diff_std"] == pytest.approx(statistics.stdev(diffs))
+    # The baseline against itself: mCE and relative mCE 100, difference 0.
+    base = summary[("end_to_end", "block4", "mce")]
+    assert base["mean"] == pytest.approx(100) and base["diff_mean"] == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["metric"] for r in rows} == {"linear_top1", "knn_top1", "mce", "relative_mce", "train_time_s"}
+    assert len([r for r in rows if r["metric"] == "linear_top1"]) == 2 * 2 * 5  # variants x seeds x (4 + concat)
+
+
+def test_a_second_drive_skips_everything(finished, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run was trained or evaluated again")
+
+    for name in ("train.pretrain", "eval.probe.run_probe", "eval.robustness.run_robustness"):
+        module, attr = name.rsplit(".", 1)
+        monkeypatch.setattr(f"blockssl.{module}.{attr}", fail)
+    run_study(load_study(finished))
+
+
+def test_a_run_with_its_evaluation_files_but_no_checkpoints_is_done(finished, monkeypatch):
+    """What a study keeps in version control (no checkpoints) is enough to skip its finished runs."""
+    study = load_study(finished)
+    run = study.run_dir("blockwise", 1)
+    for name in ("backbone.pt", "probes.pt"):
+        (run / name).unlink()
+    monkeypatch.setattr("blockssl.train.pretrain", lambda *a, **k: pytest.fail("retrained a finished run"))
+    assert run_one(study, "blockwise", 1) == run
+
+
+def test_an_interrupted_run_is_resumed_to_the_uninterrupted_result(tmp_path):
+    study = load_study(_write_study(tmp_path, variants={"blockwise": []}, baseline="blockwise", seeds=[0], evaluate=[]))
+    cfg = study.config("blockwise", 0)
+    pretrain(cfg, stop_after=1)  # killed after its first step's checkpoint
+    run_study(study)
+    run = study.run_dir("blockwise", 0)
+    reference = pretrain(load_config(None, [*study.overrides, "data.name=synthetic", f"out={tmp_path / 'ref'}"]))
+    assert_same_tensors(load_checkpoint(run / "checkpoints/last.pt")["model"],
+                        load_checkpoint(reference / "checkpoints/last.pt")["model"])
+    steps = [r["step"] for r in run_metrics(run)]
+    assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_a_changed_study_or_recipe_is_an_error_listing_the_change(tmp_path):
+    path = _write_study(tmp_path, variants={"blockwise": []}, baseline="blockwise", seeds=[0], evaluate=[])
+    run_study(load_study(path))
+    changed = _write_study(tmp_path, variants={"blockwise": ["noise.std=0.5"]}, baseline="blockwise", seeds=[0],
+                           evaluate=[])
+    with pytest.raises(ConfigError, match=r"variants: .*noise.std=0.5"):
+        run_study(load_study(changed))
+    _write_study(tmp_path, variants={"blockwise": []}, baseline="blockwise", seeds=[0], evaluate=[])
+    (tmp_path / "base.yaml").write_text("data:\n  name: synthetic\nnoise:\n  std: 0.1\n")  # the recipe edited
+    with pytest.raises(ConfigError, match=r"blockwise/seed0: noise.std: 0.25 -> 0.1"):
+        run_study(load_study(path))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"variants": {}}, "'variants' is required"),
+    ({"baseline": "nope"}, "baseline 'nope' is not a variant"),
+    ({"seeds": [0, 0]}, "distinct integers"),
+    ({"evaluate": ["probe", "fid"]}, "fid"),
+    ({"colour": "blue"}, "unknown study keys colour"),
+    ({"variants": {"a/b": []}, "baseline": "a/b"}, "names a folder"),
+    ({"variants": {"bad": ["train.epochz=1"]}, "baseline": "bad"}, "variant .bad.*train.epochz"),
+])
+def test_bad_study_files_are_clear_errors(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(_write_study(tmp_path, **change))
+
+
+def test_print_gives_one_command_per_run_then_the_aggregation(tmp_path, capsys):
+    path = _write_study(tmp_path)
+    assert main(["study", str(path), "--print", "train.max_steps=2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [*(f"blockssl study {path} train.max_steps=2 --only {v}/{s}" for s in (0, 1)
+                       for v in ("end_to_end", "blockwise")), f"blockssl study {path} train.max_steps=2"]
+    assert run_commands(path, load_study(path), []) [-1] == f"blockssl study {path}"
+    assert main(["study", str(path), "--only", "blockwise/7"]) == 2  # not a seed of the study
+
+
+def test_slurm_submission_runs_every_run_as_an_array_task(tmp_path, monkeypatch):
+    """submitit's debug cluster runs the tasks in this process: the same runs as the driver would make."""
+    study = load_study(_write_study(tmp_path, seeds=[0], evaluate=["probe"]))
+    made = []
+    monkeypatch.setattr(study_module, "run_one", lambda s, v, seed: made.append((v, seed)) or run_one(s, v, seed))
+    jobs = submit_slurm(study, {"timeout_min": 5}, cluster="debug")
+    for job in jobs:
+        job.result()
+    assert sorted(made) == [("blockwise", 0), ("end_to_end", 0)]
+    assert all((study.run_dir(v, 0) / "probe.json").is_file() for v, _ in made)
