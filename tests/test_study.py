@@ -141,6 +141,19 @@ def test_bad_study_files_are_clear_errors(tmp_path, change, message):
         load_study(_write_study(tmp_path, **change))
 
 
+def test_an_unparsable_study_file_says_how_to_quote(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("base: b.yaml\nout: o\nvariants:\n  frozen: [train.frozen_blocks=[1]]\n")
+    with pytest.raises(ConfigError, match=r"(?s)not valid YAML.*quote"):
+        load_study(path)
+
+
+def test_the_committed_studies_resolve():
+    for path in Path("studies").glob("*.yaml"):
+        study = load_study(path)
+        assert study.baseline in study.variants and len(study.seeds) >= 3, path
+
+
 def test_print_gives_one_command_per_run_then_the_aggregation(tmp_path, capsys):
     path = _write_study(tmp_path)
     assert main(["study", str(path), "--print", "train.max_steps=2"]) == 0

@@ -91,7 +91,11 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({e}); quote overrides holding ',' or '[', e.g. "
+                          "\"train.frozen_blocks=[1]\"") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of study keys at the top level")
     known = {f for f in Study.__dataclass_fields__}
