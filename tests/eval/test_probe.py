@@ -8,8 +8,15 @@ import math
 import pytest
 import torch
 
-from blockssl.config import ConfigError
-from blockssl.eval.probe import assert_unchanged, knn_predict, raw_probe, run_probe, topk_accuracy
+from blockssl.config import ConfigError, ProbeConfig
+from blockssl.eval.probe import (
+    assert_unchanged,
+    knn_predict,
+    raw_probe,
+    run_probe,
+    topk_accuracy,
+    train_linear_probes,
+)
 from blockssl.train import pretrain
 from tests.conftest import tiny_config
 
@@ -93,6 +100,19 @@ def test_paper_protocol_trains_every_block_on_augmented_images(tmp_path):
     for probe in saved["probes"].values():  # raw features: the standardisation buffers are the identity
         assert torch.equal(probe["mean"], torch.zeros_like(probe["mean"]))
         assert torch.equal(probe["std"], torch.ones_like(probe["std"]))
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_fast_protocol_standardises_features_only_when_asked(standardize):
+    feats = [torch.randn(64, 8) * 5 + 3]
+    labels = torch.arange(64) % 4
+    cfg = ProbeConfig(epochs=1, batch_size=32, standardize=standardize)
+    (probe,) = train_linear_probes(feats, labels, 4, cfg, lr=0.1, seed=0)
+    if standardize:
+        torch.testing.assert_close(probe.mean, feats[0].mean(0))
+        torch.testing.assert_close(probe.std, feats[0].std(0) + 1e-6)
+    else:
+        assert torch.equal(probe.mean, torch.zeros(8)) and torch.equal(probe.std, torch.ones(8))
 
 
 def test_raw_probe_starts_as_the_reference_classifier():
