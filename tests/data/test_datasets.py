@@ -300,6 +300,19 @@ def test_unknown_augment_preset():
         two_view_transforms("byol", INFOS["rgb32"])
 
 
+def test_crop_scale_and_blur_switches():
+    def ops(view) -> list:
+        return list(view.transforms)
+
+    auto, _ = two_view_transforms("barlow_twins", INFOS["gray28"])
+    kept, _ = two_view_transforms("barlow_twins", INFOS["gray28"], min_scale=0.2, blur="true")
+    big, _ = two_view_transforms("barlow_twins", INFOS["rgb96"], blur="false")
+    assert ops(auto)[0].scale == (0.08, 1.0) and ops(kept)[0].scale == (0.2, 1.0)
+    blurs = [[op for op in ops(v) if "GaussianBlur" in repr(op)] for v in (auto, kept, big)]
+    assert [len(b) for b in blurs] == [0, 1, 0]  # none at 28 px unless asked; none at 96 px when switched off
+    assert tuple(blurs[1][0].transforms[0].kernel_size) == (3, 3)
+
+
 @pytest.mark.parametrize("info_name", sorted(INFOS))
 def test_eval_transform_shape(info_name):
     info = INFOS[info_name]
