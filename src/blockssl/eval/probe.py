@@ -98,8 +98,10 @@ def train_linear_probes(train_feats: list[torch.Tensor], train_labels: torch.Ten
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    probes = [LinearProbe(f.mean(0), f.std(0) + 1e-6, num_classes) if cfg.standardize else raw_probe(f.shape[1],
-              num_classes) for f in train_feats]
+    if cfg.standardize:
+        probes = [LinearProbe(f.mean(0), f.std(0) + 1e-6, num_classes) for f in train_feats]
+    else:
+        probes = [raw_probe(f.shape[1], num_classes) for f in train_feats]
     params = [p for probe in probes for p in probe.parameters()]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
     n = len(train_labels)
