@@ -114,6 +114,19 @@ def test_an_interrupted_run_is_resumed_to_the_uninterrupted_result(tmp_path):
     assert steps == sorted(set(steps))  # no step logged twice
 
 
+def test_a_run_refused_before_its_directory_exists_leaves_nothing_behind(tmp_path, monkeypatch):
+    study = load_study(_write_study(tmp_path, variants={"blockwise": []}, baseline="blockwise", seeds=[0],
+                                    evaluate=[]))
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("refused before any work")
+
+    monkeypatch.setattr("blockssl.train.pretrain", refuse)
+    with pytest.raises(ConfigError, match="refused before any work"):
+        run_one(study, "blockwise", 0)
+    assert not study.run_dir("blockwise", 0).exists()  # no folder holding only a timing file
+
+
 def test_a_changed_study_or_recipe_is_an_error_listing_the_change(tmp_path):
     path = _write_study(tmp_path, variants={"blockwise": []}, baseline="blockwise", seeds=[0], evaluate=[])
     run_study(load_study(path))

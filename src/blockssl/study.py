@@ -160,15 +160,17 @@ def check_unchanged(study: Study) -> None:
 
 
 def _timed(run_dir: Path, stage: str, work: Callable[[], object]) -> None:
-    """Run ``work`` and add its seconds to the run's ``study_timing.json`` (also when it is interrupted)."""
+    """Run ``work`` and add its seconds to the run's ``study_timing.json`` (also when it is interrupted, as long as
+    the run directory exists: a run refused before it was created has nothing to time)."""
     start = time.perf_counter()
     try:
         work()
     finally:
         path = run_dir / TIMING
-        timing = json.loads(path.read_text()) if path.is_file() else {}
-        timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - start
-        atomic_write_text(path, json.dumps(timing, indent=2) + "\n")
+        if run_dir.is_dir():
+            timing = json.loads(path.read_text()) if path.is_file() else {}
+            timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - start
+            atomic_write_text(path, json.dumps(timing, indent=2) + "\n")
 
 
 def run_one(study: Study, variant: str, seed: int) -> Path:
@@ -224,7 +226,7 @@ def parse_only(study: Study, spec: str) -> tuple[str, int]:
 def collect_rows(study: Study) -> list[dict[str, Any]]:
     """One tidy row per (variant, seed, block, metric) of every evaluated run; robustness normalised by the
     baseline variant's run of the same seed."""
-    from blockssl.eval.robustness import summarize
+    from blockssl.eval.robustness import int_keys, summarize
 
     def load(run: Path, name: str) -> dict[str, Any] | None:
         path = run / name
@@ -244,13 +246,10 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
                 rows.append(dict(variant=variant, seed=seed, block=block, metric="knn_top1", value=r[knn[0]]))
         robust, base = load(run, "robustness.json"), load(study.run_dir(study.baseline, seed), "robustness.json")
         if robust is not None and base is not None:
-            def errors(results: dict[str, Any], block: str) -> dict[str, dict[int, float]]:
-                return {c: {int(s): e for s, e in per.items()} for c, per in results["blocks"][block]["errors"].items()}
-
             blocks = [b for b in robust["blocks"] if b in base["blocks"]]
-            scores = summarize({b: errors(robust, b) for b in blocks},
+            scores = summarize({b: int_keys(robust["blocks"][b]["errors"]) for b in blocks},
                                {b: robust["blocks"][b]["clean_error"] for b in blocks},
-                               {b: errors(base, b) for b in blocks},
+                               {b: int_keys(base["blocks"][b]["errors"]) for b in blocks},
                                {b: base["blocks"][b]["clean_error"] for b in blocks})
             for b, s in scores.items():
                 rows += [dict(variant=variant, seed=seed, block=b, metric=m, value=s[m])

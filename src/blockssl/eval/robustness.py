@@ -408,7 +408,8 @@ def _alexnet_normaliser(cfg: Config, blocks: list[str]) -> tuple[dict[str, Error
     return dict.fromkeys(blocks, errors), dict.fromkeys(blocks, ALEXNET_CLEAN_ERROR)
 
 
-def _int_keys(errors: dict[str, dict[Any, float]]) -> Errors:
+def int_keys(errors: dict[str, dict[Any, float]]) -> Errors:
+    """Errors read back from JSON (severities as strings) with integer severities."""
     return {c: {int(s): e for s, e in per.items()} for c, per in errors.items()}
 
 
@@ -445,7 +446,7 @@ def run_robustness(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
     if missing:
         raise ConfigError(f"robustness.baseline_block={which!r}: the baseline has no {', '.join(missing)}; it "
                           f"has {', '.join(base)} (or use 'same')")
-    base_errors = {n: _int_keys(base[b]["errors"]) for n, b in pick.items()}
+    base_errors = {n: int_keys(base[b]["errors"]) for n, b in pick.items()}
     base_clean = {n: base[b]["clean_error"] for n, b in pick.items()}
     results["blocks"] = summarize(errors, clean, base_errors, base_clean)
     for n, r in results["blocks"].items():
