@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed
+import torch.distributed.nn.functional as dist_fn
 import torch.multiprocessing as mp
 
 from blockssl.checkpoint import load_checkpoint
@@ -62,6 +63,28 @@ def assert_same_model(a: Path, b: Path, rtol: float = 1e-4, atol: float = 1e-5) 
             torch.testing.assert_close(sb["model"][key], value, rtol=rtol, atol=atol, msg=key)
         else:
             assert torch.equal(value, sb["model"][key]), key
+
+
+def authors_barlow_twins(z1: torch.Tensor, z2: torch.Tensor, batch_size: int, lambd: float = 0.0051,
+                         scale: float = 0.024) -> torch.Tensor:
+    """The blockwise paper's loss as its main.py computes it, written independently of blockssl: BatchNorm1d without
+    affine (SyncBatchNorm under a process group: autograd-aware global statistics), the cross-correlation divided
+    by the global batch and summed in place by a raw all_reduce, both terms scaled."""
+    distributed = torch.distributed.is_initialized()
+
+    def bn(z: torch.Tensor) -> torch.Tensor:
+        total = dist_fn.all_reduce(z.sum(0)) if distributed else z.sum(0)
+        mean = total / batch_size
+        squares = (z - mean).pow(2).sum(0)
+        var = (dist_fn.all_reduce(squares) if distributed else squares) / batch_size
+        return (z - mean) / torch.sqrt(var + 1e-5)
+
+    c = bn(z1).T @ bn(z2)
+    c.div_(batch_size)
+    if distributed:
+        torch.distributed.all_reduce(c)  # invisible to autograd, as in the reference
+    off = c - torch.diag(torch.diagonal(c))
+    return (torch.diagonal(c) - 1).pow(2).sum() * scale + lambd * off.pow(2).sum() * scale
 
 
 # A tiny run that two processes train with synchronised BatchNorm (noise off: it differs between processes).

@@ -10,30 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from blockssl.checkpoint import load_checkpoint
 from blockssl.config import resume_config
 from blockssl.dist import init_from_environment
 from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
 from blockssl.train import pretrain
-from tests.conftest import DDP_RUN, assert_same_model, spawn, tiny_config
-
-
-def _authors_barlow_twins(z1: torch.Tensor, z2: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The blockwise paper's loss as its main.py computes it under SyncBatchNorm: autograd-aware batch statistics,
-    then the cross-correlation summed in place by a raw all_reduce."""
-    def sync_bn(z: torch.Tensor) -> torch.Tensor:  # BatchNorm1d(affine=False) converted to SyncBatchNorm
-        mean = dist_fn.all_reduce(z.sum(0)) / batch_size
-        var = dist_fn.all_reduce((z - mean).pow(2).sum(0)) / batch_size
-        return (z - mean) / torch.sqrt(var + 1e-5)
-
-    c = sync_bn(z1).T @ sync_bn(z2)
-    c.div_(batch_size)
-    dist.all_reduce(c)
-    off = c - torch.diag(torch.diagonal(c))
-    return (torch.diagonal(c) - 1).pow(2).sum() * 0.024 + 0.0051 * off.pow(2).sum() * 0.024
-
+from tests.conftest import DDP_RUN, assert_same_model, authors_barlow_twins, spawn, tiny_config
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "barlow_twins": BarlowTwinsLoss(), "simclr": SimCLRLoss(), "vicreg": VICRegLoss(),
@@ -44,7 +27,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 def _loss_and_grad(name: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.clone().requires_grad_(True)
     z1, z2 = x[0] @ w, x[1] @ w.tanh()
-    loss = (_authors_barlow_twins(z1, z2, 16) if name == "authors" else LOSSES[name](z1, z2))
+    loss = (authors_barlow_twins(z1, z2, 16) if name == "authors" else LOSSES[name](z1, z2))
     loss.backward()
     return loss.detach(), w.grad
 

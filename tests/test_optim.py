@@ -12,6 +12,7 @@ from torch import nn
 from blockssl.config import ConfigError, TrainConfig, from_dict, load_config
 from blockssl.method import build_loss
 from blockssl.optim import LARS, build_optimizer, lr_factor, param_groups, set_lr
+from tests.conftest import authors_barlow_twins
 
 
 def test_lr_factor_warmup_then_cosine_to_min():
@@ -92,15 +93,6 @@ def _authors_lars_step(model: nn.Module, lr: float, weight_decay: float, eta: fl
             p -= lr * d
 
 
-def _authors_barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: float) -> torch.Tensor:
-    def bn(z: torch.Tensor) -> torch.Tensor:
-        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
-
-    c = bn(z1).T @ bn(z2) / len(z1)
-    off = c - torch.diag(torch.diagonal(c))
-    return (torch.diagonal(c) - 1).pow(2).sum() * scale + lambd * off.pow(2).sum() * scale
-
-
 @pytest.mark.parametrize("recipe", [None, "configs/fashion_mnist.yaml", "configs/imagenet/barlow_twins_blockwise.yaml"])
 def test_one_step_of_the_defaults_is_the_authors_update(recipe):
     """Biases and norm parameters included: the defaults and recipes scale the loss by 0.024 and give every
@@ -116,7 +108,7 @@ def test_one_step_of_the_defaults_is_the_authors_update(recipe):
     set_lr(opt, factor)
     build_loss(cfg)(ours(x1), ours(x2)).backward()
     opt.step()
-    _authors_barlow_twins(theirs(x1), theirs(x2), lambd=0.0051, scale=0.024).backward()
+    authors_barlow_twins(theirs(x1), theirs(x2), batch_size=32).backward()
     _authors_lars_step(theirs, lr=0.2 * cfg.train.batch_size / 256 * factor, weight_decay=1e-6)
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8, msg=name)
