@@ -173,9 +173,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from blockssl.config import lean_execution, load_config, loss_blocks
+    from blockssl.execution import STRATEGIES, Trainer, build_optimizers
     from blockssl.method import build_model
     from blockssl.optim import set_lr
-    from blockssl.train import build_optimizers, plan_phases, resolve_device, train_step
+    from blockssl.runtime import resolve_device
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -186,17 +187,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     overrides = [*spec["overrides"], *SETTINGS[spec["setting"]], f"train.batch_size={batch}",
                  f"train.device={spec['device']}", "train.progress=false"]
     cfg = load_config(None, overrides)
-    lean = lean_execution(cfg)
+    strategy = STRATEGIES["lean" if lean_execution(cfg) else "reference"]
 
     x1 = torch.randn(batch, 3, size, size, device=device)
     x2 = torch.randn(batch, 3, size, size, device=device)
     model = build_model(cfg, in_channels=3, image_size=size).to(device)
     model.train()
-    phase = plan_phases(cfg, model.num_blocks, total_steps=100)[0]
-    optimizers = build_optimizers(model, phase, cfg, lean)
+    optimizers = build_optimizers(model, cfg.train)
     for opt in optimizers.values():
         set_lr(opt, 0.1)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    trainer = Trainer(model, optimizers, torch.amp.GradScaler(device.type, enabled=False), nullcontext(), cfg.seed)
     trained = {id(p): p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]}
     total_params = sum(p.numel() for p in model.parameters())
     trained_params = sum(p.numel() for p in trained.values())
@@ -217,11 +217,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        out = train_step(model, x1, x2, optimizers, lean=lean, scaler=scaler, autocast=nullcontext(), step=i)
+        result, _ = strategy(trainer, x1, x2, i)
         if cuda:
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        loss = float(out["loss"])
+        loss = result.scalars()["loss"]
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss {loss} at step {i}")
         losses.append(loss)
@@ -229,7 +229,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             times.append(dt)
         print(f"  [{spec['model']}/{spec['setting']}] step {i + 1}/{spec['warmup'] + spec['steps']}: "
               f"{dt:.2f} s{' (warm-up)' if i < spec['warmup'] else ''}, loss {loss:.4g}", file=sys.stderr, flush=True)
-        del out
+        del result
 
     others_during = load.share()
     rss_peak = peak_rss()
@@ -237,7 +237,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                       for t in s.values() if torch.is_tensor(t))
     mean_step = sum(times) / len(times)
     result: dict[str, Any] = {
-        "model": spec["model"], "setting": spec["setting"], "overrides": overrides, "lean": lean,
+        "model": spec["model"], "setting": spec["setting"], "overrides": overrides, "lean": lean_execution(cfg),
         "loss_blocks": [k + 1 for k in loss_blocks(cfg)], "batch": batch, "image_size": size,
         "warmup_steps": spec["warmup"], "timed_steps": spec["steps"], "step_times_s": times,
         "mean_step_s": mean_step, "images_per_s": batch / mean_step, "losses": losses,
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from blockssl.train import git_revision, resolve_device
+    from blockssl.runtime import git_revision, resolve_device
 
     device = resolve_device(args.device)
     threads = args.threads or torch.get_num_threads()

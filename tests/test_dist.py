@@ -116,7 +116,7 @@ def test_misconfigured_launch_fails_loudly(monkeypatch):
 
 def _features_worker(rank: int, world: int, run: str, out: str) -> None:
     from blockssl.eval.probe import extract_features, topk_accuracy
-    from blockssl.train import checkpoint_model
+    from blockssl.runtime import checkpoint_model
 
     model, cfg, _ = checkpoint_model(run)
     feats, labels = extract_features(model, _test_set(cfg), batch_size=8)

@@ -7,7 +7,8 @@ import torchvision
 from torch import nn
 
 from blockssl.export import export_run
-from blockssl.train import checkpoint_model, pretrain
+from blockssl.runtime import checkpoint_model
+from blockssl.train import pretrain
 from tests.conftest import assert_same_tensors, tiny_config
 
 

@@ -23,8 +23,9 @@ from blockssl.checkpoint import CheckpointError, atomic_save, load_checkpoint, s
 from blockssl.cli import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED, main
 from blockssl.config import DataConfig, resume_config
 from blockssl.data.datasets import BadImageError, build_dataset, load_rgb
+from blockssl.execution import NonFiniteLossError
 from blockssl.losses import BarlowTwinsLoss
-from blockssl.train import NonFiniteLossError, _log, pretrain
+from blockssl.train import _log, pretrain
 from tests.conftest import TINY, assert_same_tensors, run_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

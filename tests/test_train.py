@@ -11,7 +11,8 @@ from blockssl.checkpoint import load_checkpoint
 from blockssl.config import resume_config
 from blockssl.data.datasets import dataset_info
 from blockssl.method import build_model
-from blockssl.train import pretrain, seed_everything
+from blockssl.runtime import seed_everything
+from blockssl.train import pretrain
 from tests.conftest import assert_same_model, assert_same_tensors, run_metrics, tiny_config
 
 

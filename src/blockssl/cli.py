@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     from blockssl.data.datasets import BadImageError
-    from blockssl.train import NonFiniteLossError, Preempted
+    from blockssl.execution import NonFiniteLossError
+    from blockssl.train import Preempted
 
     try:
         args.func(args)

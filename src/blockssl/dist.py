@@ -12,7 +12,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -105,8 +105,9 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def average_gradients(params: Iterable[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over processes in one flattened all-reduce (DDP's semantics).
+def average_gradients(params: Iterable[nn.Parameter], group: Any = None) -> None:
+    """Average the gradients of ``params`` over the processes of ``group`` (default: all) in one flattened
+    all-reduce (DDP's semantics).
 
     Blockwise training calls this once per block right after that block's backward, so each gradient crosses
     the network exactly once per step and nothing waits for the other blocks.
@@ -117,8 +118,8 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size()
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
     offset = 0
     for g in grads:
         g.copy_(flat[offset: offset + g.numel()].view_as(g))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from blockssl.checkpoint import atomic_save
 from blockssl.config import dump_config
-from blockssl.train import backbone_state_dict, checkpoint_model
+from blockssl.runtime import backbone_state_dict, checkpoint_model
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:

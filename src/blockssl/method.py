@@ -1,13 +1,14 @@
 """BlockwiseSSL: a backbone cut into blocks, a head and a projector per block, one SSL loss per block.
 
-The stop-gradient between blocks is the ``detach`` switch in ``forward``; end-to-end training is the same code
+The stop-gradient between blocks is the ``detach`` switch of ``run_block``; end-to-end training is the same code
 with it off and a loss at the last block only (Siddiqui et al. 2024, "Training schemes").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,11 +19,16 @@ from blockssl.models.backbone import ResNet, group_stages
 from blockssl.models.heads import Head, projector
 from blockssl.models.noise import inject_noise
 
-# Forward-dict keys of the per-block head features (``forward(..., features=True)``): not scalars, never logged.
-FEATURE_PREFIX = "feat/block"
 
-# Called as soon as block k's loss exists: memory-lean execution runs that block's backward and step there.
-BlockLossHook = Callable[[int, torch.Tensor], None]
+@dataclass
+class BlockOutput:
+    """One block's forward on both views (``BlockwiseSSL.run_block``)."""
+
+    h1: torch.Tensor  # the block's outputs, noise included: the next block's inputs
+    h2: torch.Tensor
+    loss: torch.Tensor | None = None  # with its graph; None for a block without a loss
+    spread: torch.Tensor | None = None  # embedding spread (collapse monitor), detached
+    feature: torch.Tensor | None = None  # detached head output of view 1, when asked for
 
 
 def build_loss(cfg: Config) -> nn.Module:
@@ -41,17 +47,10 @@ def build_loss(cfg: Config) -> nn.Module:
 class BlockwiseSSL(nn.Module):
     """Blocks, heads and projectors built by looping over the backbone's stage metadata.
 
-    ``forward(x1, x2)`` returns ``{"loss": total, "loss/block{k}": ..., "std/block{k}": ...}`` for the blocks that
-    carry a loss (numbered from 1). Blocks in ``frozen`` run in eval mode and without gradient.
-
-    ``forward(x1, x2, features=True)`` adds ``"feat/block{k}"``: the detached head output of view 1 (what
-    ``features`` returns, here from the training forward: train-mode BatchNorm, noise included) of every block
-    the forward runs, for the online probe. A loss block's head output is already computed for its loss, so it
-    costs nothing; a block without a loss (frozen blocks, earlier blocks in the sequential scheme) costs one head
-    forward, in eval mode and without gradient, so that neither its BatchNorm statistics nor anything else of the
-    model depends on whether features were asked for; for a block no loss trains (the end-to-end scheme's first
-    blocks) that head is a global average pooling. Blocks after
-    the last loss block are not run and have no features. ``pop_features`` takes them out of the dict.
+    ``run_block(k, h1, h2)`` is block k's forward on both views (``BlockOutput``); ``forward(x1, x2)`` runs the
+    blocks in order up to the last loss block (later blocks carry no loss: their compute is skipped). Blocks
+    are numbered from 0 here and from 1 in configurations and metrics. Blocks in ``frozen`` run in eval mode and
+    without gradient. How losses become updates is the execution strategy's business (``blockssl.execution``).
     """
 
     def __init__(
@@ -103,27 +102,21 @@ class BlockwiseSSL(nn.Module):
     def num_blocks(self) -> int:
         return len(self.block_stages)
 
-    def block_parameters(self, k: int) -> Iterator[nn.Parameter]:
-        """Parameters trained by block k's loss alone when inputs are detached: block, head, projector."""
-        yield from self.blocks[k].parameters()
-        yield from self.heads[k].parameters()
-        if str(k) in self.projectors:
-            yield from self.projectors[str(k)].parameters()
+    @property
+    def last_loss_block(self) -> int:
+        return max(self.loss_blocks)
 
-    def trained_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer updates: unfrozen blocks up to the last loss, and the loss blocks' heads and projectors.
+    def optimizer_parameters(self, k: int) -> list[nn.Parameter]:
+        """What loss block k's optimizer updates: its head and projector, and the unfrozen blocks its loss trains:
+        block k alone with detached inputs, else every block after the previous loss block (all of them, end to end).
 
-        With detached inputs a block without a loss gets no gradient; the optimizer skips it.
+        One optimizer per loss block, whatever the execution: per-parameter optimizers (LARS, SGD, AdamW) make the
+        split exact, and each block's step can run as soon as its own gradients exist.
         """
-        params: list[nn.Parameter] = []
+        first = k if self.detach else max((j for j in self.loss_blocks if j < k), default=-1) + 1
         blocks = self.blocks
-        for k in range(max(self.loss_blocks) + 1):
-            if k not in self.frozen:
-                params += blocks[k].parameters()
-        for k in self.loss_blocks:
-            params += self.heads[k].parameters()
-            params += self.projectors[str(k)].parameters()
-        return params
+        params = [p for j in range(first, k + 1) if j not in self.frozen for p in blocks[j].parameters()]
+        return [*params, *self.heads[k].parameters(), *self.projectors[str(k)].parameters()]
 
     def train(self, mode: bool = True) -> BlockwiseSSL:
         super().train(mode)
@@ -131,43 +124,48 @@ class BlockwiseSSL(nn.Module):
             self.blocks[k].eval()
         return self
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, on_block_loss: BlockLossHook | None = None,
-                features: bool = False) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        total = x1.new_zeros(())
+    def run_block(self, k: int, h1: torch.Tensor, h2: torch.Tensor, *, generator: torch.Generator | None = None,
+                  feature: bool = False) -> BlockOutput:
+        """Block k on both views (its inputs detached when the stop-gradient is on), noise drawn from ``generator``
+        in training, then, for a loss block, head, projector and loss.
+
+        ``feature`` asks for the detached head output of view 1, for the online probe. A loss block computes it
+        for its loss anyway; a block without a loss (frozen blocks, earlier blocks in the sequential scheme) costs
+        one head forward in eval mode and without gradient, so that neither its BatchNorm statistics nor anything
+        else of the model depends on whether features were asked for; for a block no loss ever trains (the
+        end-to-end scheme's first blocks) that head is a global average pooling.
+        """
+        if self.detach:
+            h1, h2 = h1.detach(), h2.detach()  # the stop-gradient: loss k trains block k only
+        block = self.blocks[k]
+        trainable = k not in self.frozen
+        with nullcontext() if trainable else torch.no_grad():
+            # Each view runs separately, as in Barlow Twins: BatchNorm statistics are per view.
+            h1, h2 = block(h1), block(h2)
+            if trainable and self.training:
+                h1 = inject_noise(h1, self.noise, self.noise_std, self.noise_scale_grad, generator)
+                h2 = inject_noise(h2, self.noise, self.noise_std, self.noise_scale_grad, generator)
+        if k not in self.loss_blocks:
+            return BlockOutput(h1, h2, feature=self._probe_only_head(k, h1) if feature else None)
+        proj, head = self.projectors[str(k)], self.heads[k]
+        e1 = head(h1)
+        z1, z2 = proj(e1), proj(head(h2))
+        # Collapse monitor: per-feature std of the normalised embeddings x sqrt(dim): about 1 for points spread
+        # over the sphere, 0 when every image maps to the same vector.
+        zn = nn.functional.normalize(z1.detach().float(), dim=1)
+        return BlockOutput(h1, h2, loss=self.loss(z1, z2), spread=zn.std(0).mean() * zn.shape[1] ** 0.5,
+                           feature=e1.detach() if feature else None)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, *, generators: Mapping[int, torch.Generator] | None = None,
+                features: bool = False) -> list[BlockOutput]:
+        """Every block up to the last loss block in order, each on the previous one's output (all graphs kept)."""
+        outs: list[BlockOutput] = []
         h1, h2 = x1, x2
-        blocks = self.blocks
-        for k in range(max(self.loss_blocks) + 1):  # later blocks carry no loss: skip their compute
-            if self.detach:
-                h1, h2 = h1.detach(), h2.detach()  # the stop-gradient: loss k trains block k only
-            trainable = k not in self.frozen
-            with nullcontext() if trainable else torch.no_grad():
-                # Each view runs separately, as in Barlow Twins: BatchNorm statistics are per view.
-                h1, h2 = blocks[k](h1), blocks[k](h2)
-                if trainable and self.training:
-                    h1 = inject_noise(h1, self.noise, self.noise_std, self.noise_scale_grad)
-                    h2 = inject_noise(h2, self.noise, self.noise_std, self.noise_scale_grad)
-            if k not in self.loss_blocks:
-                if features:
-                    out[f"{FEATURE_PREFIX}{k + 1}"] = self._probe_only_head(k, h1)
-                continue
-            proj, head = self.projectors[str(k)], self.heads[k]
-            e1 = head(h1)
-            z1, z2 = proj(e1), proj(head(h2))
-            if features:
-                out[f"{FEATURE_PREFIX}{k + 1}"] = e1.detach()
-            loss_k = self.loss(z1, z2)
-            out[f"loss/block{k + 1}"] = loss_k
-            # Collapse monitor: per-feature std of the normalised embeddings x sqrt(dim): about 1 for points
-            # spread over the sphere, 0 when every image maps to the same vector.
-            zn = nn.functional.normalize(z1.detach().float(), dim=1)
-            out[f"std/block{k + 1}"] = zn.std(0).mean() * zn.shape[1] ** 0.5
-            if on_block_loss is not None:
-                on_block_loss(k, loss_k)  # may run backward now and free this block's graph
-                loss_k = loss_k.detach()
-            total = total + loss_k
-        out["loss"] = total
-        return out
+        for k in range(self.last_loss_block + 1):
+            out = self.run_block(k, h1, h2, generator=(generators or {}).get(k), feature=features)
+            outs.append(out)
+            h1, h2 = out.h1, out.h2
+        return outs
 
     def _probe_only_head(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Head k's output for a block without a loss: in eval mode (its BatchNorm statistics untouched, as in
@@ -188,13 +186,6 @@ class BlockwiseSSL(nn.Module):
             x = block(x)
             feats.append(head(x))
         return feats
-
-
-def pop_features(out: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Remove the ``feat/block{k}`` entries of a forward dict; returns them in block order (block 1 first)."""
-    keys = sorted((key for key in out if key.startswith(FEATURE_PREFIX)),
-                  key=lambda key: int(key.removeprefix(FEATURE_PREFIX)))
-    return [out.pop(key) for key in keys]
 
 
 def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:

@@ -30,7 +30,8 @@ from blockssl.eval.robustness import (
     run_robustness,
     summarize,
 )
-from blockssl.train import checkpoint_model, pretrain
+from blockssl.runtime import checkpoint_model
+from blockssl.train import pretrain
 from tests.conftest import tiny_config
 
 BLOCKS = ["block1", "block2", "block3", "block4", "concat"]

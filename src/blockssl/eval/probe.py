@@ -25,7 +25,7 @@ from blockssl.config import Config, ConfigError, ProbeConfig, apply_overrides
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.transforms import eval_transform, probe_train_transform
 from blockssl.method import BlockwiseSSL, build_model
-from blockssl.train import autocast_context, checkpoint_model, resolve_device, seed_everything
+from blockssl.runtime import autocast_context, checkpoint_model, resolve_device, seed_everything
 
 
 class Transformed(Dataset):

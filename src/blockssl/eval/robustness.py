@@ -57,7 +57,7 @@ from blockssl.eval.probe import (
     with_concat,
 )
 from blockssl.method import BlockwiseSSL
-from blockssl.train import checkpoint_model, resolve_device
+from blockssl.runtime import checkpoint_model, resolve_device
 
 # The 15 ImageNet-C corruptions, in the benchmark's order (noise, blur, weather, digital).
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",

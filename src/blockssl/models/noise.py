@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 NOISE_TYPES = ("none", "global", "channel", "spatial")
@@ -28,8 +29,20 @@ def noise_scale(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x.std(dim=dims, keepdim=True, correction=correction)
 
 
-def inject_noise(x: torch.Tensor, kind: str, sigma: float, scale_grad: bool = True) -> torch.Tensor:
-    """Additive Gaussian noise relative to the activation's own scale.
+def noise_generator(seed: int, replica: int, block: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator block ``block`` draws its noise from at ``step`` in data-parallel replica ``replica``.
+
+    Keyed by these four numbers alone, so a run's noise does not depend on which process or device runs the block
+    (one process, or a pipeline stage per block) nor on what else drew random numbers before it.
+    """
+    state = np.random.SeedSequence([seed % 2**64, replica, block, step]).generate_state(2, np.uint32)
+    return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def inject_noise(x: torch.Tensor, kind: str, sigma: float, scale_grad: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Additive Gaussian noise relative to the activation's own scale, drawn from ``generator`` (default: the
+    global one).
 
     ``scale_grad``: differentiate through ``s(x)`` as the reference code does (autograd sees its ``torch.std``);
     off, the noise is a constant offset and the gradient is the identity.
@@ -39,5 +52,5 @@ def inject_noise(x: torch.Tensor, kind: str, sigma: float, scale_grad: bool = Tr
     with torch.set_grad_enabled(scale_grad and torch.is_grad_enabled()):
         scale = noise_scale(x, kind)
     # Drawn in the logical (N, C, H, W) order whatever x's memory layout: channels_last gives the same noise.
-    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
     return x + sigma * scale * noise

@@ -1,0 +1,172 @@
+"""How one training step runs the blocks (``train.execution``), composed from one per-block unit of work.
+
+The unit is :class:`Trainer`'s ``forward`` (block k on both views, noise, head, projector, loss) and ``update``
+(that block's gradient averaging and optimizer step), with ``backward`` between them. The strategies:
+
+- reference: every block forward, the summed loss backward once, every optimizer steps (the authors' code); every
+  block's activations and gradients are alive together.
+- lean: each block forward, backward and step before the next block runs. With detached inputs this is the same
+  update (block k+1's input was computed before block k's step), with one block's graph alive at a time.
+- pipeline: lean over the blocks of one stage, fed by the previous stage's process (``blockssl.pipeline``).
+
+Every strategy returns a :class:`StepResult` and the blocks' online-probe features; none of them depends on
+where a block runs: each block's noise comes from a generator keyed by (seed, replica, block, step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from blockssl import dist
+from blockssl.config import TrainConfig
+from blockssl.method import BlockOutput, BlockwiseSSL
+from blockssl.models.noise import noise_generator
+from blockssl.optim import build_optimizer
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A block's loss or gradient became NaN or infinite."""
+
+
+@dataclass
+class StepResult:
+    """One step's scalar terms per loss block (numbered from 0), as 0-d tensors on the device: reading them is a
+    host synchronisation, done at logging steps only."""
+
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    spreads: dict[int, torch.Tensor] = field(default_factory=dict)  # embedding spread, 1 = spread over the sphere
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite=skip)
+
+    def add(self, k: int, out: BlockOutput) -> None:
+        if out.loss is not None and out.spread is not None:
+            self.losses[k], self.spreads[k] = out.loss.detach(), out.spread
+
+    def scalars(self) -> dict[str, float]:
+        """``loss`` (the sum over blocks), ``loss/block{k}`` and ``std/block{k}`` (numbered from 1), as logged."""
+        terms = {"loss": float(sum(float(v) for v in self.losses.values()))}
+        for k in sorted(self.losses):
+            terms[f"loss/block{k + 1}"] = float(self.losses[k])
+            terms[f"std/block{k + 1}"] = float(self.spreads[k])
+        return terms
+
+
+def build_optimizers(model: BlockwiseSSL, cfg: TrainConfig) -> dict[int, torch.optim.Optimizer]:
+    """One optimizer per loss block, over ``model.optimizer_parameters(k)``."""
+    return {k: build_optimizer(model.optimizer_parameters(k), cfg) for k in model.loss_blocks}
+
+
+@dataclass
+class Trainer:
+    """The per-block unit of work and what it needs besides the data.
+
+    ``replica`` is this process's index among the data-parallel copies of its blocks, and ``group`` their process
+    group (None: every process), over which gradients are averaged.
+    """
+
+    model: BlockwiseSSL
+    optimizers: dict[int, torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    seed: int
+    replica: int = 0
+    group: Any = None
+    skip_nonfinite: bool = False
+
+    def forward(self, k: int, h1: torch.Tensor, h2: torch.Tensor, step: int, feature: bool = False) -> BlockOutput:
+        with self.autocast:
+            return self.model.run_block(k, h1, h2, generator=self.generator(k, step, h1.device), feature=feature)
+
+    def generator(self, k: int, step: int, device: torch.device) -> torch.Generator | None:
+        if self.model.noise == "none" or self.model.noise_std == 0:
+            return None
+        return noise_generator(self.seed, self.replica, k, step, device)
+
+    def finite(self, value: torch.Tensor, what: str, step: int) -> bool:
+        """False for a non-finite value when skipping is allowed; otherwise a non-finite value stops the run."""
+        if torch.isfinite(value):
+            return True
+        if self.skip_nonfinite:
+            return False
+        raise NonFiniteLossError(f"{what} is {value.item()} at step {step}; stopped before the update, the last "
+                                 "checkpoint is intact. Lower train.lr, check the data, or set "
+                                 "train.on_nonfinite=skip")
+
+    def loss_finite(self, k: int, loss: torch.Tensor, step: int) -> bool:
+        return self.finite(loss, f"block {k + 1} loss ({type(self.model.loss).__name__})", step)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with torch.autocast(loss.device.type, enabled=False):  # backward outside autocast
+            self.scaler.scale(loss).backward()
+
+    def update(self, k: int, step: int) -> bool:
+        """Average block k's gradients over the replicas, step its optimizer and free its gradients; False if the
+        step was skipped for a non-finite gradient."""
+        opt = self.optimizers[k]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        dist.average_gradients(params, self.group)
+        grads = [p.grad for p in params if p.grad is not None]
+        # With fp16 the scaler itself skips steps whose gradients overflowed.
+        stepped = self.scaler.is_enabled() or self.finite(torch.nn.utils.get_total_norm(grads),
+                                                          f"block {k + 1} gradient", step)
+        if stepped:
+            self.scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return stepped
+
+    def lean_blocks(self, blocks: Iterable[int], h1: torch.Tensor, h2: torch.Tensor, step: int, result: StepResult,
+                    features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks in order, each updated before the next runs; returns the last one's detached outputs. Terms go
+        to ``result``, view-1 head features to ``features`` when given."""
+        for k in blocks:
+            out = self.forward(k, h1, h2, step, feature=features is not None)
+            if out.loss is not None:
+                if self.loss_finite(k, out.loss, step):
+                    self.backward(out.loss)
+                    result.skipped += not self.update(k, step)  # before block k+1: its gradients are freed
+                else:
+                    result.skipped += 1
+            result.add(k, out)
+            if features is not None and out.feature is not None:
+                features.append(out.feature)
+            h1, h2 = out.h1.detach(), out.h2.detach()
+        return h1, h2
+
+
+def reference_step(t: Trainer, x1: torch.Tensor, x2: torch.Tensor, step: int,
+                   features: bool = False) -> tuple[StepResult, list[torch.Tensor]]:
+    """All blocks forward, one backward of the summed loss, then every block's step."""
+    last = t.model.last_loss_block
+    generators = {k: g for k in range(last + 1) if (g := t.generator(k, step, x1.device)) is not None}
+    with t.autocast:
+        outs = t.model(x1, x2, generators=generators, features=features)
+    result = StepResult()
+    losses = {k: out.loss for k, out in enumerate(outs) if out.loss is not None}
+    if all([t.loss_finite(k, loss, step) for k, loss in losses.items()]):
+        total = x1.new_zeros(())
+        for loss in losses.values():
+            total = total + loss
+        t.backward(total)
+        result.skipped = sum(not t.update(k, step) for k in losses)
+    else:
+        result.skipped = 1
+    t.scaler.update()
+    for k, out in enumerate(outs):
+        result.add(k, out)
+    return result, [out.feature for out in outs if out.feature is not None]
+
+
+def lean_step(t: Trainer, x1: torch.Tensor, x2: torch.Tensor, step: int,
+              features: bool = False) -> tuple[StepResult, list[torch.Tensor]]:
+    """Each block forward, backward and step in turn."""
+    result = StepResult()
+    feats: list[torch.Tensor] | None = [] if features else None
+    t.lean_blocks(range(t.model.last_loss_block + 1), x1, x2, step, result, feats)
+    t.scaler.update()
+    return result, feats or []
+
+
+STRATEGIES = {"reference": reference_step, "lean": lean_step}
