@@ -22,8 +22,8 @@ N(0, 1) images with 3 channels, created before the model so they are part of the
 Each (model, setting) pair runs in a fresh subprocess, so its memory numbers are its own. What is measured:
 
 - ``images/s``: ``batch / mean step time`` over the timed steps, after ``warmup`` untimed steps. A step is
-  ``blockssl.train.train_step`` (forward of both views, backward, LARS step, zero_grad); on CUDA it is bracketed
-  by ``torch.cuda.synchronize``.
+  the execution strategy's step (``blockssl.execution``: forward of both views, backward, LARS step, zero_grad);
+  on CUDA it is bracketed by ``torch.cuda.synchronize``.
 - On CPU, memory is the process's resident set size (RSS, Linux ``/proc/self/status``):
   ``rss_built`` is the RSS once the model, its optimizers and the input batch exist, before any step;
   ``peak`` is the highest RSS during the steps (warm-up included; the warm-up step allocates the LARS
