@@ -172,7 +172,7 @@ class OtherLoad:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from blockssl.config import lean_execution, load_config, loss_blocks
+    from blockssl.config import execution_strategy, load_config, loss_blocks
     from blockssl.execution import STRATEGIES, Trainer, build_optimizers
     from blockssl.method import build_model
     from blockssl.optim import set_lr
@@ -187,7 +187,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     overrides = [*spec["overrides"], *SETTINGS[spec["setting"]], f"train.batch_size={batch}",
                  f"train.device={spec['device']}", "train.progress=false"]
     cfg = load_config(None, overrides)
-    strategy = STRATEGIES["lean" if lean_execution(cfg) else "reference"]
+    strategy = STRATEGIES[execution_strategy(cfg)]
 
     x1 = torch.randn(batch, 3, size, size, device=device)
     x2 = torch.randn(batch, 3, size, size, device=device)
@@ -237,7 +237,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                       for t in s.values() if torch.is_tensor(t))
     mean_step = sum(times) / len(times)
     result: dict[str, Any] = {
-        "model": spec["model"], "setting": spec["setting"], "overrides": overrides, "lean": lean_execution(cfg),
+        "model": spec["model"], "setting": spec["setting"], "overrides": overrides,
+        "lean": execution_strategy(cfg) == "lean",
         "loss_blocks": [k + 1 for k in loss_blocks(cfg)], "batch": batch, "image_size": size,
         "warmup_steps": spec["warmup"], "timed_steps": spec["steps"], "step_times_s": times,
         "mean_step_s": mean_step, "images_per_s": batch / mean_step, "losses": losses,

@@ -15,11 +15,12 @@ from blockssl.config import (
     describe_keys,
     detach_inputs,
     dump_config,
+    execution_strategy,
     from_dict,
-    lean_execution,
     load_config,
     loss_blocks,
     parse_blocks,
+    parse_stages,
     resume_config,
     to_dict,
 )
@@ -202,14 +203,14 @@ def test_end_to_end_preset():
     cfg = load_config(overrides=["train.scheme=end_to_end"])
     assert loss_blocks(cfg) == [3]
     assert detach_inputs(cfg) is False
-    assert lean_execution(cfg) is False  # auto falls back to reference when gradients cross blocks
+    assert execution_strategy(cfg) == "reference"  # auto falls back to reference when gradients cross blocks
 
 
 def test_simultaneous_preset():
     cfg = load_config(overrides=["train.scheme=simultaneous"])
     assert loss_blocks(cfg) == [0, 1, 2, 3]
     assert detach_inputs(cfg) is True
-    assert lean_execution(cfg) is True
+    assert execution_strategy(cfg) == "lean"
 
 
 def test_sequential_preset():
@@ -240,7 +241,7 @@ def test_explicit_loss_blocks_and_detach():
     assert detach_inputs(cfg) is True and loss_blocks(cfg) == [3]
     cfg = load_config(overrides=["train.scheme=simultaneous", "train.detach=false"])
     assert detach_inputs(cfg) is False and loss_blocks(cfg) == [0, 1, 2, 3]
-    assert lean_execution(cfg) is False
+    assert execution_strategy(cfg) == "reference"
 
 
 @pytest.mark.parametrize("spec", ["5", "0", "1,9", "one", "1,,x"])
@@ -261,22 +262,34 @@ def test_frozen_blocks():
         load_config(overrides=["train.frozen_blocks=[1,2,3,4]"])
 
 
-def test_lean_execution():
-    assert lean_execution(load_config(overrides=["train.execution=lean"])) is True
-    assert lean_execution(load_config(overrides=["train.execution=reference"])) is False
+def test_execution_strategy():
+    assert execution_strategy(load_config(overrides=["train.execution=lean"])) == "lean"
+    assert execution_strategy(load_config(overrides=["train.execution=reference"])) == "reference"
+    assert execution_strategy(load_config(overrides=["train.execution=pipeline"])) == "pipeline"
     for overrides in (
         ["train.scheme=end_to_end", "train.execution=lean"],
         ["train.detach=false", "train.execution=lean"],
+        ["train.scheme=end_to_end", "train.execution=pipeline"],
     ):
-        with pytest.raises(ConfigError, match=r"train\.execution=lean"):
+        with pytest.raises(ConfigError, match=r"train\.execution=(lean|pipeline) needs detached"):
             load_config(overrides=overrides)
+    with pytest.raises(ConfigError, match="sequential scheme"):
+        load_config(overrides=["train.scheme=sequential", "train.execution=pipeline"])
     # A detached end-to-end-style run may be lean.
-    assert (
-        lean_execution(
-            load_config(overrides=["train.scheme=end_to_end", "train.detach=true", "train.execution=lean"])
-        )
-        is True
-    )
+    cfg = load_config(overrides=["train.scheme=end_to_end", "train.detach=true", "train.execution=lean"])
+    assert execution_strategy(cfg) == "lean"
+
+
+def test_pipeline_stages():
+    assert parse_stages("blocks", 4) == [[0], [1], [2], [3]]
+    assert parse_stages("1+2,3+4", 4) == [[0, 1], [2, 3]]
+    assert parse_stages("1,2+3+4", 4) == [[0], [1, 2, 3]]
+    assert parse_stages("auto", 4) is None
+    for bad in ("1+3,2+4", "1,2,3", "1,2,3,4,5", "2+1,3+4", "a,b", "1,,2+3+4"):
+        with pytest.raises(ConfigError, match=r"train\.stages"):
+            load_config(overrides=[f"train.stages={bad}"])
+    with pytest.raises(ConfigError, match=r"train\.in_flight"):
+        load_config(overrides=["train.in_flight=0"])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -104,7 +104,13 @@ class TrainConfig:
     frozen_blocks: list[int] = field(default_factory=list)  # blocks frozen at random initialisation (1-based)
     # lean = each block's backward and optimizer step as soon as its loss exists (same update, less memory);
     # reference = all blocks forward, then one backward (the authors' code). auto = lean when equivalent.
-    execution: Literal["auto", "lean", "reference"] = "auto"
+    # pipeline = lean with each stage of blocks in its own process, activations sent forward only (torchrun,
+    # WORLD_SIZE = stages x data-parallel replicas); the same update as lean.
+    execution: Literal["auto", "lean", "reference", "pipeline"] = "auto"
+    # pipeline: the blocks of each stage: "blocks" (one block per stage), "auto" (contiguous groups balanced by
+    # measured step time, one per process) or groups of block numbers, e.g. "1+2,3+4"
+    stages: str = "blocks"
+    in_flight: int = 2  # pipeline: batches a stage may send ahead of the next stage taking them
     epochs: int = 300
     batch_size: int = 2048  # global batch
     max_steps: int = 0  # 0 = no cap
@@ -438,14 +444,36 @@ def detach_inputs(cfg: Config) -> bool:
     return cfg.train.detach == "true"
 
 
-def lean_execution(cfg: Config) -> bool:
-    """Per-block backward and step is the same update as the reference only when no gradient crosses blocks."""
-    lean_ok = detach_inputs(cfg) and cfg.train.execution != "reference"
-    if cfg.train.execution == "lean" and not detach_inputs(cfg):
-        raise ConfigError("train.execution=lean needs detached block inputs (train.detach=true or a blockwise "
-                          "scheme): with gradients crossing blocks, one block's step would change another's "
-                          "gradient; use train.execution=reference or auto")
-    return lean_ok
+def execution_strategy(cfg: Config) -> str:
+    """The execution strategy, ``reference``, ``lean`` or ``pipeline``: per-block backward and step (lean, pipeline)
+    is the same update as the reference only when no gradient crosses blocks."""
+    t = cfg.train
+    if t.execution in ("lean", "pipeline") and not detach_inputs(cfg):
+        raise ConfigError(f"train.execution={t.execution} needs detached block inputs (train.detach=true or a "
+                          "blockwise scheme): with gradients crossing blocks, one block's step would change "
+                          "another's gradient; use train.execution=reference or auto")
+    if t.execution == "pipeline" and t.scheme == "sequential":
+        raise ConfigError("train.execution=pipeline: the sequential scheme trains one block at a time, so stages "
+                          "would wait for each other; use train.scheme=simultaneous or another execution")
+    if t.execution == "auto":
+        return "lean" if detach_inputs(cfg) else "reference"
+    return t.execution
+
+
+def parse_stages(spec: str, num_blocks: int) -> list[list[int]] | None:
+    """``train.stages`` -> the 0-based blocks of each pipeline stage; None for ``auto`` (decided by measurement)."""
+    if spec == "auto":
+        return None
+    if spec == "blocks":
+        return [[k] for k in range(num_blocks)]
+    try:
+        stages = [[int(b) - 1 for b in group.split("+")] for group in spec.split(",")]
+    except ValueError:
+        stages = []
+    if [k for stage in stages for k in stage] != list(range(num_blocks)):
+        raise ConfigError(f"train.stages: {spec!r} must group the blocks 1..{num_blocks} in order, each once, into "
+                          "stages separated by ',' (e.g. '1+2,3+4'), or be 'blocks' (one per stage) or 'auto'")
+    return stages
 
 
 def check_lr_convention(cfg: Config) -> str | None:
@@ -526,7 +554,10 @@ def validate(cfg: Config, saved: bool = False) -> None:
     if t.scheme == "sequential" and t.loss_blocks not in ("auto", "all"):
         raise ConfigError("train.loss_blocks: the sequential scheme trains each block in turn; leave it auto")
     loss_blocks(cfg)
-    lean_execution(cfg)
+    execution_strategy(cfg)
+    parse_stages(t.stages, n)
+    if t.in_flight < 1:
+        raise ConfigError(f"train.in_flight: {t.in_flight}; a stage needs at least 1 batch in flight")
     if cfg.loss.reference_allreduce and cfg.loss.name != "barlow_twins":
         raise ConfigError(f"loss.reference_allreduce: only Barlow Twins' reference code sums with a raw all_reduce; "
                           f"the {cfg.loss.name} reference gradients are exact, set it to false")

@@ -36,18 +36,43 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+# The processes holding copies of this process's blocks, over which gradients are averaged and the losses'
+# collectives (cross-correlation, negatives, batch statistics) and BatchNorm statistics run: every process, except
+# in pipeline training, where each stage's replicas form a group (``set_data_parallel_group``).
+_data_group: Any = None
+
+
+def set_data_parallel_group(group: Any) -> None:
+    global _data_group
+    _data_group = group
+
+
+def data_parallel_group() -> Any:
+    return _data_group
+
+
+def data_world_size() -> int:
+    """How many processes share the global batch of this process's blocks."""
+    return dist.get_world_size(_data_group) if is_distributed() else 1
+
+
+def data_rank() -> int:
+    """This process's index among them: which share of the global batch it holds."""
+    return dist.get_rank(_data_group) if is_distributed() else 0
+
+
 # torch 2.14 warns that torch.distributed.nn.functional is deprecated; its autograd behaviour is exactly what the
 # two-process tests check (tests/test_dist.py), so it stays, without the warning in every training step.
 _QUIET = {"action": "ignore", "category": FutureWarning, "message": ".*torch.distributed.nn.functional"}
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over processes; autograd-aware (the backward sums the gradients over processes too)."""
+    """Sum over the data-parallel processes; autograd-aware (the backward sums the gradients over them too)."""
     if not is_distributed():
         return x
     with warnings.catch_warnings():
         warnings.filterwarnings(**_QUIET)  # type: ignore[arg-type]
-        return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM)
+        return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM, group=_data_group or dist.group.WORLD)
 
 
 def all_reduce_sum_local_grad(x: torch.Tensor) -> torch.Tensor:
@@ -57,17 +82,17 @@ def all_reduce_sum_local_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     total = x.detach().clone()
-    dist.all_reduce(total)
+    dist.all_reduce(total, group=_data_group)
     return x + (total - x.detach())
 
 
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every process's ``x`` along dim 0, in rank order; autograd-aware."""
+    """Concatenate every data-parallel process's ``x`` along dim 0, in rank order; autograd-aware."""
     if not is_distributed():
         return x
     with warnings.catch_warnings():
         warnings.filterwarnings(**_QUIET)  # type: ignore[arg-type]
-        return torch.cat(dist_fn.all_gather(x), dim=0)
+        return torch.cat(dist_fn.all_gather(x, group=_data_group or dist.group.WORLD), dim=0)
 
 
 def init_from_environment() -> bool:
@@ -105,9 +130,9 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def average_gradients(params: Iterable[nn.Parameter], group: Any = None) -> None:
-    """Average the gradients of ``params`` over the processes of ``group`` (default: all) in one flattened
-    all-reduce (DDP's semantics).
+def average_gradients(params: Iterable[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the data-parallel processes in one flattened all-reduce (DDP's
+    semantics).
 
     Blockwise training calls this once per block right after that block's backward, so each gradient crosses
     the network exactly once per step and nothing waits for the other blocks.
@@ -118,8 +143,8 @@ def average_gradients(params: Iterable[nn.Parameter], group: Any = None) -> None
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
+    dist.all_reduce(flat, group=_data_group)
+    flat /= data_world_size()
     offset = 0
     for g in grads:
         g.copy_(flat[offset: offset + g.numel()].view_as(g))
@@ -177,7 +202,7 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 def convert_sync_batchnorm(module: ModuleT, device: torch.device) -> ModuleT:
     """Replace every BatchNorm by a synchronised one (torch's on CUDA, ``SyncBatchNorm`` above elsewhere)."""
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=_data_group)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
         sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats)

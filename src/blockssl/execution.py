@@ -63,8 +63,7 @@ def build_optimizers(model: BlockwiseSSL, cfg: TrainConfig) -> dict[int, torch.o
 class Trainer:
     """The per-block unit of work and what it needs besides the data.
 
-    ``replica`` is this process's index among the data-parallel copies of its blocks, and ``group`` their process
-    group (None: every process), over which gradients are averaged.
+    ``replica`` is this process's index among the data-parallel copies of its blocks (``dist.data_rank``).
     """
 
     model: BlockwiseSSL
@@ -73,7 +72,6 @@ class Trainer:
     autocast: Any
     seed: int
     replica: int = 0
-    group: Any = None
     skip_nonfinite: bool = False
 
     def forward(self, k: int, h1: torch.Tensor, h2: torch.Tensor, step: int, feature: bool = False) -> BlockOutput:
@@ -107,7 +105,7 @@ class Trainer:
         step was skipped for a non-finite gradient."""
         opt = self.optimizers[k]
         params = [p for g in opt.param_groups for p in g["params"]]
-        dist.average_gradients(params, self.group)
+        dist.average_gradients(params)
         grads = [p.grad for p in params if p.grad is not None]
         # With fp16 the scaler itself skips steps whose gradients overflowed.
         stepped = self.scaler.is_enabled() or self.finite(torch.nn.utils.get_total_norm(grads),

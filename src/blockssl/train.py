@@ -28,7 +28,7 @@ from blockssl.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from blockssl.config import Config, ConfigError, dump_config, lean_execution, loss_blocks, to_dict
+from blockssl.config import Config, ConfigError, dump_config, execution_strategy, loss_blocks, to_dict
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
 from blockssl.data.transforms import two_view_transforms
@@ -129,7 +129,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     phases = plan_phases(cfg, model.num_blocks, total_steps)
-    strategy = STRATEGIES["lean" if lean_execution(cfg) else "reference"]
+    strategy = STRATEGIES[execution_strategy(cfg)]
     autocast = autocast_context(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     # Online linear evaluation: its own parameters and optimizer, fed detached features; created after the model

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockssl.dist import all_gather_cat, all_reduce_sum, rank, world_size
+from blockssl.dist import all_gather_cat, all_reduce_sum, data_rank, data_world_size
 from blockssl.losses.common import at_least_fp32
 
 
@@ -24,11 +24,11 @@ class SimCLRLoss(nn.Module):
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         z1, z2 = F.normalize(at_least_fp32(z1), dim=1), F.normalize(at_least_fp32(z2), dim=1)
         n_local = z1.shape[0]
-        n = n_local * world_size()
+        n = n_local * data_world_size()
         anchors = torch.cat([z1, z2])  # local anchors: view 1 then view 2
         keys = torch.cat([all_gather_cat(z1), all_gather_cat(z2)])  # global: all view 1, then all view 2
         logits = anchors @ keys.T / self.temperature
-        idx = torch.arange(n_local, device=z1.device) + rank() * n_local
+        idx = torch.arange(n_local, device=z1.device) + data_rank() * n_local
         own = torch.cat([idx, idx + n])  # where each anchor sits among the keys
         partner = torch.cat([idx + n, idx])
         logits[torch.arange(2 * n_local, device=z1.device), own] = float("-inf")  # no self-similarity
