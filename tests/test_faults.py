@@ -223,7 +223,7 @@ def test_nan_gradient_is_caught(tmp_path, monkeypatch):
 def test_collapse_is_warned(tmp_path):
     record = {"step": 3, "images_per_sec": 1.0, "loss/block2": 1.0, "std/block2": 0.001, "std/block1": 0.9}
     with pytest.warns(UserWarning, match="block2: embedding spread"):
-        _log(tmp_path / "metrics.jsonl", record, None, main=True)
+        _log(tmp_path / "metrics.jsonl", record, None)
 
 
 # --- bad data ------------------------------------------------------------------------------------------------------

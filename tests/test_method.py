@@ -85,7 +85,7 @@ def _run_steps(model: BlockwiseSSL, cfg: Config, execution: str, steps: int) -> 
             g["lr"] = g["base_lr"]
     trainer = Trainer(model, optimizers, torch.amp.GradScaler("cpu", enabled=False), nullcontext(), cfg.seed)
     model.train()
-    return [STRATEGIES[execution](trainer, *_views(), step)[0] for step in range(steps)]
+    return [STRATEGIES[execution](trainer, *_views(), step).result for step in range(steps)]
 
 
 @pytest.mark.parametrize("optimizer", ["lars", "sgd", "adamw"])

@@ -152,11 +152,29 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
 
 
 def broadcast_state(module: nn.Module) -> None:
-    """Make every process start from rank 0's parameters and buffers."""
+    """Make every data-parallel process start from the first one's parameters and buffers."""
     if not is_distributed():
         return
     for tensor in module.state_dict().values():
-        dist.broadcast(tensor, src=0)
+        dist.broadcast(tensor, group=_data_group, group_src=0)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` in every process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every process's ``obj`` in rank order, on rank 0 (None elsewhere)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main_process() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier() -> None:
@@ -214,21 +232,12 @@ def convert_sync_batchnorm(module: ModuleT, device: torch.device) -> ModuleT:
 
 
 def any_process(flag: bool | int) -> bool:
-    """True if ``flag`` is set in any process (so that every process stops at the same step)."""
+    """True if ``flag`` is set in any data-parallel process (so that they all stop at the same step)."""
     if not is_distributed():
         return bool(flag)
     t = torch.tensor(float(bool(flag)), device=local_device())  # NCCL reduces device tensors only
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=_data_group)
     return bool(t.item() > 0)
-
-
-def gather_objects(obj: object) -> list[object]:
-    """Every process's ``obj``, in rank order (a list of one without a process group)."""
-    if not is_distributed():
-        return [obj]
-    out: list[object] = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def shard_indices(n: int) -> range:

@@ -7,10 +7,11 @@ The unit is :class:`Trainer`'s ``forward`` (block k on both views, noise, head, 
   block's activations and gradients are alive together.
 - lean: each block forward, backward and step before the next block runs. With detached inputs this is the same
   update (block k+1's input was computed before block k's step), with one block's graph alive at a time.
-- pipeline: lean over the blocks of one stage, fed by the previous stage's process (``blockssl.pipeline``).
+- pipeline: lean over the blocks of this process's stage, its input received from the previous stage's process
+  and its output sent on to the next one (``blockssl.pipeline``).
 
-Every strategy returns a :class:`StepResult` and the blocks' online-probe features; none of them depends on
-where a block runs: each block's noise comes from a generator keyed by (seed, replica, block, step).
+Every strategy returns a :class:`Step`; none of them depends on where a block runs: each block's noise comes from
+a generator keyed by (seed, replica, block, step).
 """
 
 from __future__ import annotations
@@ -54,16 +55,29 @@ class StepResult:
         return terms
 
 
-def build_optimizers(model: BlockwiseSSL, cfg: TrainConfig) -> dict[int, torch.optim.Optimizer]:
-    """One optimizer per loss block, over ``model.optimizer_parameters(k)``."""
-    return {k: build_optimizer(model.optimizer_parameters(k), cfg) for k in model.loss_blocks}
+@dataclass
+class Step:
+    """What a strategy's step returns: the scalar terms, the online-probe features of the blocks run (view 1,
+    detached, in block order), and the last block's detached outputs (what a pipeline stage sends on)."""
+
+    result: StepResult
+    features: list[torch.Tensor]
+    outputs: tuple[torch.Tensor, torch.Tensor]
+
+
+def build_optimizers(model: BlockwiseSSL, cfg: TrainConfig, blocks: Iterable[int] | None = None
+                     ) -> dict[int, torch.optim.Optimizer]:
+    """One optimizer per loss block (of ``blocks``, default all), over ``model.optimizer_parameters(k)``."""
+    chosen = set(range(model.num_blocks) if blocks is None else blocks)
+    return {k: build_optimizer(model.optimizer_parameters(k), cfg) for k in model.loss_blocks if k in chosen}
 
 
 @dataclass
 class Trainer:
     """The per-block unit of work and what it needs besides the data.
 
-    ``replica`` is this process's index among the data-parallel copies of its blocks (``dist.data_rank``).
+    ``stage_blocks`` are the blocks this process runs (default: every block up to the last loss block);
+    ``replica`` is its index among the data-parallel copies of them (``dist.data_rank``).
     """
 
     model: BlockwiseSSL
@@ -73,6 +87,14 @@ class Trainer:
     seed: int
     replica: int = 0
     skip_nonfinite: bool = False
+    stage_blocks: list[int] | None = None
+
+    @property
+    def blocks(self) -> list[int]:
+        """The blocks this process runs: its stage's, or every block up to the last loss block."""
+        if self.stage_blocks is not None:
+            return self.stage_blocks
+        return list(range(self.model.last_loss_block + 1))
 
     def forward(self, k: int, h1: torch.Tensor, h2: torch.Tensor, step: int, feature: bool = False) -> BlockOutput:
         with self.autocast:
@@ -134,11 +156,9 @@ class Trainer:
         return h1, h2
 
 
-def reference_step(t: Trainer, x1: torch.Tensor, x2: torch.Tensor, step: int,
-                   features: bool = False) -> tuple[StepResult, list[torch.Tensor]]:
+def reference_step(t: Trainer, x1: torch.Tensor, x2: torch.Tensor, step: int, features: bool = False) -> Step:
     """All blocks forward, one backward of the summed loss, then every block's step."""
-    last = t.model.last_loss_block
-    generators = {k: g for k in range(last + 1) if (g := t.generator(k, step, x1.device)) is not None}
+    generators = {k: g for k in t.blocks if (g := t.generator(k, step, x1.device)) is not None}
     with t.autocast:
         outs = t.model(x1, x2, generators=generators, features=features)
     result = StepResult()
@@ -154,17 +174,18 @@ def reference_step(t: Trainer, x1: torch.Tensor, x2: torch.Tensor, step: int,
     t.scaler.update()
     for k, out in enumerate(outs):
         result.add(k, out)
-    return result, [out.feature for out in outs if out.feature is not None]
+    return Step(result, [out.feature for out in outs if out.feature is not None],
+                (outs[-1].h1.detach(), outs[-1].h2.detach()))
 
 
-def lean_step(t: Trainer, x1: torch.Tensor, x2: torch.Tensor, step: int,
-              features: bool = False) -> tuple[StepResult, list[torch.Tensor]]:
-    """Each block forward, backward and step in turn."""
+def lean_step(t: Trainer, x1: torch.Tensor, x2: torch.Tensor, step: int, features: bool = False) -> Step:
+    """Each of this process's blocks forward, backward and step in turn; a pipeline stage's step is this one, on
+    the inputs its process received."""
     result = StepResult()
     feats: list[torch.Tensor] | None = [] if features else None
-    t.lean_blocks(range(t.model.last_loss_block + 1), x1, x2, step, result, feats)
+    outputs = t.lean_blocks(t.blocks, x1, x2, step, result, feats)
     t.scaler.update()
-    return result, feats or []
+    return Step(result, feats or [], outputs)
 
 
-STRATEGIES = {"reference": reference_step, "lean": lean_step}
+STRATEGIES = {"reference": reference_step, "lean": lean_step, "pipeline": lean_step}

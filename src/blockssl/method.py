@@ -102,6 +102,16 @@ class BlockwiseSSL(nn.Module):
     def num_blocks(self) -> int:
         return len(self.block_stages)
 
+    def block_modules(self, k: int, compilable: bool = False) -> list[nn.Module]:
+        """What block k owns: its stages, head and projector (what a pipeline stage keeps on its device).
+
+        ``compilable``: the modules to ``compile()`` in place instead: the backbone's residual stages (a block
+        is a view rebuilt on access, and the stem is several modules), head and projector."""
+        stages: list[nn.Module] = ([getattr(self.backbone, name) for name in self.block_stages[k] if name != "stem"]
+                                   if compilable else [self.blocks[k]])
+        head = [self.heads[k], *([self.projectors[str(k)]] if str(k) in self.projectors else [])]
+        return [*stages, *head]
+
     @property
     def last_loss_block(self) -> int:
         return max(self.loss_blocks)

@@ -28,7 +28,15 @@ from blockssl.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from blockssl.config import Config, ConfigError, dump_config, execution_strategy, loss_blocks, to_dict
+from blockssl.config import (
+    Config,
+    ConfigError,
+    dump_config,
+    execution_strategy,
+    loss_blocks,
+    parse_blocks,
+    to_dict,
+)
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
 from blockssl.data.transforms import two_view_transforms
@@ -36,6 +44,19 @@ from blockssl.eval.online import OnlineProbe
 from blockssl.execution import STRATEGIES, Trainer, build_optimizers
 from blockssl.method import BlockwiseSSL, build_model
 from blockssl.optim import lr_factor, set_lr
+from blockssl.pipeline import (
+    HEADER,
+    Layout,
+    Link,
+    Message,
+    add_terms,
+    decode_terms,
+    encode_record,
+    init_groups,
+    measure_block_seconds,
+    plan_layout,
+    single_stage,
+)
 from blockssl.runtime import autocast_context, backbone_state_dict, git_revision, resolve_device, seed_everything
 
 # What a run directory holds (evaluation adds probe.json, robustness.*, report.md).
@@ -93,49 +114,61 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     """Train ``cfg`` into ``cfg.out``; returns the run directory.
 
     ``resume`` continues from ``checkpoints/last.pt``. ``stop_after`` runs at most that many steps in this call,
-    then checkpoints and returns, as a preempted job does.
+    then checkpoints and returns, as a preempted job does. Under ``train.execution=pipeline`` each process runs
+    the blocks of its stage (``blockssl.pipeline``); the run directory is the same as any run's.
     """
     started_group = dist.init_from_environment()
     main = dist.is_main_process()
     device = resolve_device(cfg.train.device)
+    info = dataset_info(cfg.data)
+    strategy = execution_strategy(cfg)
+    num_blocks = len(parse_blocks(cfg.model.blocks))
+    layout = (plan_layout(cfg, num_blocks, dist.world_size(), dist.rank(), lambda: measure_block_seconds(cfg, device))
+              if strategy == "pipeline" else single_stage(num_blocks, dist.world_size(), dist.rank()))
+    init_groups(layout)
     out = prepare_run_dir(cfg, resume, overwrite) if main else Path(cfg.out)
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None  # fail before any work
     seed_everything(cfg.seed)  # the same initial weights in every process
-    info = dataset_info(cfg.data)
     base = build_dataset(cfg.data, "pretrain")
     preset = cfg.loss.name if cfg.data.augment == "auto" else cfg.data.augment
     transforms = two_view_transforms(preset, info, cfg.data.min_crop_scale, cfg.data.blur)
     views = TwoViews(base, transforms, cfg.seed, strict=cfg.data.strict)
-    sampler = EpochSampler(len(views), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
+    sampler = EpochSampler(len(views), cfg.train.batch_size, cfg.seed, layout.replica, layout.replicas)
     loader = pretrain_loader(views, sampler, num_workers=cfg.data.num_workers,
                              pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                             persistent_workers=cfg.data.persistent_workers)
+                             persistent_workers=cfg.data.persistent_workers) if layout.first else None
     model = build_model(cfg, info.channels, info.image_size)
     if cfg.train.sync_bn:
         model = dist.convert_sync_batchnorm(model, device)
-    model.to(device)
-    dist.broadcast_state(model)
+    # A pipeline stage holds only its own blocks, heads and projectors on its device; the rest stays on the CPU.
+    modules = [m for k in layout.blocks for m in model.block_modules(k)] + [model.loss] if layout.pipelined \
+        else [model]
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    for m in modules:
+        m.to(device)
+        dist.broadcast_state(m)
+        m.to(memory_format=memory_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     if cfg.train.compile:  # in place, stage by stage: parameter names and checkpoints are unchanged
-        for module in [*(getattr(model.backbone, f"layer{i}") for i in range(1, 5)), *model.heads,
-                       *model.projectors.values()]:
-            module.compile()
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
+        for k in layout.blocks:
+            for module in model.block_modules(k, compilable=True):
+                module.compile()
 
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     phases = plan_phases(cfg, model.num_blocks, total_steps)
-    strategy = STRATEGIES[execution_strategy(cfg)]
+    step_fn = STRATEGIES[strategy]
     autocast = autocast_context(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    # Online linear evaluation: its own parameters and optimizer, fed detached features; created after the model
-    # and leaving the global RNG stream as it was, so the model trains identically with it on or off.
+    # Online linear evaluation: its own parameters and optimizer, fed detached features; each stage trains the
+    # classifiers of its blocks.
     probe = (OnlineProbe(model.feature_dims, info.num_classes, cfg.online_probe).to(device)
              if cfg.online_probe.enabled else None)
+    writer = layout.last and layout.replica == 0  # the process that logs: it sees every block's terms
+    link = Link(layout, device, cfg.train.in_flight) if layout.pipelined else None
 
     step = 0
     counts = {"nonfinite_skipped": 0, "bad_images_replaced": 0}  # cumulative over the run, kept in checkpoints
@@ -146,68 +179,88 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
         counts = ckpt["counts"]
         if probe is not None and "online_probe" in ckpt:  # absent: the probe was switched on at this resume
             probe.load_checkpoint_state(ckpt["online_probe"], cfg.online_probe)
-        if main:
+        if writer:
             _truncate_metrics(out / "metrics.jsonl", step)
     elif main:
         (out / "config.yaml").write_text(dump_config(cfg))
         run_info = {"command": command or sys.argv, "git_revision": git_revision(),
                     "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-                    "world_size": dist.world_size(),
+                    "world_size": dist.world_size(), "stages": [[k + 1 for k in g] for g in layout.stages],
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    dist.barrier()  # the run directory exists before any process writes to it
 
-    progress = _progress_bar(cfg, total_steps, step, main)
+    progress = _progress_bar(cfg, total_steps, step, writer)
     meter = Throughput(cfg.train.batch_size)
     steps_this_call = 0
-    stop = False
+    stop = 0  # why this call stops: 0 not yet, -1 stop_after reached, else the signal received
     with StopSignals() as signals:
         for phase_index, phase in enumerate(phases):
             if step >= phase.end or stop:
                 continue
             model.loss_blocks, model.frozen = phase.loss_blocks, phase.frozen
-            optimizers = build_optimizers(model, cfg.train)
+            optimizers = build_optimizers(model, cfg.train, layout.blocks)
             if ckpt is not None and ckpt["phase"] == phase_index:
                 _load_optimizers(optimizers, ckpt["optimizers"], out)
-            trainer = Trainer(model, optimizers, scaler, autocast, cfg.seed, replica=dist.rank(),
-                              skip_nonfinite=cfg.train.on_nonfinite == "skip")
+            blocks = [k for k in layout.blocks if k <= model.last_loss_block]
+            trainer = Trainer(model, optimizers, scaler, autocast, cfg.seed, replica=layout.replica,
+                              skip_nonfinite=cfg.train.on_nonfinite == "skip", stage_blocks=blocks)
             model.train()
             phase_steps = phase.end - phase.start
             warmup = round(cfg.train.warmup_epochs * steps_per_epoch * phase_steps / total_steps)
             while step < phase.end and not stop:
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
                 sampler.start(epoch, step_in_epoch)
-                for x1, x2, labels, replaced in loader:
+                batches = iter(loader) if loader is not None else None
+                for _ in range(step_in_epoch, steps_per_epoch):
+                    if batches is not None:
+                        x1, x2, labels, replaced = next(batches)
+                        record = encode_record(num_blocks)
+                        record[HEADER.index("replaced")] = float(replaced.sum())
+                        x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+                        x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+                    else:
+                        assert link is not None
+                        msg = link.receive(num_blocks)
+                        x1, x2, labels, record = msg.h1, msg.h2, msg.labels, msg.record
                     factor = lr_factor(step - phase.start, phase_steps, warmup, cfg.train.min_lr_ratio)
-                    lr = max(set_lr(opt, factor) for opt in optimizers.values())  # same factor for all
-                    x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
-                    x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+                    lr = max((set_lr(opt, factor) for opt in optimizers.values()), default=0.0)
                     probing = probe is not None and step % cfg.online_probe.every == 0
-                    result, features = strategy(trainer, x1, x2, step, probing)
-                    skipped = result.skipped
-                    if probe is not None and probing and not skipped:  # non-finite features would poison it
-                        probe.step(features, labels)
+                    result = step_fn(trainer, x1, x2, step, probing)
+                    if probe is not None and probing and not result.result.skipped and result.features:
+                        probe.step(result.features, labels, first=blocks[0])  # non-finite features would poison it
                     step += 1
                     steps_this_call += 1
-                    counts["nonfinite_skipped"] += skipped
-                    counts["bad_images_replaced"] += int(replaced.sum())
-                    meter.tick()
-                    if progress is not None:
-                        progress.update(1)
                     last = step == phase.end
-                    if step % cfg.train.log_every == 0 or last:
-                        record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                                  **result.scalars(),
-                                  **(probe.window_metrics() if probe is not None else {}),
-                                  "images_per_sec": meter.rate(), **counts}
-                        _log(out / "metrics.jsonl", record, progress, main)
-                    stop = dist.any_process(signals.requested) or (stop_after is not None
-                                                                    and steps_this_call >= stop_after)
-                    end_of_epoch = step % steps_per_epoch == 0
+                    logging = step % cfg.train.log_every == 0 or last
+                    add_terms(record, result.result, probe.window_metrics() if probe is not None and logging else {})
+                    if layout.first:  # decides for the whole pipeline: later stages stop at the same step
+                        if dist.any_process(signals.requested):
+                            stop = signals.requested or int(signal.SIGTERM)  # or another replica was signalled
+                        elif stop_after is not None and steps_this_call >= stop_after:
+                            stop = -1
+                        record[HEADER.index("stop")] = stop
+                    else:
+                        stop = int(record[HEADER.index("stop")])
+                    if link is not None and not layout.last:
+                        link.send(Message(*result.outputs, labels.to(device, non_blocking=True), record))
+                    meter.tick()
+                    if writer:
+                        counts["nonfinite_skipped"] += int(record[HEADER.index("skipped")])
+                        counts["bad_images_replaced"] += int(record[HEADER.index("replaced")])
+                        if progress is not None:
+                            progress.update(1)
+                        if logging:
+                            _log(out / "metrics.jsonl", {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                                                         **decode_terms(record, num_blocks),
+                                                         "images_per_sec": meter.rate(), **counts}, progress)
                     every = cfg.train.checkpoint_every
-                    if (step % every == 0 if every else end_of_epoch) or last or stop:
-                        _save(out, model, optimizers, scaler, step, phase_index, counts, cfg, probe)
+                    if (step % every == 0 if every else step % steps_per_epoch == 0) or last or stop:
+                        _save(out, model, layout, optimizers, scaler, step, phase_index, counts, cfg, probe)
                     if last or stop:
                         break
+    if link is not None:
+        link.flush()
     if progress is not None:
         progress.close()
     if main and step >= total_steps:
@@ -215,8 +268,8 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     dist.barrier()
     if started_group:
         torch.distributed.destroy_process_group()
-    if signals.requested:
-        raise Preempted(f"stopped by signal {signals.requested} at step {step}; checkpoint saved. Continue with: "
+    if stop > 0:
+        raise Preempted(f"stopped by signal {stop} at step {step}; checkpoint saved. Continue with: "
                         f"blockssl pretrain --resume {out}")
     return out
 
@@ -237,11 +290,10 @@ class Throughput:
         return value
 
 
-def _log(path: Path, record: dict[str, float], progress: Any, main: bool) -> None:
+def _log(path: Path, record: dict[str, float], progress: Any) -> None:
     """Append to metrics.jsonl, show in the progress bar, and warn on collapsing blocks."""
-    if main:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
     for key, value in record.items():
         if key.startswith("std/") and value < COLLAPSE_STD:
             warnings.warn(f"{key.removeprefix('std/')}: embedding spread {value:.3g} at step {record['step']} "
@@ -283,20 +335,51 @@ def _progress_bar(cfg: Config, total: int, initial: int, main: bool) -> Any:
     return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
 
 
-def _save(out: Path, model: BlockwiseSSL, optimizers: dict[int, torch.optim.Optimizer],
+def _save(out: Path, model: BlockwiseSSL, layout: Layout, optimizers: dict[int, torch.optim.Optimizer],
           scaler: torch.amp.GradScaler, step: int, phase: int, counts: dict[str, int], cfg: Config,
           probe: OnlineProbe | None = None) -> None:
-    """Rank 0 writes. No random state is saved: the noise of every step is keyed by (seed, replica, block, step)."""
-    if not dist.is_main_process():
+    """Rank 0 writes one checkpoint, a normal one whatever the execution: a pipeline's stages send it their own
+    blocks' weights, optimizers and probe classifiers (and the last stage its counts), and it merges them.
+
+    No random state is saved: the noise of every step is keyed by (seed, replica, block, step)."""
+    optimizer_states = {str(k): o.state_dict() for k, o in optimizers.items()}
+    probe_state = probe.checkpoint_state() if probe is not None else None
+    if layout.pipelined:
+        owned = {id(t) for k in layout.blocks for m in model.block_modules(k)
+                 for t in [*m.parameters(), *m.buffers()]}
+        part = None if layout.replica else _to_cpu({
+            "blocks": layout.blocks, "optimizers": optimizer_states, "probe": probe_state,
+            "model": {n: t for n, t in model.state_dict(keep_vars=True).items() if id(t) in owned},
+            "counts": dict(counts) if layout.last else None})
+        parts = [p for p in dist.gather_to_main(part) or [] if p is not None]
+        if not dist.is_main_process():
+            return
+        model.load_state_dict({k: t for p in parts for k, t in p["model"].items()}, strict=False)
+        optimizer_states = {k: v for p in parts for k, v in p["optimizers"].items()}
+        if probe_state is not None:
+            probe_state = OnlineProbe.merge_checkpoint_states([(p["blocks"], p["probe"]) for p in parts])
+        counts = parts[-1]["counts"]
+    elif not dist.is_main_process():
         return
     state = {
         "format_version": FORMAT_VERSION, "config": to_dict(cfg), "step": step, "phase": phase,
-        "model": model.state_dict(), "optimizers": {str(k): o.state_dict() for k, o in optimizers.items()},
-        "scaler": scaler.state_dict(), "counts": dict(counts),
+        "model": model.state_dict(), "optimizers": optimizer_states, "scaler": scaler.state_dict(),
+        "counts": dict(counts),
     }
-    if probe is not None:
-        state["online_probe"] = probe.checkpoint_state()
+    if probe_state is not None:
+        state["online_probe"] = probe_state
     save_checkpoint(state, out / "checkpoints", step, cfg.train.keep_checkpoints)
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Tensors of nested dicts and lists moved to the CPU (NCCL cannot gather pickled device tensors)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _load_optimizers(optimizers: dict[int, torch.optim.Optimizer], saved: dict[str, Any], out: Path) -> None:

@@ -17,6 +17,7 @@ summed since the previous metrics line (kept in the probe's state, so resuming m
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -59,17 +60,19 @@ class OnlineProbe(nn.Module):
         self.optimizer = torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
 
-    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Logits of each block's classifier (as many as ``features``)."""
-        return [linear(norm(f.float())) for f, norm, linear in zip(features, self.norms, self.classifiers,
-                                                                    strict=False)]
+    def forward(self, features: list[torch.Tensor], first: int = 0) -> list[torch.Tensor]:
+        """Logits of the classifiers of blocks ``first``, ``first + 1``, ... (as many as ``features``)."""
+        blocks = range(first, first + len(features))
+        return [self.classifiers[k](self.norms[k](f.float())) for f, k in zip(features, blocks, strict=True)]
 
-    def step(self, features: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One SGD step of every block's classifier on this batch; returns this process's batch top-1 (percent,
-        scored before the update) and cross-entropy per block, ``online/block{k}_top1`` and ``_loss``, as 0-d
-        tensors on the features' device: training ignores them, so no step waits for a device-to-host copy."""
-        if len(features) > len(self.classifiers):
-            raise ValueError(f"{len(features)} feature sets for {len(self.classifiers)} online classifiers")
+    def step(self, features: list[torch.Tensor], labels: torch.Tensor, first: int = 0) -> dict[str, torch.Tensor]:
+        """One SGD step of the classifiers of blocks ``first``, ``first + 1``, ... (a pipeline stage's) on this
+        batch; returns this process's batch top-1 (percent, scored before the update) and cross-entropy per block,
+        ``online/block{k}_top1`` and ``_loss``, as 0-d tensors on the features' device: training ignores them, so
+        no step waits for a device-to-host copy."""
+        if first + len(features) > len(self.classifiers):
+            raise ValueError(f"{len(features)} feature sets from block {first + 1} for {len(self.classifiers)} "
+                             "online classifiers")
         if labels.numel() and int(labels.max()) >= self.num_classes:  # on the loader's CPU tensor: no sync
             raise ValueError(f"online probe: label {int(labels.max())} outside the dataset's {self.num_classes} "
                              "classes; check data.name (or disable online_probe)")
@@ -79,7 +82,7 @@ class OnlineProbe(nn.Module):
         count = labelled.sum()
         self.train()
         with torch.enable_grad():
-            logits = self([f.detach() for f in features])
+            logits = self([f.detach() for f in features], first)
             # Summed over labelled images, divided by at least 1: a batch without labels gives zero gradients (the
             # gradient all-reduce below still needs every process to take part), not NaN.
             losses = [F.cross_entropy(z, labels, ignore_index=NO_LABEL, reduction="sum") / count.clamp(min=1)
@@ -91,14 +94,15 @@ class OnlineProbe(nn.Module):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            blocks = len(logits)
+            blocks = slice(first, first + len(logits))
             correct = torch.stack([((z.argmax(1) == labels) & labelled).sum() for z in logits]).float()
             loss = torch.stack(losses).detach()
-            self.correct[:blocks] += correct
-            self.seen[:blocks] += count
-            self.loss_sum[:blocks] += loss * count
+            self.correct[blocks] += correct
+            self.seen[blocks] += count
+            self.loss_sum[blocks] += loss * count
             values = {"top1": 100 * correct / count.clamp(min=1), "loss": loss}
-        return {f"online/block{k + 1}_{name}": v[k] for name, v in values.items() for k in range(blocks)}
+        return {f"online/block{first + i + 1}_{name}": v[i] for name, v in values.items()
+                for i in range(len(logits))}
 
     def window_metrics(self) -> dict[str, float]:
         """Top-1 (percent) and mean loss per block over every labelled image since the last call, summed over
@@ -119,6 +123,23 @@ class OnlineProbe(nn.Module):
     def checkpoint_state(self) -> dict[str, Any]:
         """Classifiers, BatchNorm statistics, metric window and optimizer state, for the training checkpoint."""
         return {"module": self.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    @staticmethod
+    def merge_checkpoint_states(parts: list[tuple[list[int], dict[str, Any]]]) -> dict[str, Any]:
+        """One ``checkpoint_state`` from pipeline stages' probes, each trusted for its own blocks only."""
+        merged = copy.deepcopy(parts[0][1])
+        module, state = merged["module"], merged["optimizer"]["state"]
+        for blocks, part in parts[1:]:
+            for k in blocks:
+                for key, value in part["module"].items():
+                    if key.startswith((f"norms.{k}.", f"classifiers.{k}.")):
+                        module[key] = value
+                    elif key in ("correct", "seen", "loss_sum"):
+                        module[key][k] = value[k]
+                for index in (2 * k, 2 * k + 1):  # classifier k's weight and bias (the norms have no parameters)
+                    if index in part["optimizer"]["state"]:
+                        state[index] = part["optimizer"]["state"][index]
+        return merged
 
     def load_checkpoint_state(self, state: dict[str, Any], cfg: OnlineProbeConfig) -> None:
         """Restore ``checkpoint_state``; lr, momentum and weight decay come from ``cfg`` (they may change on

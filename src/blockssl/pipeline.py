@@ -1,0 +1,251 @@
+"""Pipeline training (``train.execution=pipeline``): each stage of blocks in its own process, activations sent
+forward only.
+
+No gradient crosses a block boundary, so block k's process trains as soon as block k-1's activations of a batch
+arrive, and nothing is ever sent back. Processes are laid out stage-major, ``rank = stage x replicas + replica``:
+``WORLD_SIZE = stages x data-parallel replicas``. Stage 0 reads the data; every stage sends its last block's
+detached outputs of both views, the labels (for the online probe) and a small record of its scalar terms to the
+same replica of the next stage, which logs them when it is the last. A stage runs at most ``train.in_flight``
+batches ahead of the next one, so memory stays bounded.
+
+Exactness: block k+1 trains on block k's output computed with block k's parameters of the same step, as in
+single-process lean execution; with each block's noise keyed by (seed, replica, block, step), a pipeline run and
+the lean run of the same configuration give the same parameters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from blockssl import dist
+from blockssl.config import Config, ConfigError, parse_stages
+from blockssl.execution import StepResult, Trainer, build_optimizers
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: stage ``stage`` (its blocks ``stages[stage]``, 0-based), replica ``replica`` of
+    ``replicas``. One process without pipelining is the single stage of every block up to ``last_block``."""
+
+    stages: list[list[int]]
+    stage: int = 0
+    replica: int = 0
+    replicas: int = 1
+
+    @property
+    def blocks(self) -> list[int]:
+        return self.stages[self.stage]
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == len(self.stages) - 1
+
+    @property
+    def pipelined(self) -> bool:
+        return len(self.stages) > 1
+
+    def rank(self, stage: int) -> int:
+        """The global rank of this replica's process in ``stage``."""
+        return stage * self.replicas + self.replica
+
+
+def single_stage(num_blocks: int, world: int, rank: int) -> Layout:
+    return Layout([list(range(num_blocks))], 0, rank, world)
+
+
+def plan_layout(cfg: Config, num_blocks: int, world: int, rank: int,
+                measure: Callable[[], list[float]] | None = None) -> Layout:
+    """The stage grouping of ``train.stages`` and this process's place in it; raises before any compute when the
+    world size does not fit. ``auto`` balances contiguous groups by ``measure()``'s per-block step times (run on
+    rank 0 and broadcast, so every process agrees), with as many stages as processes allow."""
+    stages = parse_stages(cfg.train.stages, num_blocks)
+    if stages is None:
+        count = max(s for s in range(1, num_blocks + 1) if world % s == 0)
+        times = dist.broadcast_object(measure() if rank == 0 and measure is not None else None)
+        stages = balanced_stages(times if times is not None else [1.0] * num_blocks, count)
+    if world % len(stages):
+        raise ConfigError(f"train.execution=pipeline: {world} processes cannot hold {len(stages)} stages "
+                          f"({cfg.train.stages!r}) times data-parallel replicas; launch a multiple of {len(stages)} "
+                          "processes (torchrun --nproc-per-node) or change train.stages")
+    replicas = world // len(stages)
+    return Layout(stages, rank // replicas, rank % replicas, replicas)
+
+
+def balanced_stages(times: list[float], count: int) -> list[list[int]]:
+    """Contiguous groups of blocks, ``count`` of them, minimising the slowest group's total time (ties: the
+    earliest cut points)."""
+    n = len(times)
+    best: tuple[float, list[list[int]]] | None = None
+    for cuts in itertools.combinations(range(1, n), count - 1):
+        bounds = [0, *cuts, n]
+        groups = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
+        slowest = max(sum(times[k] for k in g) for g in groups)
+        if best is None or slowest < best[0]:
+            best = (slowest, groups)
+    assert best is not None
+    return best[1]
+
+
+def init_groups(layout: Layout) -> None:
+    """Make each stage's replicas the data-parallel group (every process creates every group, in one order)."""
+    if not layout.pipelined:
+        return
+    for s in range(len(layout.stages)):
+        group = tdist.new_group([s * layout.replicas + d for d in range(layout.replicas)])
+        if s == layout.stage:
+            dist.set_data_parallel_group(group)
+
+
+# The record of one batch, handed from stage to stage with it and logged by the last: a header, then per block
+# whether it has a loss, its loss and embedding spread, and its online-probe top-1 and loss of the metrics window
+# ending at this step (NaN where a block has none).
+HEADER = ("stop", "skipped", "replaced")
+SLOTS = ("has_loss", "loss", "std", "online_top1", "online_loss")
+
+
+def encode_record(num_blocks: int) -> torch.Tensor:
+    record = torch.full((len(HEADER) + len(SLOTS) * num_blocks,), math.nan, dtype=torch.float64)
+    record[: len(HEADER)] = 0
+    return record
+
+
+def _slot(k: int, name: str) -> int:
+    return len(HEADER) + len(SLOTS) * k + SLOTS.index(name)
+
+
+def add_terms(record: torch.Tensor, result: StepResult, online: dict[str, float]) -> None:
+    """Write this process's terms of the step (and online-probe window metrics, at logging steps) into ``record``."""
+    record[HEADER.index("skipped")] += result.skipped
+    for k, loss in result.losses.items():
+        record[_slot(k, "has_loss")] = 1
+        record[_slot(k, "loss")] = loss.double()
+        record[_slot(k, "std")] = result.spreads[k].double()
+    for key, value in online.items():  # online/block{k}_top1 and _loss
+        block, name = key.removeprefix("online/block").split("_")
+        record[_slot(int(block) - 1, f"online_{name}")] = value
+
+
+def decode_terms(record: torch.Tensor, num_blocks: int) -> dict[str, float]:
+    """The logged terms of a record: ``loss`` (summed over blocks), ``loss/block{k}``, ``std/block{k}``, then the
+    online-probe metrics, as a single process logs them."""
+    values = record.tolist()
+    losses = [k for k in range(num_blocks) if values[_slot(k, "has_loss")] == 1]
+    terms = {"loss": sum(values[_slot(k, "loss")] for k in losses)}
+    for k in losses:
+        terms[f"loss/block{k + 1}"] = values[_slot(k, "loss")]
+        terms[f"std/block{k + 1}"] = values[_slot(k, "std")]
+    for k in range(num_blocks):
+        for name in ("top1", "loss"):
+            value = values[_slot(k, f"online_{name}")]
+            if not math.isnan(value):
+                terms[f"online/block{k + 1}_{name}"] = value
+    return terms
+
+
+def measure_block_seconds(cfg: Config, device: torch.device, steps: int = 3) -> list[float]:
+    """Each block's mean step time (forward of both views, backward, optimizer step) on random images of the
+    dataset's shape and one replica's batch, measured on a copy of the run's model (nothing of the run changes)."""
+    from blockssl.data.datasets import dataset_info
+    from blockssl.method import build_model
+    from blockssl.runtime import autocast_context
+
+    info = dataset_info(cfg.data)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg, info.channels, info.image_size).to(device).train()
+        batch = max(2, cfg.train.batch_size // dist.world_size())
+        x = torch.randn(batch, info.channels, info.image_size, info.image_size, device=device)
+    trainer = Trainer(model, build_optimizers(model, cfg.train), torch.amp.GradScaler(device.type, enabled=False),
+                      autocast_context(cfg.train.amp, device), cfg.seed, stage_blocks=list(range(model.num_blocks)))
+    seconds = [0.0] * model.num_blocks
+    for step in range(steps + 1):  # the first step warms up
+        h1 = h2 = x
+        for k in range(model.num_blocks):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            h1, h2 = trainer.lean_blocks([k], h1, h2, step, StepResult())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[k] += (time.perf_counter() - start) * (step > 0)
+    return [t / steps for t in seconds]
+
+
+@dataclass
+class Message:
+    """What one stage hands the next for one batch."""
+
+    h1: torch.Tensor
+    h2: torch.Tensor
+    labels: torch.Tensor
+    record: torch.Tensor  # float64, layout of ``encode_record``, on the CPU
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+class Link:
+    """Point-to-point transfers to the next stage and from the previous one, for one replica chain.
+
+    Sends are asynchronous; at most ``in_flight`` batches are left unfinished before a send waits for the oldest.
+    Each batch is a header (shape and dtype of the activations), both views, the labels and the record. Tensors
+    travel from the device they live on (NCCL sends device tensors; gloo, the CPU ones here).
+    """
+
+    def __init__(self, layout: Layout, device: torch.device, in_flight: int) -> None:
+        self.layout, self.device, self.in_flight = layout, device, in_flight
+        self.pending: deque[tuple[list[Any], list[torch.Tensor]]] = deque()
+        self.bytes_sent = 0
+        self.wait_s = 0.0  # time spent waiting for the previous stage (the bubble) and for full send slots
+        # NCCL moves device tensors only; gloo, CPU ones.
+        self.wire = device if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+    def send(self, msg: Message) -> None:
+        h = msg.h1
+        header = torch.tensor([h.dim(), *h.shape, _DTYPES.index(h.dtype)], dtype=torch.int64)
+        pad = torch.zeros(8 - header.numel(), dtype=torch.int64)
+        tensors = [torch.cat([header, pad]), msg.h1.contiguous(), msg.h2.contiguous(), msg.labels, msg.record]
+        tensors = [t.to(self.wire, non_blocking=True) for t in tensors]
+        dst = self.layout.rank(self.layout.stage + 1)
+        works = [tdist.isend(t, dst) for t in tensors]
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        self.pending.append((works, tensors))  # the tensors stay alive until their send completes
+        while len(self.pending) > self.in_flight:
+            start = time.perf_counter()
+            for work in self.pending.popleft()[0]:
+                work.wait()
+            self.wait_s += time.perf_counter() - start
+
+    def receive(self, num_blocks: int) -> Message:
+        src = self.layout.rank(self.layout.stage - 1)
+        start = time.perf_counter()
+        header = torch.empty(8, dtype=torch.int64, device=self.wire)
+        tdist.recv(header, src)
+        values = header.tolist()
+        shape, dtype = values[1:1 + values[0]], _DTYPES[values[1 + values[0]]]
+        h1 = torch.empty(shape, dtype=dtype, device=self.wire)
+        h2 = torch.empty(shape, dtype=dtype, device=self.wire)
+        labels = torch.empty(shape[0], dtype=torch.int64, device=self.wire)
+        record = torch.empty(len(HEADER) + len(SLOTS) * num_blocks, dtype=torch.float64, device=self.wire)
+        for t in (h1, h2, labels, record):
+            tdist.recv(t, src)
+        self.wait_s += time.perf_counter() - start
+        return Message(h1.to(self.device, non_blocking=True), h2.to(self.device, non_blocking=True), labels,
+                       record.cpu())
+
+    def flush(self) -> None:
+        while self.pending:
+            for work in self.pending.popleft()[0]:
+                work.wait()
