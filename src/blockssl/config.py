@@ -590,8 +590,11 @@ def parse_projector(spec: str) -> list[int]:
 
 # Keys that may change when resuming a run: they do not change what the model computes. The online probe never
 # reaches the model, so it can be switched on (a fresh probe) or retuned for the rest of a run.
+# What may change on resume: how, where and how visibly the same update is computed (execution strategies give the
+# same update, tests/test_method.py and tests/test_pipeline.py).
 RESUMABLE_KEYS = ("data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers",
-                  "train.progress", "train.device", "train.log_every", "online_probe.enabled", "online_probe.every",
+                  "train.progress", "train.device", "train.log_every", "train.execution", "train.stages",
+                  "train.in_flight", "online_probe.enabled", "online_probe.every",
                   "online_probe.lr", "online_probe.momentum", "online_probe.weight_decay")
 
 

@@ -383,10 +383,12 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def _load_optimizers(optimizers: dict[int, torch.optim.Optimizer], saved: dict[str, Any], out: Path) -> None:
-    if set(saved) != {str(k) for k in optimizers}:
-        raise CheckpointError(f"{out}: the checkpoint holds optimizers {sorted(saved)}, this run one per loss block "
-                              f"{sorted(str(k) for k in optimizers)}: it was written before every execution had "
-                              "per-block optimizers; finish the run with the blockssl version that started it")
+    """This process's optimizers (a pipeline stage's: those of its blocks) from a checkpoint's."""
+    missing = sorted(str(k) for k in optimizers if str(k) not in saved)
+    if missing:
+        raise CheckpointError(f"{out}: the checkpoint holds optimizers {sorted(saved)}, not those of loss blocks "
+                              f"{missing}: it was written before every execution had one optimizer per loss block; "
+                              "finish the run with the blockssl version that started it")
     for key, opt in optimizers.items():
         opt.load_state_dict(saved[str(key)])
 

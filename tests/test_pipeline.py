@@ -1,0 +1,98 @@
+"""Pipeline training against single-process lean training: the same parameters, optimizer state and logged terms
+for 2 and 4 stages and an uneven grouping, 2 stages x 2 replicas against one process with the global batch,
+resume across executions, the record handed between stages, stage balancing, and launches that cannot work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blockssl.checkpoint import load_checkpoint
+from blockssl.config import ConfigError, resume_config
+from blockssl.execution import StepResult
+from blockssl.pipeline import add_terms, balanced_stages, decode_terms, encode_record
+from blockssl.train import pretrain
+from tests.conftest import DDP_RUN, assert_same_model, assert_same_tensors, run_metrics, spawn, tiny_config
+
+# Noise on (keyed by block and step, so placement does not matter) and the online probe on (merged per block).
+RUN = ["noise.type=global", "noise.std=0.25", "online_probe.enabled=true", "train.checkpoint_every=3"]
+
+
+def _worker(rank: int, world: int, out: str, overrides: list[str], stop_after: int | None, resume: bool) -> None:
+    cfg = resume_config(out, overrides) if resume else tiny_config(out, *overrides)
+    pretrain(cfg, resume=resume, stop_after=stop_after)
+
+
+def _terms(run) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in run_metrics(run)]
+
+
+def assert_same_run(a, b) -> None:
+    """Bit-identical weights, buffers, optimizer and probe states, and logged terms."""
+    sa, sb = load_checkpoint(a / "checkpoints/last.pt"), load_checkpoint(b / "checkpoints/last.pt")
+    assert sa["step"] == sb["step"]
+    assert_same_tensors(sa["model"], sb["model"])
+    assert sa["optimizers"].keys() == sb["optimizers"].keys()
+    for key, opt in sa["optimizers"].items():
+        for index, state in opt["state"].items():
+            assert_same_tensors(state, sb["optimizers"][key]["state"][index])
+    assert_same_tensors(sa["online_probe"]["module"], sb["online_probe"]["module"])
+    assert _terms(a) == _terms(b)
+    assert sa["counts"] == sb["counts"]
+
+
+@pytest.mark.parametrize(("stages", "world"), [("1+2,3+4", 2), ("blocks", 4), ("1,2+3+4", 2)])
+def test_pipeline_equals_single_process_lean(tmp_path, stages, world):
+    lean = pretrain(tiny_config(tmp_path / "lean", *RUN, "train.execution=lean"))
+    spawn(_worker, world, str(tmp_path / "pipe"), [*RUN, "train.execution=pipeline", f"train.stages={stages}"],
+          None, False)
+    assert_same_run(lean, tmp_path / "pipe")
+    assert (tmp_path / "pipe/backbone.pt").is_file()
+    assert_same_tensors(torch.load(lean / "backbone.pt"), torch.load(tmp_path / "pipe/backbone.pt"))
+
+
+def test_two_stages_times_two_replicas_train_like_one_process_with_the_global_batch(tmp_path):
+    single = pretrain(tiny_config(tmp_path / "one", *DDP_RUN))
+    spawn(_worker, 4, str(tmp_path / "2x2"), [*DDP_RUN, "train.execution=pipeline", "train.stages=1+2,3+4"],
+          None, False)
+    assert_same_model(single, tmp_path / "2x2")
+
+
+def test_pipeline_checkpoint_resumes_in_one_process_and_the_reverse(tmp_path):
+    lean = pretrain(tiny_config(tmp_path / "lean", *RUN, "train.execution=lean"))
+    pipeline = [*RUN, "train.execution=pipeline", "train.stages=1+2,3+4"]
+    spawn(_worker, 2, str(tmp_path / "a"), pipeline, 3, False)  # every stage stops at step 3
+    assert load_checkpoint(tmp_path / "a/checkpoints/last.pt")["step"] == 3
+    pretrain(resume_config(tmp_path / "a", ["train.execution=lean"]), resume=True)
+    assert_same_run(lean, tmp_path / "a")
+
+    pretrain(tiny_config(tmp_path / "b", *RUN, "train.execution=lean"), stop_after=5)
+    spawn(_worker, 2, str(tmp_path / "b"), ["train.execution=pipeline", "train.stages=1+2,3+4"], None, True)
+    assert_same_run(lean, tmp_path / "b")
+
+
+def test_pipeline_needs_a_multiple_of_its_stages_in_processes(tmp_path):
+    with pytest.raises(ConfigError, match="processes cannot hold 4 stages"):
+        pretrain(tiny_config(tmp_path / "run", "train.execution=pipeline"))
+    assert not (tmp_path / "run").exists()  # refused before the run directory exists
+
+
+def test_record_carries_every_blocks_terms_as_one_process_logs_them():
+    record = encode_record(4)
+    first, second = StepResult(skipped=1), StepResult()
+    first.losses[0], first.spreads[0] = torch.tensor(2.0), torch.tensor(0.5)
+    second.losses[2], second.spreads[2] = torch.tensor(float("nan")), torch.tensor(0.25)
+    add_terms(record, first, {"online/block1_top1": 40.0, "online/block1_loss": 1.5})
+    add_terms(record, second, {})
+    terms = decode_terms(record, 4)
+    assert list(terms)[:5] == ["loss", "loss/block1", "std/block1", "loss/block3", "std/block3"]
+    assert terms["loss/block1"] == 2.0 and terms["std/block3"] == 0.25 and terms["online/block1_top1"] == 40.0
+    assert terms["loss/block3"] != terms["loss/block3"]  # a non-finite loss is logged, not dropped
+    assert "online/block3_top1" not in terms and record[1] == 1
+
+
+def test_balanced_stages_minimise_the_slowest_stage():
+    assert balanced_stages([1.0, 1.0, 1.0, 1.0], 2) == [[0, 1], [2, 3]]
+    assert balanced_stages([3.0, 1.0, 1.0, 1.0], 2) == [[0], [1, 2, 3]]
+    assert balanced_stages([1.0, 2.0, 3.0, 4.0], 2) == [[0, 1, 2], [3]]
+    assert balanced_stages([1.0, 2.0, 3.0, 4.0], 4) == [[0], [1], [2], [3]]
