@@ -38,10 +38,12 @@ def _params(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
-    # Same thread count as this process: CPU kernels reduce in a thread-dependent order.
+    # Same thread count as this process: CPU kernels reduce in a thread-dependent order. Its own process group,
+    # so that a test can signal it with its loader workers, as a scheduler or Ctrl-C does.
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen([sys.executable, "-m", "blockssl", "pretrain", *TINY, *KILL_RUN, f"out={out}", *extra],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -80,10 +82,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kill_
 
 
 def test_sigterm_checkpoints_and_exits_with_the_preemption_status(tmp_path, uninterrupted):
+    """SIGTERM to the whole process group, loader worker included (the worker leaves it to the trainer)."""
     out = tmp_path / "run"
-    proc = _start(out)
+    proc = _start(out, "data.num_workers=1")
     _wait_for_step(out, 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err
     assert "--resume" in err

@@ -148,10 +148,19 @@ def test_a_changed_study_or_recipe_is_an_error_listing_the_change(tmp_path):
     ({"colour": "blue"}, "unknown study keys colour"),
     ({"variants": {"a/b": []}, "baseline": "a/b"}, "names a folder"),
     ({"variants": {"bad": ["train.epochz=1"]}, "baseline": "bad"}, "variant .bad.*train.epochz"),
+    ({"robustness_variants": ["blockwise"]}, "include the baseline 'end_to_end'"),
+    ({"robustness_variants": ["end_to_end", "nope"]}, "robustness_variants"),
 ])
 def test_bad_study_files_are_clear_errors(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         load_study(_write_study(tmp_path, **change))
+
+
+def test_robustness_can_be_limited_to_some_variants(tmp_path):
+    study = load_study(_write_study(tmp_path, robustness_variants=["end_to_end"]))
+    assert study.evaluations("end_to_end") == ["probe", "robustness"]
+    assert study.evaluations("blockwise") == ["probe"]
+    assert load_study(_write_study(tmp_path)).evaluations("blockwise") == ["probe", "robustness"]
 
 
 def test_an_unparsable_study_file_says_how_to_quote(tmp_path):

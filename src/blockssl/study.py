@@ -14,6 +14,7 @@ the evaluations and the baseline variant::
     baseline: end_to_end
     probe: []                               # optional probe.* / data.* overrides of the evaluations
     robustness: [robustness.max_images=2000]
+    robustness_variants: [end_to_end, blockwise]  # optional: only these are evaluated for robustness
 
 Run (variant, seed) lives in ``<out>/<variant>/seed<seed>``. Driving the study is idempotent: evaluated runs are
 skipped (their evaluation files suffice, checkpoints may be gone), interrupted ones resumed from their last
@@ -59,6 +60,13 @@ class Study:
     baseline: str = ""
     probe: list[str] = field(default_factory=list)
     robustness: list[str] = field(default_factory=list)
+    robustness_variants: list[str] = field(default_factory=list)  # empty: every variant
+
+    def evaluations(self, variant: str) -> list[str]:
+        """The evaluations of ``variant``'s runs."""
+        if not self.robustness_variants or variant in self.robustness_variants:
+            return list(self.evaluate)
+        return [e for e in self.evaluate if e != "robustness"]
 
     def run_dir(self, variant: str, seed: int) -> Path:
         return Path(self.out) / variant / f"seed{seed}"
@@ -128,7 +136,12 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                   variants={k: _string_list(f"variants.{k}", v) for k, v in variants.items()}, seeds=seeds,
                   overrides=[*_string_list("overrides", raw.get("overrides")), *overrides], evaluate=evaluate,
                   baseline=baseline, probe=_string_list("probe", raw.get("probe")),
-                  robustness=_string_list("robustness", raw.get("robustness")))
+                  robustness=_string_list("robustness", raw.get("robustness")),
+                  robustness_variants=_string_list("robustness_variants", raw.get("robustness_variants")))
+    unknown_variants = [v for v in study.robustness_variants if v not in variants]
+    if unknown_variants or (study.robustness_variants and baseline not in study.robustness_variants):
+        raise ConfigError(f"{path}: robustness_variants {study.robustness_variants} must be variants and include the "
+                          f"baseline {baseline!r} (relative mCE is normalised by it)")
     for variant in study.variants:  # every configuration resolves before any run starts
         study.config(variant, study.seeds[0])
     return study
@@ -187,7 +200,7 @@ def run_one(study: Study, variant: str, seed: int) -> Path:
 
     run_dir = study.run_dir(variant, seed)
     wanted = {"probe": "probe.json", "robustness": "robustness.json"}
-    missing = [e for e in study.evaluate if not (run_dir / wanted[e]).is_file()]
+    missing = [e for e in study.evaluations(variant) if not (run_dir / wanted[e]).is_file()]
     if not missing and (study.evaluate or (run_dir / "backbone.pt").is_file()):
         return run_dir
     if not (run_dir / "backbone.pt").is_file():

@@ -7,6 +7,7 @@ across processes holds the same images, augmented the same way, as in one proces
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -82,7 +83,7 @@ class TwoViews(Dataset):
                 replaced = 1
         if image is None:
             raise BadImageError(f"{MAX_REPLACEMENTS} unreadable images in a row from index {i}: check data.root")
-        # fork_rng: the global RNG of the training process (noise injection) is left untouched.
+        # fork_rng: the global RNG of the training process is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63)
             views = self.transforms[0](image), self.transforms[1](image)
@@ -95,6 +96,12 @@ def pretrain_loader(views: TwoViews, sampler: EpochSampler, *, num_workers: int,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
                       persistent_workers=persistent_workers and num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None,
-                      # Its own generator: creating an iterator must not draw from the global RNG, which
-                      # drives noise injection and is restored exactly on resume.
-                      generator=torch.Generator())
+                      # Its own generator: creating an iterator must not draw from the global RNG.
+                      generator=torch.Generator(), worker_init_fn=_ignore_stop_signals if num_workers else None)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM and SIGINT to the training process: a scheduler or Ctrl-C signals the whole process
+    group, and a worker dying of it would make the loader raise before the training process checkpoints."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
