@@ -69,12 +69,13 @@ def single_stage(num_blocks: int, world: int, rank: int) -> Layout:
 def plan_layout(cfg: Config, num_blocks: int, world: int, rank: int,
                 measure: Callable[[], list[float]] | None = None) -> Layout:
     """The stage grouping of ``train.stages`` and this process's place in it; raises before any compute when the
-    world size does not fit. ``auto`` balances contiguous groups by ``measure()``'s per-block step times (run on
-    rank 0 and broadcast, so every process agrees), with as many stages as processes allow."""
+    world size does not fit. ``auto`` balances contiguous groups by ``measure()``'s per-block step times (rank 0's,
+    broadcast, so every process agrees), with as many stages as processes allow, up to one block each."""
     stages = parse_stages(cfg.train.stages, num_blocks)
     if stages is None:
         count = max(s for s in range(1, num_blocks + 1) if world % s == 0)
-        times = dist.broadcast_object(measure() if rank == 0 and measure is not None else None)
+        # Every process measures (the losses' collectives need all of them); rank 0's figures decide.
+        times = dist.broadcast_object(measure() if measure is not None else None)
         stages = balanced_stages(times if times is not None else [1.0] * num_blocks, count)
     if world % len(stages):
         raise ConfigError(f"train.execution=pipeline: {world} processes cannot hold {len(stages)} stages "
