@@ -117,8 +117,9 @@ HEADER = ("stop", "skipped", "replaced")
 SLOTS = ("has_loss", "loss", "std", "online_top1", "online_loss")
 
 
-def encode_record(num_blocks: int) -> torch.Tensor:
-    record = torch.full((len(HEADER) + len(SLOTS) * num_blocks,), math.nan, dtype=torch.float64)
+def encode_record(num_blocks: int, device: torch.device | None = None) -> torch.Tensor:
+    """An empty record, on the device of the terms written into it (no host synchronisation per step)."""
+    record = torch.full((len(HEADER) + len(SLOTS) * num_blocks,), math.nan, dtype=torch.float64, device=device)
     record[: len(HEADER)] = 0
     return record
 
@@ -132,8 +133,8 @@ def add_terms(record: torch.Tensor, result: StepResult, online: dict[str, float]
     record[HEADER.index("skipped")] += result.skipped
     for k, loss in result.losses.items():
         record[_slot(k, "has_loss")] = 1
-        record[_slot(k, "loss")] = loss.double()
-        record[_slot(k, "std")] = result.spreads[k].double()
+        record[_slot(k, "loss")] = loss
+        record[_slot(k, "std")] = result.spreads[k]
     for key, value in online.items():  # online/block{k}_top1 and _loss
         block, name = key.removeprefix("online/block").split("_")
         record[_slot(int(block) - 1, f"online_{name}")] = value
@@ -191,7 +192,7 @@ class Message:
     h1: torch.Tensor
     h2: torch.Tensor
     labels: torch.Tensor
-    record: torch.Tensor  # float64, layout of ``encode_record``, on the CPU
+    record: torch.Tensor  # float64, layout of ``encode_record``
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -243,8 +244,7 @@ class Link:
         for t in (h1, h2, labels, record):
             tdist.recv(t, src)
         self.wait_s += time.perf_counter() - start
-        return Message(h1.to(self.device, non_blocking=True), h2.to(self.device, non_blocking=True), labels,
-                       record.cpu())
+        return Message(*(t.to(self.device, non_blocking=True) for t in (h1, h2, labels, record)))
 
     def flush(self) -> None:
         while self.pending:

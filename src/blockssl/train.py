@@ -193,6 +193,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     progress = _progress_bar(cfg, total_steps, step, writer)
     meter = Throughput(cfg.train.batch_size)
     steps_this_call = 0
+    tallies = torch.zeros(2, dtype=torch.float64, device=device)  # skipped updates, replaced images: not yet counted
     stop = 0  # why this call stops: 0 not yet, -1 stop_after reached, else the signal received
     with StopSignals() as signals:
         for phase_index, phase in enumerate(phases):
@@ -215,7 +216,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                 for _ in range(step_in_epoch, steps_per_epoch):
                     if batches is not None:
                         x1, x2, labels, replaced = next(batches)
-                        record = encode_record(num_blocks)
+                        record = encode_record(num_blocks, device)
                         record[HEADER.index("replaced")] = float(replaced.sum())
                         x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
                         x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
@@ -240,22 +241,27 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                         elif stop_after is not None and steps_this_call >= stop_after:
                             stop = -1
                         record[HEADER.index("stop")] = stop
-                    else:
+                    else:  # the one host synchronisation per step of a later stage: a flag of the received record
                         stop = int(record[HEADER.index("stop")])
                     if link is not None and not layout.last:
                         link.send(Message(*result.outputs, labels.to(device, non_blocking=True), record))
                     meter.tick()
+                    every = cfg.train.checkpoint_every
+                    saving = (step % every == 0 if every else step % steps_per_epoch == 0) or last or stop != 0
                     if writer:
-                        counts["nonfinite_skipped"] += int(record[HEADER.index("skipped")])
-                        counts["bad_images_replaced"] += int(record[HEADER.index("replaced")])
+                        tallies += record[HEADER.index("skipped"): HEADER.index("replaced") + 1]
                         if progress is not None:
                             progress.update(1)
+                        if logging or saving:  # read on the host only here
+                            skipped, replaced_images = (int(v) for v in tallies.tolist())
+                            tallies.zero_()
+                            counts["nonfinite_skipped"] += skipped
+                            counts["bad_images_replaced"] += replaced_images
                         if logging:
                             _log(out / "metrics.jsonl", {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
                                                          **decode_terms(record, num_blocks),
                                                          "images_per_sec": meter.rate(), **counts}, progress)
-                    every = cfg.train.checkpoint_every
-                    if (step % every == 0 if every else step % steps_per_epoch == 0) or last or stop:
+                    if saving:
                         _save(out, model, layout, optimizers, scaler, step, phase_index, counts, cfg, probe)
                     if last or stop:
                         break
