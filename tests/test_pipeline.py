@@ -96,3 +96,38 @@ def test_balanced_stages_minimise_the_slowest_stage():
     assert balanced_stages([3.0, 1.0, 1.0, 1.0], 2) == [[0], [1, 2, 3]]
     assert balanced_stages([1.0, 2.0, 3.0, 4.0], 2) == [[0, 1, 2], [3]]
     assert balanced_stages([1.0, 2.0, 3.0, 4.0], 4) == [[0], [1], [2], [3]]
+
+
+def _signalled_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    """A 2-stage run whose stage 0 receives SIGTERM once step 2 is logged; every stage must stop at one step."""
+    import os
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    from blockssl.train import Preempted
+
+    def signal_when_logged() -> None:
+        metrics = Path(out) / "metrics.jsonl"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if rank == 0:
+        threading.Thread(target=signal_when_logged, daemon=True).start()
+    try:
+        pretrain(tiny_config(out, *overrides))
+    except Preempted as e:
+        Path(f"{out}.preempted.{rank}").write_text(str(e))
+
+
+def test_a_signalled_pipeline_stops_every_stage_at_one_step_and_resumes_exactly(tmp_path):
+    lean = pretrain(tiny_config(tmp_path / "lean", *RUN, "train.execution=lean"))
+    spawn(_signalled_worker, 2, str(tmp_path / "pipe"), [*RUN, "train.execution=pipeline", "train.stages=1+2,3+4"])
+    messages = [(tmp_path / f"pipe.preempted.{r}").read_text() for r in range(2)]
+    assert messages[0] == messages[1] and "stopped by signal 15" in messages[0]  # the same step in both stages
+    step = load_checkpoint(tmp_path / "pipe/checkpoints/last.pt")["step"]
+    assert 2 <= step < 8 and f"at step {step};" in messages[0]
+    spawn(_worker, 2, str(tmp_path / "pipe"), [], None, True)
+    assert_same_run(lean, tmp_path / "pipe")
