@@ -124,7 +124,10 @@ class Trainer:
 
     def update(self, k: int, step: int) -> bool:
         """Average block k's gradients over the replicas, step its optimizer and free its gradients; False if the
-        step was skipped for a non-finite gradient."""
+        step was skipped for a non-finite gradient.
+
+        No DistributedDataParallel wrapper, whose hooks expect one backward per forward: each block's gradients
+        are averaged in one flattened all-reduce right after its backward, so no gradient is sent twice."""
         opt = self.optimizers[k]
         params = [p for g in opt.param_groups for p in g["params"]]
         dist.average_gradients(params)

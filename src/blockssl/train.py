@@ -1,6 +1,7 @@
 """Pretraining: one loop in a fixed order (batch, lr, step of the execution strategy, online probe, log, save).
 
-How a step runs the blocks (reference, lean) is ``blockssl.execution``.
+How a step runs the blocks (reference, lean, pipeline) is ``blockssl.execution``; a pipeline's stages and
+what they send each other, ``blockssl.pipeline``.
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                         elif stop_after is not None and steps_this_call >= stop_after:
                             stop = -1
                         record[HEADER.index("stop")] = stop
-                    else:  # the one host synchronisation per step of a later stage: a flag of the received record
+                    else:  # read on the host, like the shape in the batch's header: 2 small reads per step
                         stop = int(record[HEADER.index("stop")])
                     if link is not None and not layout.last:
                         link.send(Message(*result.outputs, labels.to(device, non_blocking=True), record))
