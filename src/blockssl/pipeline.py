@@ -28,7 +28,10 @@ import torch.distributed as tdist
 
 from blockssl import dist
 from blockssl.config import Config, ConfigError, parse_stages
+from blockssl.data.datasets import dataset_info
 from blockssl.execution import StepResult, Trainer, build_optimizers
+from blockssl.method import build_model
+from blockssl.runtime import autocast_context
 
 
 @dataclass(frozen=True)
@@ -160,10 +163,6 @@ def decode_terms(record: torch.Tensor, num_blocks: int) -> dict[str, float]:
 def measure_block_seconds(cfg: Config, device: torch.device, steps: int = 3) -> list[float]:
     """Each block's mean step time (forward of both views, backward, optimizer step) on random images of the
     dataset's shape and one replica's batch, measured on a copy of the run's model (nothing of the run changes)."""
-    from blockssl.data.datasets import dataset_info
-    from blockssl.method import build_model
-    from blockssl.runtime import autocast_context
-
     info = dataset_info(cfg.data)
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg, info.channels, info.image_size).to(device).train()
@@ -211,7 +210,6 @@ class Link:
         self.pending: deque[tuple[list[Any], list[torch.Tensor]]] = deque()
         self.bytes_sent = 0
         self.wait_s = 0.0  # time spent waiting for the previous stage (the bubble) and for full send slots
-        # NCCL moves device tensors only; gloo, CPU ones.
         self.wire = device if tdist.get_backend() == "nccl" else torch.device("cpu")
 
     def send(self, msg: Message) -> None:
