@@ -62,6 +62,11 @@ class ModelConfig:
     head: Literal["gap", "cbe"] = "cbe"  # CbE + global pooling, the paper's best pooling design
     head_dim: int = 2048  # CbE expansion width
     head_kernel: int = 1  # CbE kernel size (1x1 in the paper)
+    # CbE computed chunk by chunk without storing its full-resolution maps for backward (blockssl.models.lean_head):
+    # the same outputs, gradients and BatchNorm statistics, a fraction of the memory (block 1 of ResNet-50: 51 MB
+    # per image and view less) for one more convolution over the input in backward. false = conv, BN, ReLU modules.
+    lean_head: bool = True
+    lean_head_chunk_mb: int = 24  # full-resolution maps per chunk (on a CPU, below glibc's 32 MB mmap threshold)
     projector: str = "8192-8192-8192"  # MLP widths; "" = no projector
     # Per-block overrides (one entry per block; empty = the values above for every block).
     block_head_dims: list[int] = field(default_factory=list)
@@ -111,6 +116,11 @@ class TrainConfig:
     # measured step time, one per process) or groups of block numbers, e.g. "1+2,3+4"
     stages: str = "blocks"
     in_flight: int = 2  # pipeline: batches a stage may send ahead of the next stage taking them
+    # Activation checkpointing: each backbone stage keeps only its input for backward and recomputes the rest there
+    # (torch.utils.checkpoint; BatchNorm running statistics updated once). The cheapest cut of end-to-end memory.
+    checkpoint_stages: bool = False
+    # Log saved_mb/block{k} at logging steps: the MiB each block's forward saves for backward (blockssl.memory)
+    log_saved_memory: bool = False
     epochs: int = 300
     batch_size: int = 2048  # global batch
     max_steps: int = 0  # 0 = no cap
@@ -501,7 +511,8 @@ def validate(cfg: Config, saved: bool = False) -> None:
     n = len(blocks)
     t, m, d = cfg.train, cfg.model, cfg.data
     positive = {"train.epochs": t.epochs, "train.batch_size": t.batch_size, "model.head_dim": m.head_dim,
-                "model.head_kernel": m.head_kernel, "train.log_every": t.log_every,
+                "model.head_kernel": m.head_kernel, "model.lean_head_chunk_mb": m.lean_head_chunk_mb,
+                "train.log_every": t.log_every,
                 "train.keep_checkpoints": t.keep_checkpoints, "online_probe.every": cfg.online_probe.every}
     for key, value in positive.items():
         if value < 1:
@@ -513,6 +524,9 @@ def validate(cfg: Config, saved: bool = False) -> None:
             raise ConfigError(f"{key}: must be 0 or more, got {value}")
     if t.batch_size < 2:
         raise ConfigError("train.batch_size: the losses use batch statistics and need at least 2 images per batch")
+    if t.log_saved_memory and t.compile:
+        raise ConfigError("train.log_saved_memory counts saved tensors with autograd hooks in eager mode; set "
+                          "train.compile=false to measure, or train.log_saved_memory=false")
     if m.head_kernel % 2 == 0:
         raise ConfigError(f"model.head_kernel: must be odd to keep the spatial size, got {m.head_kernel}")
     if not 0 < d.min_crop_scale <= 1:

@@ -41,6 +41,7 @@ class StepResult:
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     spreads: dict[int, torch.Tensor] = field(default_factory=dict)  # embedding spread, 1 = spread over the sphere
     skipped: int = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite=skip)
+    saved: dict[int, int] = field(default_factory=dict)  # bytes saved for backward per block, when measured
 
     def add(self, k: int, out: BlockOutput) -> None:
         if out.loss is not None and out.spread is not None:
@@ -107,7 +108,7 @@ class Trainer:
 
     def finite(self, value: torch.Tensor, what: str, step: int) -> bool:
         """False for a non-finite value when skipping is allowed; otherwise a non-finite value stops the run."""
-        if torch.isfinite(value):
+        if torch.isfinite(value.detach()):  # a check, not part of the graph
             return True
         if self.skip_nonfinite:
             return False

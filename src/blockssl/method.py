@@ -6,12 +6,14 @@ with it off and a loss at the last block only (Siddiqui et al. 2024, "Training s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from blockssl.config import Config, detach_inputs, loss_blocks, parse_blocks, parse_projector
 from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
@@ -64,11 +66,13 @@ class BlockwiseSSL(nn.Module):
         head: str = "cbe",
         head_dims: list[int] | None = None,
         head_kernel: int = 1,
+        lean_head_bytes: int = 0,
         projectors: dict[int, list[int]] | None = None,
         noise: str = "none",
         noise_std: float = 0.0,
         noise_scale_grad: bool = True,
         frozen: set[int] | None = None,
+        checkpoint_stages: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -81,7 +85,7 @@ class BlockwiseSSL(nn.Module):
         projectors = projectors if projectors is not None else {k: [8192, 8192, 8192] for k in loss_blocks}
         # A block no loss ever trains (end-to-end's blocks 1 to N-1) is read by plain global average pooling: a
         # CbE head there would stay a random projection, and its probe would measure that, not the block.
-        heads = [Head(c, head if k in projectors else "gap", d, head_kernel)
+        heads = [Head(c, head if k in projectors else "gap", d, head_kernel, lean_head_bytes)
                  for k, (c, d) in enumerate(zip(self.block_channels, head_dims, strict=True))]
         self.heads = nn.ModuleList(heads)
         self.feature_dims = [h.out_dim for h in heads]  # width of each block's features (what probes read)
@@ -91,6 +95,7 @@ class BlockwiseSSL(nn.Module):
         self.noise, self.noise_std, self.noise_scale_grad = noise, noise_std, noise_scale_grad
         self.frozen: set[int] = set(frozen or ())
         self.loss_blocks = list(loss_blocks)
+        self.checkpoint_stages = checkpoint_stages
 
     @property
     def blocks(self) -> list[nn.Sequential]:
@@ -151,7 +156,7 @@ class BlockwiseSSL(nn.Module):
         trainable = k not in self.frozen
         with nullcontext() if trainable else torch.no_grad():
             # Each view runs separately, as in Barlow Twins: BatchNorm statistics are per view.
-            h1, h2 = block(h1), block(h2)
+            h1, h2 = self._stages(block, h1), self._stages(block, h2)
             if trainable and self.training:
                 h1 = inject_noise(h1, self.noise, self.noise_std, self.noise_scale_grad, generator)
                 h2 = inject_noise(h2, self.noise, self.noise_std, self.noise_scale_grad, generator)
@@ -177,6 +182,15 @@ class BlockwiseSSL(nn.Module):
             h1, h2 = out.h1, out.h2
         return outs
 
+    def _stages(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """The block's stages in order; with ``checkpoint_stages`` each keeps only its input for backward and is
+        recomputed there (activation checkpointing, the usual way to cut end-to-end training's memory)."""
+        if not (self.checkpoint_stages and torch.is_grad_enabled()):
+            return block(x)
+        for stage in block:
+            x = checkpoint(stage, x, use_reentrant=False, context_fn=_recompute_contexts(stage))
+        return x
+
     def _probe_only_head(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Head k's output for a block without a loss: in eval mode (its BatchNorm statistics untouched, as in
         ``features``), no gradient."""
@@ -198,6 +212,23 @@ class BlockwiseSSL(nn.Module):
         return feats
 
 
+def _recompute_contexts(stage: nn.Module) -> Callable[[], tuple[Any, Any]]:
+    return lambda: (nullcontext(), _running_stats_kept(stage))
+
+
+@contextmanager
+def _running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Undo what a recomputed forward does to BatchNorm running statistics: they were updated by the first one."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    kept = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(buffers, kept, strict=True):
+                b.copy_(value)
+
+
 def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
     """The model of a configuration; ``in_channels`` and ``image_size`` come from the dataset."""
     m = cfg.model
@@ -217,9 +248,11 @@ def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
         head=m.head,
         head_dims=m.block_head_dims or [m.head_dim] * n,
         head_kernel=m.head_kernel,
+        lean_head_bytes=m.lean_head_chunk_mb * 2**20 if m.lean_head else 0,
         projectors={k: parse_projector(specs[k]) for k in trained},
         noise=cfg.noise.type,
         noise_std=cfg.noise.std,
         noise_scale_grad=cfg.noise.scale_grad,
         frozen={b - 1 for b in cfg.train.frozen_blocks},
+        checkpoint_stages=cfg.train.checkpoint_stages,
     )

@@ -114,10 +114,10 @@ def init_groups(layout: Layout) -> None:
 
 
 # The record of one batch, handed from stage to stage with it and logged by the last: a header, then per block
-# whether it has a loss, its loss and embedding spread, and its online-probe top-1 and loss of the metrics window
-# ending at this step (NaN where a block has none).
+# whether it has a loss, its loss and embedding spread, its online-probe top-1 and loss of the metrics window
+# ending at this step, and the MiB it saved for backward (NaN where a block has none).
 HEADER = ("stop", "skipped", "replaced")
-SLOTS = ("has_loss", "loss", "std", "online_top1", "online_loss")
+SLOTS = ("has_loss", "loss", "std", "online_top1", "online_loss", "saved_mb")
 
 
 def encode_record(num_blocks: int, device: torch.device | None = None) -> torch.Tensor:
@@ -138,6 +138,8 @@ def add_terms(record: torch.Tensor, result: StepResult, online: dict[str, float]
         record[_slot(k, "has_loss")] = 1
         record[_slot(k, "loss")] = loss
         record[_slot(k, "std")] = result.spreads[k]
+    for k, saved in result.saved.items():
+        record[_slot(k, "saved_mb")] = saved / 2**20
     for key, value in online.items():  # online/block{k}_top1 and _loss
         block, name = key.removeprefix("online/block").split("_")
         record[_slot(int(block) - 1, f"online_{name}")] = value
@@ -145,7 +147,7 @@ def add_terms(record: torch.Tensor, result: StepResult, online: dict[str, float]
 
 def decode_terms(record: torch.Tensor, num_blocks: int) -> dict[str, float]:
     """The logged terms of a record: ``loss`` (summed over blocks), ``loss/block{k}``, ``std/block{k}``, then the
-    online-probe metrics, as a single process logs them."""
+    online-probe metrics and ``saved_mb/block{k}``, as a single process logs them."""
     values = record.tolist()
     losses = [k for k in range(num_blocks) if values[_slot(k, "has_loss")] == 1]
     terms = {"loss": sum(values[_slot(k, "loss")] for k in losses)}
@@ -157,6 +159,9 @@ def decode_terms(record: torch.Tensor, num_blocks: int) -> dict[str, float]:
             value = values[_slot(k, f"online_{name}")]
             if not math.isnan(value):
                 terms[f"online/block{k + 1}_{name}"] = value
+    for k in range(num_blocks):
+        if not math.isnan(saved := values[_slot(k, "saved_mb")]):
+            terms[f"saved_mb/block{k + 1}"] = saved
     return terms
 
 

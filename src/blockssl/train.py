@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
 from blockssl.data.transforms import two_view_transforms
 from blockssl.eval.online import OnlineProbe
 from blockssl.execution import STRATEGIES, Trainer, build_optimizers
+from blockssl.memory import model_accounting
 from blockssl.method import BlockwiseSSL, build_model
 from blockssl.optim import lr_factor, set_lr
 from blockssl.pipeline import (
@@ -228,7 +230,12 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                     factor = lr_factor(step - phase.start, phase_steps, warmup, cfg.train.min_lr_ratio)
                     lr = max((set_lr(opt, factor) for opt in optimizers.values()), default=0.0)
                     probing = probe is not None and step % cfg.online_probe.every == 0
-                    result = step_fn(trainer, x1, x2, step, probing)
+                    measuring = cfg.train.log_saved_memory and ((step + 1) % cfg.train.log_every == 0
+                                                                 or step + 1 == phase.end)
+                    with model_accounting(model) if measuring else nullcontext() as saved:
+                        result = step_fn(trainer, x1, x2, step, probing)
+                    if saved is not None:
+                        result.result.saved = saved.result().blocks()
                     if probe is not None and probing and not result.result.skipped and result.features:
                         probe.step(result.features, labels, first=blocks[0])  # non-finite features would poison it
                     step += 1

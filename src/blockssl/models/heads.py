@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from typing import cast
 
 import torch
 from torch import nn
+
+from blockssl.models.lean_head import lean_cbe
 
 
 class Head(nn.Module):
@@ -13,10 +16,14 @@ class Head(nn.Module):
 
     ``gap``: global average pooling. ``cbe`` ("conv-based expansion"): a ``kernel x kernel`` convolution to
     ``dim`` channels, BatchNorm, ReLU, then global average pooling; the paper's best design uses 1x1 and 2048.
+    ``lean_chunk_bytes > 0`` computes ``cbe`` chunk by chunk without storing its full-resolution maps
+    (``blockssl.models.lean_head``): the same function, parameters and state dict.
     """
 
-    def __init__(self, in_channels: int, kind: str = "cbe", dim: int = 2048, kernel: int = 1) -> None:
+    def __init__(self, in_channels: int, kind: str = "cbe", dim: int = 2048, kernel: int = 1,
+                 lean_chunk_bytes: int = 0) -> None:
         super().__init__()
+        self.lean_chunk_bytes = lean_chunk_bytes if kind == "cbe" else 0
         if kind == "gap":
             self.expand: nn.Module = nn.Identity()
             self.out_dim = in_channels
@@ -31,6 +38,10 @@ class Head(nn.Module):
             raise ValueError(f"unknown head {kind!r}; choose gap or cbe")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean_chunk_bytes:
+            expand = cast(nn.Sequential, self.expand)
+            conv, bn = cast(nn.Conv2d, expand[0]), cast(nn.BatchNorm2d, expand[1])
+            return lean_cbe(x, conv, bn, self.lean_chunk_bytes)
         return self.expand(x).mean(dim=(2, 3))
 
 
