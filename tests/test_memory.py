@@ -117,5 +117,5 @@ def test_saved_memory_is_logged_per_block_at_logging_steps(tmp_path):
 
 
 def test_saved_memory_needs_eager_mode(tmp_path):
-    with pytest.raises(ConfigError, match="train.compile=false"):
+    with pytest.raises(ConfigError, match=r"train\.compile=false"):
         tiny_config(tmp_path, "train.log_saved_memory=true", "train.compile=true")

@@ -48,7 +48,7 @@ def test_lean_head_matches_the_plain_head_in_float64(kernel, training, momentum)
     lean.train(training)
     x = torch.randn(7, 5, 6, 7, dtype=torch.float64) * 2 + 0.5
     xp, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
-    for step in range(2):  # twice: running statistics after two updates, gradients accumulated
+    for _ in range(2):  # twice: running statistics after two updates, gradients accumulated
         out_p, out_l = plain(xp), lean(xl)
         assert _rel(out_l, out_p) < 1e-10
         g = torch.randn_like(out_p)
