@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -121,3 +122,38 @@ def test_a_loss_scale_with_a_prescaled_bias_lr_is_refused():
     assert load_config(None, ["loss.name=vicreg", "train.bias_lr=0.0048"])  # no loss scale there
     with pytest.warns(UserWarning, match="twice"):  # a run made that way still loads, to be evaluated or resumed
         from_dict({"train": {"bias_lr": 0.0048}})
+
+
+def test_bfloat16_momentum_stays_within_one_percent_of_float32():
+    """Twenty LARS steps on a regression problem with momentum kept in bfloat16: each parameter's total change
+    within 1% (in norm) of float32's; the buffers are half the size. (The bias before the BatchNorm, whose gradient
+    is zero up to rounding, does not move.)"""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 8))
+    x, y = torch.randn(32, 16), torch.randn(32, 8)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        model = copy.deepcopy(base)
+        cfg = load_config(None, [f"train.momentum_dtype={dtype}", "train.batch_size=256", "train.lr=2.0",
+                                 "train.weight_decay=1e-4"])
+        opt = build_optimizer(model.parameters(), cfg.train)
+        set_lr(opt, 1.0)
+        for _ in range(20):
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        runs[dtype] = model, opt
+    (exact, opt32), (low, opt16) = runs["float32"], runs["bfloat16"]
+    for (name, p0), p32, p16 in zip(base.named_parameters(), exact.parameters(), low.parameters(), strict=True):
+        change = (p32 - p0).norm()
+        if change > 1e-4:
+            assert (p16 - p32).norm() <= 0.01 * change, name
+        else:
+            assert name == "0.bias"
+    sizes = [sum(s["mu"].numel() * s["mu"].element_size() for s in o.state.values()) for o in (opt32, opt16)]
+    assert sizes[1] * 2 == sizes[0] and all(s["mu"].dtype == torch.bfloat16 for s in opt16.state.values())
+
+
+def test_bfloat16_momentum_is_refused_for_other_optimizers():
+    with pytest.raises(ConfigError, match="optimizer=lars only"):
+        load_config(None, ["train.momentum_dtype=bfloat16", "train.optimizer=sgd"])

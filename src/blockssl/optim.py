@@ -15,12 +15,16 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in Barlow Twins.
 
     A group with ``lars_exclude=True`` (biases and norm parameters) gets neither weight decay nor adaptation.
+    ``momentum_dtype`` (e.g. ``torch.bfloat16``) stores the momentum buffers in a lower precision, halving the
+    optimizer state, the largest per-block state of the paper's 8192-wide projectors; the update is computed in the
+    weights' precision and rounded when stored.
     """
 
     def __init__(self, params: Iterable, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                 eta: float = 0.001) -> None:
+                 eta: float = 0.001, momentum_dtype: torch.dtype | None = None) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False)
         super().__init__(params, defaults)
+        self.momentum_dtype = momentum_dtype
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -38,10 +42,15 @@ class LARS(torch.optim.Optimizer):
                     dp = dp.mul(trust)
                 state = self.state[p]
                 if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
+                    state["mu"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype)
                 mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(dp)
-                p.add_(mu, alpha=-group["lr"])
+                if mu.dtype == p.dtype:
+                    mu.mul_(group["momentum"]).add_(dp)
+                    p.add_(mu, alpha=-group["lr"])
+                else:
+                    update = mu.to(p.dtype).mul_(group["momentum"]).add_(dp)
+                    p.add_(update, alpha=-group["lr"])
+                    mu.copy_(update)
 
 
 def param_groups(params: Iterable[nn.Parameter], cfg: TrainConfig) -> list[dict]:
@@ -63,7 +72,8 @@ def param_groups(params: Iterable[nn.Parameter], cfg: TrainConfig) -> list[dict]
 def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(params, cfg)
     if cfg.optimizer == "lars":
-        return LARS(groups, lr=0.0, momentum=cfg.momentum, eta=cfg.lars_eta)
+        return LARS(groups, lr=0.0, momentum=cfg.momentum, eta=cfg.lars_eta,
+                    momentum_dtype=getattr(torch, cfg.momentum_dtype))
     for g in groups:
         g.pop("lars_exclude", None)
     if cfg.optimizer == "sgd":
