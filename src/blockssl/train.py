@@ -39,9 +39,8 @@ from blockssl.config import (
     parse_blocks,
     to_dict,
 )
-from blockssl.data.datasets import build_dataset, dataset_info
-from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
-from blockssl.data.transforms import two_view_transforms
+from blockssl.data.datasets import dataset_info
+from blockssl.data.loader import EpochSampler, pretrain_loader, two_view_dataset
 from blockssl.eval.online import OnlineProbe
 from blockssl.execution import STRATEGIES, Trainer, build_optimizers
 from blockssl.memory import model_accounting
@@ -132,10 +131,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     out = prepare_run_dir(cfg, resume, overwrite) if main else Path(cfg.out)
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None  # fail before any work
     seed_everything(cfg.seed)  # the same initial weights in every process
-    base = build_dataset(cfg.data, "pretrain")
-    preset = cfg.loss.name if cfg.data.augment == "auto" else cfg.data.augment
-    transforms = two_view_transforms(preset, info, cfg.data.min_crop_scale, cfg.data.blur)
-    views = TwoViews(base, transforms, cfg.seed, strict=cfg.data.strict)
+    views = two_view_dataset(cfg)
     sampler = EpochSampler(len(views), cfg.train.batch_size, cfg.seed, layout.replica, layout.replicas)
     loader = pretrain_loader(views, sampler, num_workers=cfg.data.num_workers,
                              pin_memory=cfg.data.pin_memory and device.type == "cuda",

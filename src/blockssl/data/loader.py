@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from blockssl.config import ConfigError
-from blockssl.data.datasets import BadImageError
+from blockssl.config import Config, ConfigError
+from blockssl.data.datasets import BadImageError, DatasetInfo, build_dataset, dataset_info
+from blockssl.data.transforms import two_view_transforms
 
 MAX_REPLACEMENTS = 16
 
@@ -64,8 +65,9 @@ class TwoViews(Dataset):
     ``strict`` it stops the run, naming the file.
     """
 
-    def __init__(self, base: Dataset, transforms: tuple[Callable, Callable], seed: int, strict: bool = False) -> None:
-        self.base, self.transforms, self.seed, self.strict = base, transforms, seed, strict
+    def __init__(self, base: Dataset, transforms: tuple[Callable, Callable], seed: int, strict: bool = False,
+                 info: DatasetInfo | None = None) -> None:
+        self.base, self.transforms, self.seed, self.strict, self.info = base, transforms, seed, strict, info
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -88,6 +90,14 @@ class TwoViews(Dataset):
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63)
             views = self.transforms[0](image), self.transforms[1](image)
         return *views, -1 if target is None else int(target), replaced
+
+
+def two_view_dataset(cfg: Config) -> TwoViews:
+    """The pretraining set of ``cfg`` with its two-view augmentation preset (``data.augment``, auto = the loss's)."""
+    info = dataset_info(cfg.data)
+    preset = cfg.loss.name if cfg.data.augment == "auto" else cfg.data.augment
+    transforms = two_view_transforms(preset, info, cfg.data.min_crop_scale, cfg.data.blur)
+    return TwoViews(build_dataset(cfg.data, "pretrain"), transforms, cfg.seed, strict=cfg.data.strict, info=info)
 
 
 def pretrain_loader(views: TwoViews, sampler: EpochSampler, *, num_workers: int, pin_memory: bool,

@@ -120,13 +120,14 @@ class _LeanCbE(torch.autograd.Function):
                 assert bn.running_mean is not None and bn.running_var is not None
                 count, mean, var = x.new_tensor(1.0, dtype=dtype), bn.running_mean.to(dtype), bn.running_var.to(dtype)
             invstd = torch.rsqrt(var + bn.eps)
+            scale, shift = (gamma.to(dtype) * invstd)[:, None, None], beta.to(dtype)[:, None, None]
             out, passed, yhat_sum = [], [], []
             for part in _chunks(x.shape[0], spec.chunk):
-                yhat, pre = _normalise(_conv(x[part], weight, spec).to(dtype), mean, invstd, gamma, beta)
+                centred, pre = _centred_and_relu_input(x[part], weight, mean, scale, shift, spec)
                 mask = pre > 0
                 out.append(pre.clamp_min_(0).mean((2, 3)))
                 passed.append(mask.sum((2, 3), dtype=dtype))
-                yhat_sum.append((yhat * mask).sum((2, 3)))
+                yhat_sum.append(centred.mul_(mask).sum((2, 3)) * invstd)
                 ctx.locations = pre.shape[2] * pre.shape[3]
         ctx.spec = spec
         ctx.save_for_backward(x, weight, gamma, beta, count, mean, invstd, torch.cat(passed), torch.cat(yhat_sum))
@@ -144,32 +145,36 @@ class _LeanCbE(torch.autograd.Function):
             if spec.sync:
                 sums = dist.all_reduce_sum(sums)
             centre, slope = sums[0] / count, sums[1] / count
-        a = (gamma.to(mean.dtype) * invstd)[:, None, None]
+        # dy = a * (g [ReLU passed] - centre - yhat * slope), a = gamma * invstd, yhat = invstd * (y - mean):
+        # per chunk one fused pass for the terms linear in y, one for the masked term
+        a = gamma.to(mean.dtype) * invstd
+        coef, const = (-a * slope * invstd)[:, None, None], (-a * centre)[:, None, None]
+        scale, shift = a[:, None, None], beta.to(mean.dtype)[:, None, None]
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         dweight = torch.zeros_like(weight, dtype=mean.dtype) if ctx.needs_input_grad[1] else None
         with torch.no_grad():
             for part in _chunks(x.shape[0], spec.chunk):
                 xp = x[part].to(spec.autocast or x.dtype)
-                yhat, pre = _normalise(_conv(xp, weight, spec).to(mean.dtype), mean, invstd, gamma, beta)
-                dy = a * (g[part, :, None, None] * (pre > 0) - centre[:, None, None] - yhat * slope[:, None, None])
+                centred, pre = _centred_and_relu_input(xp, weight, mean, scale, shift, spec)
+                passed_here = pre.gt_(0)  # 1 where the ReLU passed, in place
+                dy = torch.addcmul(const, centred, coef).addcmul_(passed_here, (a * g[part])[:, :, None, None])
                 dy = dy.to(xp.dtype)
                 if dx is not None:
-                    dx[part] = conv2d_input(xp.shape, weight.to(dy.dtype), dy, spec.stride,
-                                                          spec.padding, spec.dilation)
+                    dx[part] = conv2d_input(xp.shape, weight.to(dy.dtype), dy, spec.stride, spec.padding,
+                                            spec.dilation)
                 if dweight is not None:
-                    dweight += conv2d_weight(xp, weight.shape, dy, spec.stride, spec.padding,
-                                                           spec.dilation)
+                    dweight += conv2d_weight(xp, weight.shape, dy, spec.stride, spec.padding, spec.dilation)
         return (dx, None if dweight is None else dweight.to(weight.dtype),
                 dgamma.to(gamma.dtype) if ctx.needs_input_grad[2] else None,
                 dbeta.to(beta.dtype) if ctx.needs_input_grad[3] else None, None)
 
 
-def _normalise(y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``yhat`` and the ReLU's input ``gamma * yhat + beta``, computed the same way in forward and backward, so the
-    recomputed ReLU mask is the forward's."""
-    yhat = (y - mean[:, None, None]) * invstd[:, None, None]
-    return yhat, yhat * gamma.to(y.dtype)[:, None, None] + beta.to(y.dtype)[:, None, None]
+def _centred_and_relu_input(x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                            shift: torch.Tensor, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y - mean`` of a chunk's convolution and the ReLU's input ``scale * (y - mean) + shift``, computed the same
+    way in forward and backward, so the recomputed ReLU mask is the forward's."""
+    centred = _conv(x, weight, spec).to(mean.dtype).sub_(mean[:, None, None])
+    return centred, torch.addcmul(shift, centred, scale)
 
 
 def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, count: torch.Tensor, mean: torch.Tensor,
