@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
-from blockssl.config import DataConfig
+from blockssl.config import DataConfig, load_config
 from blockssl.data import datasets as datasets_module
 from blockssl.data.datasets import ArrayImages, DatasetInfo, build_dataset, dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
-from blockssl.data.transforms import eval_transform, two_view_transforms
+from blockssl.data.transforms import PILGaussianBlur, eval_transform, two_view_transforms
 
 # ---------------------------------------------------------------------------------------------------------
 # Fashion-MNIST idx files
@@ -444,3 +444,19 @@ def test_loader_batches_split_across_processes_equal_single_process_batches():
         assert s1.shape == (4, 3, 16, 16)
         assert torch.equal(torch.cat([a1, b1]), s1) and torch.equal(torch.cat([a2, b2]), s2)
         assert sy.dtype == torch.int64 and torch.equal(torch.cat([ay, by]), sy)
+
+
+def test_pil_blur_is_the_reference_filter_with_a_seeded_sigma():
+    image = _random_image(3, 40)
+    blur = PILGaussianBlur((0.1, 2.0))
+    torch.manual_seed(3)
+    out = blur(image)
+    torch.manual_seed(3)
+    sigma = float(torch.empty(1).uniform_(0.1, 2.0))
+    assert 0.1 <= sigma <= 2.0
+    assert np.array_equal(np.asarray(out), np.asarray(image.filter(ImageFilter.GaussianBlur(radius=sigma))))
+    view, _ = two_view_transforms("barlow_twins", INFOS["rgb96"], blur_impl="pil")
+    assert any("PILGaussianBlur" in repr(op) for op in view.transforms)
+    recipes = Path(__file__).parents[2] / "configs" / "imagenet"
+    assert load_config(recipes / "barlow_twins_blockwise.yaml").data.blur_impl == "pil"  # the authors' code
+    assert load_config(recipes / "simclr_blockwise.yaml").data.blur_impl == "torchvision"  # SimCLR's kernel

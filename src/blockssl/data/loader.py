@@ -96,7 +96,7 @@ def two_view_dataset(cfg: Config) -> TwoViews:
     """The pretraining set of ``cfg`` with its two-view augmentation preset (``data.augment``, auto = the loss's)."""
     info = dataset_info(cfg.data)
     preset = cfg.loss.name if cfg.data.augment == "auto" else cfg.data.augment
-    transforms = two_view_transforms(preset, info, cfg.data.min_crop_scale, cfg.data.blur)
+    transforms = two_view_transforms(preset, info, cfg.data.min_crop_scale, cfg.data.blur, cfg.data.blur_impl)
     return TwoViews(build_dataset(cfg.data, "pretrain"), transforms, cfg.seed, strict=cfg.data.strict, info=info)
 
 
