@@ -116,10 +116,10 @@ SETTINGS: dict[str, list[str]] = {
 DATA: dict[str, dict[str, Any]] = {
     "fashion_mnist": {"recipe": "configs/fashion_mnist.yaml", "model": "fashion_mnist", "batch": 256, "batches": 8},
     "imagenet": {"recipe": "configs/imagenet/barlow_twins_blockwise_noise.yaml", "model": "resnet50", "batch": 32,
-                 "batches": 6, "images": 192},
+                 "batches": 6, "generated": True},
 }
 QUICK_DATA = {"fashion_mnist": {**DATA["fashion_mnist"], "batch": 16, "batches": 2},
-              "imagenet": {**DATA["imagenet"], "batch": 4, "batches": 2, "images": 16}}
+              "imagenet": {**DATA["imagenet"], "batch": 4, "batches": 2}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ def data_bounds(loaders: list[dict[str, Any]], results: list[dict[str, Any]], ta
         demand = model["images_per_s"] if model else None
         out.append({"data": name, "per_worker_images_per_s": one["images_per_s"],
                     "all_cpus_images_per_s": many[0]["images_per_s"] if many else None,
-                    "recipe_workers": one["recipe_workers"], "supply_images_per_s": supply,
+                    "recipe_workers": one["recipe_workers"], "workers": workers, "supply_images_per_s": supply,
                     "model": table[name]["model"], "model_images_per_s": demand,
                     "workers_needed": demand / one["images_per_s"] if demand else None,
                     "bound": None if demand is None else ("data" if supply < demand else "model")})
@@ -447,9 +447,10 @@ def format_data(loaders: list[dict[str, Any]], bounds: list[dict[str, Any]]) -> 
     for b in bounds:
         if b["model_images_per_s"] is None:
             continue
-        lines.append(f"{b['data']}: {b['recipe_workers']} recipe worker(s) deliver {b['supply_images_per_s']:.1f} "
-                     f"images/s, the {b['model']} lean step takes {b['model_images_per_s']:.2f}: bound by the "
-                     f"{b['bound']} ({b['workers_needed']:.2f} workers' worth of loading needed)")
+        lines.append(f"{b['data']}: {b['workers']} worker(s) (the recipe's {b['recipe_workers']}, at most one per CPU) "
+                     f"deliver {b['supply_images_per_s']:.1f} images/s, the {b['model']} lean step takes "
+                     f"{b['model_images_per_s']:.2f}: bound by the {b['bound']} ({b['workers_needed']:.2f} workers' "
+                     "worth of loading needed)")
     return "\n".join(lines)
 
 
@@ -526,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen["data"]:
             spec = data_table[name]
-            root = str(generated_imagefolder(Path(tmp) / name, spec["images"])) if "images" in spec else ""
+            images = spec["batch"] * (spec["batches"] + 1)  # one untimed batch, then the timed ones
+            root = str(generated_imagefolder(Path(tmp) / name, images)) if spec.get("generated") else ""
             for workers in (0, cpus):
                 print(f"data {name}: {workers} workers", flush=True)
                 loaders.append(measure_loader(name, spec, workers, root))
