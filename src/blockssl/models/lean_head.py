@@ -29,6 +29,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from blockssl import dist
 
 
+@torch.compiler.disable  # dynamo cannot trace the Function's module argument; the rest of the head still compiles
 def lean_cbe(x: torch.Tensor, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, chunk_bytes: int
              ) -> torch.Tensor:
     """``relu(bn(conv(x))).mean((2, 3))`` computed chunk by chunk, holding at most ``chunk_bytes`` of full-resolution
