@@ -4,8 +4,8 @@ LARS momentum in bfloat16; and the two-view data pipeline alone, to say which of
 
 Settings, each on every selected model (``--settings``):
 
-- ``end_to_end``: ``train.scheme=end_to_end model.head=gap`` (the standard Barlow Twins model: the last block
-  average-pooled into the projector, full backpropagation);
+- ``end_to_end``: ``train.scheme=end_to_end model.head=gap noise.type=none`` (the standard Barlow Twins model:
+  the last block average-pooled into the projector, full backpropagation, no noise);
 - ``e2e_checkpointed``: the same with ``train.checkpoint_stages=true`` (each backbone stage recomputed in backward:
   the cheapest way to cut end-to-end memory);
 - ``reference``: ``train.execution=reference model.lean_head=false`` (the authors' structure: all blocks forward,
@@ -104,8 +104,9 @@ QUICK_MODELS: dict[str, dict[str, Any]] = {
                  "channels": 3, "image_size": 64, "batch": 4, "warmup": 1, "steps": 1},
 }
 SETTINGS: dict[str, list[str]] = {
-    "end_to_end": ["train.scheme=end_to_end", "model.head=gap"],
-    "e2e_checkpointed": ["train.scheme=end_to_end", "model.head=gap", "train.checkpoint_stages=true"],
+    "end_to_end": ["train.scheme=end_to_end", "model.head=gap", "noise.type=none"],
+    "e2e_checkpointed": ["train.scheme=end_to_end", "model.head=gap", "noise.type=none",
+                         "train.checkpoint_stages=true"],
     "reference": ["train.scheme=simultaneous", "train.execution=reference", "model.lean_head=false"],
     "lean_plain_head": ["train.scheme=simultaneous", "train.execution=lean", "model.lean_head=false"],
     "lean": ["train.scheme=simultaneous", "train.execution=lean", "model.lean_head=true"],

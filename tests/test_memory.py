@@ -11,7 +11,7 @@ from torch import nn
 
 from blockssl.config import ConfigError
 from blockssl.execution import Trainer, build_optimizers, lean_step
-from blockssl.memory import SavedTensorAccounting, model_accounting
+from blockssl.memory import PARTS, SavedTensorAccounting, model_accounting
 from blockssl.train import pretrain
 from tests.conftest import assert_same_tensors, run_metrics, tiny_config
 from tests.test_method import _model, _run_steps, _views
@@ -55,8 +55,7 @@ def test_per_block_accounting_separates_lean_from_reference_execution(tmp_path, 
         with model_accounting(model) as acc:
             _run_steps(model, cfg, execution, steps=1)
         saved = acc.result()
-        assert set(saved.parts) == {f"block{k}/{p}" for k in range(1, 5)
-                                    for p in ("backbone", "noise", "head", "projector", "loss")}
+        assert set(saved.parts) == {f"block{k}/{p}" for k in range(1, 5) for p in PARTS}
         assert acc.held == 0
         blocks = saved.blocks()
         # lean: one block's graph at a time; reference: every block's graph until the one backward

@@ -160,7 +160,8 @@ def model_accounting(model: BlockwiseSSL) -> SavedTensorAccounting:
 
     scopes: list[tuple[nn.Module, Name]] = []
     for k in range(model.num_blocks):
-        scopes += [(m, part(k, "backbone")) for m in model.blocks[k]]
+        stages = [m for name in model.block_stages[k] for m in model.backbone.stage_modules(name)]
+        scopes += [(m, part(k, "backbone")) for m in stages]
         scopes.append((model.heads[k], part(k, "head")))
         if str(k) in model.projectors:
             scopes.append((model.projectors[str(k)], part(k, "projector")))

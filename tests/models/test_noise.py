@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blockssl.memory import SavedTensorAccounting
 from blockssl.models.noise import NOISE_TYPES, inject_noise, noise_scale
 
 
@@ -125,3 +126,22 @@ def test_same_seed_same_noise_whatever_the_memory_layout(kind):
         draws.append(inject_noise(x.contiguous(memory_format=layout), kind, 0.25))
     assert torch.equal(draws[0], draws[1])
     torch.testing.assert_close(draws[2], draws[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["global", "channel", "spatial"])
+@pytest.mark.parametrize("shape", [(8, 16, 7, 7), (4, 8, 1, 1)])
+def test_redrawn_noise_gives_the_stored_noise_gradient_bit_for_bit_and_stores_no_noise(kind, shape):
+    """The noise is drawn again in backward from the generator's state instead of being kept: the gradient is the
+    one of ``x + sigma * s(x) * noise`` through autograd (float32, bit for bit), and nothing of x's size but x itself
+    is saved."""
+    x = (torch.randn(*shape) * 2 + 1).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    upstream = torch.randn(*shape)
+    with SavedTensorAccounting([], exclude=[x]) as saved:
+        out = inject_noise(x, kind, 0.25, generator=torch.Generator().manual_seed(5))
+        assert saved.held == noise_scale(x, kind).numel() * 4  # the scale; x is excluded here, the noise not kept
+        out.backward(upstream)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    (x_ref + 0.25 * noise_scale(x_ref, kind) * noise).backward(upstream)
+    assert torch.equal(out, (x_ref + 0.25 * noise_scale(x_ref, kind) * noise).detach())
+    assert torch.equal(x.grad, x_ref.grad)

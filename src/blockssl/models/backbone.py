@@ -111,10 +111,17 @@ class ResNet(nn.Module):
     def stage(self, name: str) -> nn.Module:
         """The module that computes stage ``name`` (the stem is built from torchvision's top-level layers)."""
         if name == "stem":
-            return nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+            return nn.Sequential(*self.stage_modules(name))
         if name not in ("layer1", "layer2", "layer3", "layer4"):
             raise KeyError(f"unknown stage {name!r}; stages are {', '.join(s.name for s in self.stage_info)}")
         return getattr(self, name)
+
+    def stage_modules(self, name: str) -> list[nn.Module]:
+        """The registered modules that compute stage ``name``, in order (``stage`` wraps the stem's in a new
+        ``nn.Sequential`` on every call: hooks and ``compile`` need these)."""
+        if name == "stem":
+            return [self.conv1, self.bn1, self.relu, self.maxpool]
+        return [self.stage(name)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for info in self.stage_info:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +26,11 @@ def noise_scale(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind not in _DIMS:
         raise ValueError(f"unknown noise type {kind!r}; choose one of {', '.join(NOISE_TYPES)}")
     dims = _DIMS[kind]
-    correction = 1 if math.prod(x.shape[d] for d in dims) > 1 else 0
-    return x.std(dim=dims, keepdim=True, correction=correction)
+    return x.std(dim=dims, keepdim=True, correction=_correction(x, dims))
+
+
+def _correction(x: torch.Tensor, dims: tuple[int, ...]) -> int:
+    return 1 if math.prod(x.shape[d] for d in dims) > 1 else 0
 
 
 def noise_generator(seed: int, replica: int, block: int, step: int, device: torch.device) -> torch.Generator:
@@ -45,12 +49,49 @@ def inject_noise(x: torch.Tensor, kind: str, sigma: float, scale_grad: bool = Tr
     global one).
 
     ``scale_grad``: differentiate through ``s(x)`` as the reference code does (autograd sees its ``torch.std``);
-    off, the noise is a constant offset and the gradient is the identity.
+    off, the noise is a constant offset and the gradient is the identity. The noise is not kept for backward:
+    it is drawn again there from the generator's state (``_RedrawnNoise``), which saves a tensor the size of the
+    block's output (205 MB at ResNet-50's block 1, batch 32, both views) for the same gradient.
     """
     if kind == "none" or sigma == 0:
         return x
-    with torch.set_grad_enabled(scale_grad and torch.is_grad_enabled()):
+    if generator is None:
+        generator = torch.default_generator if x.device.type == "cpu" else torch.cuda.default_generators[
+            x.device.index if x.device.index is not None else torch.cuda.current_device()]
+    out: torch.Tensor = _RedrawnNoise.apply(x, kind, sigma, scale_grad and torch.is_grad_enabled(), generator)
+    return out
+
+
+class _RedrawnNoise(torch.autograd.Function):
+    """``x + sigma * s(x) * noise``, its backward the same operations' (the add's, the multiply's reduction to the
+    scale's shape, the std's) with the noise drawn again from the generator state it was first drawn from."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, kind: str, sigma: float, scale_grad: bool,
+                generator: torch.Generator) -> torch.Tensor:
+        ctx.kind, ctx.sigma, ctx.scale_grad, ctx.state = kind, sigma, scale_grad, generator.get_state()
+        ctx.device = x.device
         scale = noise_scale(x, kind)
+        ctx.save_for_backward(x if scale_grad else None, scale)
+        return x + sigma * scale * _draw(x.shape, x.dtype, x.device, generator)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not ctx.scale_grad:
+            return grad, None, None, None, None
+        x, scale = ctx.saved_tensors
+        replay = torch.Generator(ctx.device)
+        replay.set_state(ctx.state)
+        noise = _draw(x.shape, x.dtype, x.device, replay)
+        grad_scale = (grad * noise).sum_to_size(scale.shape) * ctx.sigma
+        # torch's std backward (FunctionsManual.cpp: std_backward, var_backward), operation for operation
+        dims = _DIMS[ctx.kind]
+        count = math.prod(x.shape[d] for d in dims)
+        grad_var = (grad_scale / (scale * 2)).masked_fill_(scale == 0, 0)
+        through_scale = (2.0 / (count - _correction(x, dims))) * grad_var * (x - x.mean(dims, keepdim=True))
+        return grad + through_scale, None, None, None, None
+
+
+def _draw(shape: torch.Size, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> torch.Tensor:
     # Drawn in the logical (N, C, H, W) order whatever x's memory layout: channels_last gives the same noise.
-    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-    return x + sigma * scale * noise
+    return torch.randn(shape, dtype=dtype, device=device, generator=generator)
