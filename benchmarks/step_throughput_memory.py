@@ -13,7 +13,8 @@ Settings, each on every selected model (``--settings``):
 - ``lean_plain_head``: ``train.execution=lean model.lean_head=false`` (each block's backward and step before the
   next block runs; the CbE heads store their full-resolution maps);
 - ``lean``: ``train.execution=lean`` with the lean CbE head (the default);
-- ``lean_bf16_momentum``: ``lean`` with ``train.momentum_dtype=bfloat16``.
+- ``lean_bf16_momentum``: ``lean`` with ``train.momentum_dtype=bfloat16``;
+- ``lean_checkpointed``: ``lean`` with ``train.checkpoint_stages=true`` (set against ``e2e_checkpointed``).
 
 Models (``--models``; ``--quick`` swaps in tiny versions for a smoke run):
 
@@ -112,6 +113,8 @@ SETTINGS: dict[str, list[str]] = {
     "lean": ["train.scheme=simultaneous", "train.execution=lean", "model.lean_head=true"],
     "lean_bf16_momentum": ["train.scheme=simultaneous", "train.execution=lean", "model.lean_head=true",
                            "train.momentum_dtype=bfloat16"],
+    "lean_checkpointed": ["train.scheme=simultaneous", "train.execution=lean", "model.lean_head=true",
+                          "train.checkpoint_stages=true"],
 }
 # The data pipelines and the model whose lean step each feeds.
 DATA: dict[str, dict[str, Any]] = {
