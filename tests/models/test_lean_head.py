@@ -34,6 +34,15 @@ def _heads(kernel: int, momentum: float | None = 0.1, dtype: torch.dtype = torch
     return plain, lean
 
 
+def assert_same_heads(plain: Head, lean: Head, xp: torch.Tensor, xl: torch.Tensor, tol: float = 1e-10) -> None:
+    """After the same forwards and backwards: input and parameter gradients and BatchNorm buffers agree."""
+    assert _rel(xl.grad, xp.grad) < tol
+    for (name, p), (_, q) in zip(plain.named_parameters(), lean.named_parameters(), strict=True):
+        assert _rel(q.grad, p.grad) < tol, name
+    for (name, p), (_, q) in zip(plain.named_buffers(), lean.named_buffers(), strict=True):
+        assert _rel(q, p) < tol if p.is_floating_point() else torch.equal(q, p), name  # num_batches_tracked
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max())
@@ -54,14 +63,7 @@ def test_lean_head_matches_the_plain_head_in_float64(kernel, training, momentum)
         g = torch.randn_like(out_p)
         out_p.backward(g)
         out_l.backward(g)
-    assert _rel(xl.grad, xp.grad) < 1e-10
-    for (name, p), (_, q) in zip(plain.named_parameters(), lean.named_parameters(), strict=True):
-        assert _rel(q.grad, p.grad) < 1e-10, name
-    for (name, p), (_, q) in zip(plain.named_buffers(), lean.named_buffers(), strict=True):
-        if p.is_floating_point():
-            assert _rel(q, p) < 1e-10, name
-        else:
-            assert torch.equal(q, p), name  # num_batches_tracked
+    assert_same_heads(plain, lean, xp, xl)
     assert int(plain.expand[1].num_batches_tracked) == (2 if training else 0)
 
 
@@ -112,10 +114,8 @@ def _sync_worker(rank: int, world: int, out: str) -> None:
     g = torch.randn(6, 12, dtype=torch.float64)[rank * 3:(rank + 1) * 3]
     out_p.backward(g)
     out_l.backward(g)
-    assert _rel(out_l, out_p) < 1e-10 and _rel(xl.grad, xp.grad) < 1e-10
-    for (name, p), (_, q) in zip(plain.named_parameters(), lean.named_parameters(), strict=True):
-        assert _rel(q.grad, p.grad) < 1e-10, name
-    assert _rel(lean.expand[1].running_var, plain.expand[1].running_var) < 1e-10
+    assert _rel(out_l, out_p) < 1e-10
+    assert_same_heads(plain, lean, xp, xl)
     Path(out, f"rank{rank}").write_text("ok")
 
 
