@@ -133,7 +133,7 @@ class TrainConfig:
     bias_lr: float = 0.0
     weight_decay: float = 1e-6
     momentum: float = 0.9
-    # LARS momentum buffers in bfloat16: half the optimizer state (1.2 GB of ResNet-50's four 8192-wide projectors),
+    # LARS momentum buffers in bfloat16: half the optimizer state (-1.18 GiB with ResNet-50's 8192-wide projectors),
     # weights within 1% (in norm) of float32's change after 20 steps (tests/test_optim.py); float32 is exact
     momentum_dtype: Literal["float32", "bfloat16"] = "float32"
     lars_eta: float = 0.001
