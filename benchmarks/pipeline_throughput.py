@@ -67,13 +67,12 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], overrides: l
             out: str) -> None:
     from blockssl import dist
     from blockssl.data.datasets import dataset_info
-    from blockssl.execution import Trainer, build_optimizers, lean_step
+    from blockssl.execution import Trainer, build_optimizers, encode_record, lean_step
     from blockssl.method import build_model
     from blockssl.optim import set_lr
     from blockssl.pipeline import (
         Link,
         Message,
-        encode_record,
         init_groups,
         measure_block_seconds,
         plan_layout,

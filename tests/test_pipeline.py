@@ -9,8 +9,8 @@ import torch
 
 from blockssl.checkpoint import load_checkpoint
 from blockssl.config import ConfigError, resume_config
-from blockssl.execution import StepResult
-from blockssl.pipeline import add_terms, balanced_stages, decode_terms, encode_record
+from blockssl.execution import StepResult, add_terms, decode_terms, encode_record
+from blockssl.pipeline import balanced_stages
 from blockssl.train import pretrain
 from tests.conftest import DDP_RUN, assert_same_model, assert_same_tensors, run_metrics, spawn, tiny_config
 

@@ -16,6 +16,7 @@ a generator keyed by (seed, replica, block, step).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,11 +50,62 @@ class StepResult:
 
     def scalars(self) -> dict[str, float]:
         """``loss`` (the sum over blocks), ``loss/block{k}`` and ``std/block{k}`` (numbered from 1), as logged."""
-        terms = {"loss": float(sum(float(v) for v in self.losses.values()))}
-        for k in sorted(self.losses):
-            terms[f"loss/block{k + 1}"] = float(self.losses[k])
-            terms[f"std/block{k + 1}"] = float(self.spreads[k])
-        return terms
+        num_blocks = max(self.losses, default=-1) + 1
+        record = encode_record(num_blocks)
+        add_terms(record, self, {})
+        return decode_terms(record, num_blocks)
+
+
+# The record of a step's terms, as logged, and as a pipeline hands it from stage to stage with its batch: a header,
+# then per block whether it has a loss, its loss and embedding spread, its online-probe top-1 and loss of the
+# metrics window ending at this step, and the MiB it saved for backward (NaN where a block has none).
+HEADER = ("stop", "skipped", "replaced")
+SLOTS = ("has_loss", "loss", "std", "online_top1", "online_loss", "saved_mb")
+
+
+def encode_record(num_blocks: int, device: torch.device | None = None) -> torch.Tensor:
+    """An empty record, on the device of the terms written into it (no host synchronisation per step)."""
+    record = torch.full((len(HEADER) + len(SLOTS) * num_blocks,), math.nan, dtype=torch.float64, device=device)
+    record[: len(HEADER)] = 0
+    return record
+
+
+def _slot(k: int, name: str) -> int:
+    return len(HEADER) + len(SLOTS) * k + SLOTS.index(name)
+
+
+def add_terms(record: torch.Tensor, result: StepResult, online: dict[str, float]) -> None:
+    """Write this process's terms of the step (and online-probe window metrics, at logging steps) into ``record``."""
+    record[HEADER.index("skipped")] += result.skipped
+    for k, loss in result.losses.items():
+        record[_slot(k, "has_loss")] = 1
+        record[_slot(k, "loss")] = loss
+        record[_slot(k, "std")] = result.spreads[k]
+    for k, saved in result.saved.items():
+        record[_slot(k, "saved_mb")] = saved / 2**20
+    for key, value in online.items():  # online/block{k}_top1 and _loss
+        block, name = key.removeprefix("online/block").split("_")
+        record[_slot(int(block) - 1, f"online_{name}")] = value
+
+
+def decode_terms(record: torch.Tensor, num_blocks: int) -> dict[str, float]:
+    """The logged terms of a record: ``loss`` (summed over blocks), ``loss/block{k}``, ``std/block{k}``, then the
+    online-probe metrics and ``saved_mb/block{k}``, as a single process logs them."""
+    values = record.tolist()
+    losses = [k for k in range(num_blocks) if values[_slot(k, "has_loss")] == 1]
+    terms = {"loss": sum(values[_slot(k, "loss")] for k in losses)}
+    for k in losses:
+        terms[f"loss/block{k + 1}"] = values[_slot(k, "loss")]
+        terms[f"std/block{k + 1}"] = values[_slot(k, "std")]
+    for k in range(num_blocks):
+        for name in ("top1", "loss"):
+            value = values[_slot(k, f"online_{name}")]
+            if not math.isnan(value):
+                terms[f"online/block{k + 1}_{name}"] = value
+    for k in range(num_blocks):
+        if not math.isnan(saved := values[_slot(k, "saved_mb")]):
+            terms[f"saved_mb/block{k + 1}"] = saved
+    return terms
 
 
 @dataclass

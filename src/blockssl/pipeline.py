@@ -16,7 +16,6 @@ the lean run of the same configuration give the same parameters.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import torch.distributed as tdist
 from blockssl import dist
 from blockssl.config import Config, ConfigError, parse_stages
 from blockssl.data.datasets import dataset_info
-from blockssl.execution import StepResult, Trainer, build_optimizers
+from blockssl.execution import HEADER, SLOTS, StepResult, Trainer, build_optimizers
 from blockssl.method import build_model
 from blockssl.runtime import autocast_context
 
@@ -113,58 +112,6 @@ def init_groups(layout: Layout) -> None:
             dist.set_data_parallel_group(group)
 
 
-# The record of one batch, handed from stage to stage with it and logged by the last: a header, then per block
-# whether it has a loss, its loss and embedding spread, its online-probe top-1 and loss of the metrics window
-# ending at this step, and the MiB it saved for backward (NaN where a block has none).
-HEADER = ("stop", "skipped", "replaced")
-SLOTS = ("has_loss", "loss", "std", "online_top1", "online_loss", "saved_mb")
-
-
-def encode_record(num_blocks: int, device: torch.device | None = None) -> torch.Tensor:
-    """An empty record, on the device of the terms written into it (no host synchronisation per step)."""
-    record = torch.full((len(HEADER) + len(SLOTS) * num_blocks,), math.nan, dtype=torch.float64, device=device)
-    record[: len(HEADER)] = 0
-    return record
-
-
-def _slot(k: int, name: str) -> int:
-    return len(HEADER) + len(SLOTS) * k + SLOTS.index(name)
-
-
-def add_terms(record: torch.Tensor, result: StepResult, online: dict[str, float]) -> None:
-    """Write this process's terms of the step (and online-probe window metrics, at logging steps) into ``record``."""
-    record[HEADER.index("skipped")] += result.skipped
-    for k, loss in result.losses.items():
-        record[_slot(k, "has_loss")] = 1
-        record[_slot(k, "loss")] = loss
-        record[_slot(k, "std")] = result.spreads[k]
-    for k, saved in result.saved.items():
-        record[_slot(k, "saved_mb")] = saved / 2**20
-    for key, value in online.items():  # online/block{k}_top1 and _loss
-        block, name = key.removeprefix("online/block").split("_")
-        record[_slot(int(block) - 1, f"online_{name}")] = value
-
-
-def decode_terms(record: torch.Tensor, num_blocks: int) -> dict[str, float]:
-    """The logged terms of a record: ``loss`` (summed over blocks), ``loss/block{k}``, ``std/block{k}``, then the
-    online-probe metrics and ``saved_mb/block{k}``, as a single process logs them."""
-    values = record.tolist()
-    losses = [k for k in range(num_blocks) if values[_slot(k, "has_loss")] == 1]
-    terms = {"loss": sum(values[_slot(k, "loss")] for k in losses)}
-    for k in losses:
-        terms[f"loss/block{k + 1}"] = values[_slot(k, "loss")]
-        terms[f"std/block{k + 1}"] = values[_slot(k, "std")]
-    for k in range(num_blocks):
-        for name in ("top1", "loss"):
-            value = values[_slot(k, f"online_{name}")]
-            if not math.isnan(value):
-                terms[f"online/block{k + 1}_{name}"] = value
-    for k in range(num_blocks):
-        if not math.isnan(saved := values[_slot(k, "saved_mb")]):
-            terms[f"saved_mb/block{k + 1}"] = saved
-    return terms
-
-
 def measure_block_seconds(cfg: Config, device: torch.device, steps: int = 3) -> list[float]:
     """Each block's mean step time (forward of both views, backward, optimizer step) on random images of the
     dataset's shape and one replica's batch, measured on a copy of the run's model (nothing of the run changes)."""
@@ -196,7 +143,7 @@ class Message:
     h1: torch.Tensor
     h2: torch.Tensor
     labels: torch.Tensor
-    record: torch.Tensor  # float64, layout of ``encode_record``
+    record: torch.Tensor  # float64, layout of ``blockssl.execution.encode_record``
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

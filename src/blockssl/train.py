@@ -42,18 +42,14 @@ from blockssl.config import (
 from blockssl.data.datasets import dataset_info
 from blockssl.data.loader import EpochSampler, pretrain_loader, two_view_dataset
 from blockssl.eval.online import OnlineProbe
-from blockssl.execution import STRATEGIES, Trainer, build_optimizers
+from blockssl.execution import HEADER, STRATEGIES, Trainer, add_terms, build_optimizers, decode_terms, encode_record
 from blockssl.memory import model_accounting
 from blockssl.method import BlockwiseSSL, build_model
 from blockssl.optim import lr_factor, set_lr
 from blockssl.pipeline import (
-    HEADER,
     Layout,
     Link,
     Message,
-    add_terms,
-    decode_terms,
-    encode_record,
     init_groups,
     measure_block_seconds,
     plan_layout,
