@@ -82,10 +82,12 @@ def test_record_carries_every_blocks_terms_as_one_process_logs_them():
     first, second = StepResult(skipped=1), StepResult()
     first.losses[0], first.spreads[0] = torch.tensor(2.0), torch.tensor(0.5)
     second.losses[2], second.spreads[2] = torch.tensor(float("nan")), torch.tensor(0.25)
+    second.saved[2] = 3 * 2**20  # measured at logging steps only (train.log_saved_memory)
     add_terms(record, first, {"online/block1_top1": 40.0, "online/block1_loss": 1.5})
     add_terms(record, second, {})
     terms = decode_terms(record, 4)
     assert list(terms)[:5] == ["loss", "loss/block1", "std/block1", "loss/block3", "std/block3"]
+    assert terms["saved_mb/block3"] == 3.0 and "saved_mb/block1" not in terms
     assert terms["loss/block1"] == 2.0 and terms["std/block3"] == 0.25 and terms["online/block1_top1"] == 40.0
     assert terms["loss/block3"] != terms["loss/block3"]  # a non-finite loss is logged, not dropped
     assert "online/block3_top1" not in terms and record[1] == 1
