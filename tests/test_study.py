@@ -14,7 +14,8 @@ import yaml
 from blockssl import study as study_module
 from blockssl.checkpoint import load_checkpoint
 from blockssl.cli import main
-from blockssl.config import ConfigError, load_config
+from blockssl.config import ConfigError, apply_overrides, load_config
+from blockssl.eval.probe import pixel_probe
 from blockssl.study import load_study, run_commands, run_one, run_study, submit_slurm
 from blockssl.train import pretrain
 from tests.conftest import TINY, assert_same_tensors, run_metrics
@@ -47,8 +48,9 @@ def finished(tmp_path_factory) -> Path:
 def test_the_study_writes_run_directories_and_results(finished):
     out = Path(load_study(finished).out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "blockwise", "end_to_end", "last_block_gap.png", "per_block_top1.png", "results.csv", "results.json",
-        "results.md", "study.yaml"]
+        "blockwise", "end_to_end", "last_block_gap.png", "per_block_top1.png", "pixels", "results.csv",
+        "results.json", "results.md", "study.yaml"]
+    assert sorted(p.name for p in (out / "pixels").iterdir()) == ["seed0", "seed1"]
     for variant in ("blockwise", "end_to_end"):
         for seed in (0, 1):
             run = out / variant / f"seed{seed}"
@@ -57,6 +59,16 @@ def test_the_study_writes_run_directories_and_results(finished):
             assert load_config(run / "config.yaml").seed == seed
     md = (out / "results.md").read_text()
     assert "## Linear probe top-1 (%)" in md and "## Relative mCE (%)" in md and "![per_block_top1.png]" in md
+
+
+def test_the_raw_pixel_probe_is_reported_per_seed_under_the_studys_probe_settings(finished):
+    study = load_study(finished)
+    rows = json.loads((Path(study.out) / "results.json").read_text())["rows"]
+    pixels = {r["seed"]: r["value"] for r in rows if r["variant"] == "pixels" and r["metric"] == "linear_top1"}
+    cfg = study.config(study.baseline, 1)
+    apply_overrides(cfg, study.probe, ("probe", "data"))
+    assert pixels[1] == pixel_probe(cfg, seed=1)["blocks"]["pixels"]["top1"] and set(pixels) == {0, 1}
+    assert "| pixels |" in (Path(study.out) / "results.md").read_text()
 
 
 def test_aggregation_matches_hand_computed_statistics(finished):
@@ -78,7 +90,8 @@ def test_aggregation_matches_hand_computed_statistics(finished):
     assert base["mean"] == pytest.approx(100) and base["diff_mean"] == 0
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["metric"] for r in rows} == {"linear_top1", "knn_top1", "mce", "relative_mce", "train_time_s"}
-    assert len([r for r in rows if r["metric"] == "linear_top1"]) == 2 * 2 * 5  # variants x seeds x (4 + concat)
+    # variants x seeds x (4 blocks + concat), and the raw-pixel probe of each seed
+    assert len([r for r in rows if r["metric"] == "linear_top1"]) == 2 * 2 * 5 + 2
 
 
 def test_a_second_drive_skips_everything(finished, monkeypatch):

@@ -23,6 +23,8 @@ checkpoint. The resolved study is saved as
 whose saved configuration differs from what the study now resolves to, is an error listing the differences.
 Robustness is evaluated per run without a baseline and normalised at aggregation (CE and relative CE against the
 baseline variant's run of the same seed), so runs never wait for each other and can be spread over a job array.
+With fast-protocol probes, the aggregation also probes raw pixels under the same settings once per seed
+(``<out>/pixels/seed<k>``), the row that shows where the learned features stand.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from typing import Any
 import yaml
 
 from blockssl.checkpoint import atomic_write_text
-from blockssl.config import Config, ConfigError, diff_configs, from_dict, load_config
+from blockssl.config import Config, ConfigError, apply_overrides, diff_configs, from_dict, load_config
 
 EVALUATIONS = ("probe", "robustness")
+PIXELS = "pixels"  # the raw-pixel probe: its folder under out, its row in the results
 TIMING = "study_timing.json"  # seconds spent per stage on a run, summed over resumptions
 
 
@@ -216,6 +219,23 @@ def run_one(study: Study, variant: str, seed: int) -> Path:
     return run_dir
 
 
+def pixel_baseline(study: Study, seed: int) -> Path | None:
+    """The linear probe and kNN of raw pixels (``blockssl.eval.probe.pixel_probe``) on the study's data under its
+    probe settings, once per seed, in ``<out>/pixels/seed<k>/probe.json``: where the learned features stand. None
+    when the study has no probes or they follow the paper protocol (the raw-pixel probe is the fast protocol's)."""
+    cfg = study.config(study.baseline, seed)
+    apply_overrides(cfg, study.probe, ("probe", "data"))
+    if "probe" not in study.evaluate or cfg.probe.protocol != "fast":
+        return None
+    path = Path(study.out) / PIXELS / f"seed{seed}" / "probe.json"
+    if not path.is_file():
+        from blockssl.eval.probe import pixel_probe
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"run": pixel_probe(cfg, seed=cfg.seed)}, indent=2) + "\n")
+    return path
+
+
 def run_commands(study_file: str | Path, study: Study, overrides: list[str] | tuple[str, ...]) -> list[str]:
     """One shell command per run (for a job array), then the command that aggregates."""
     tail = " ".join(shlex.quote(o) for o in overrides)
@@ -245,18 +265,23 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
         path = run / name
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def probe_rows(variant: str, seed: int, probe: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for block, r in probe["run"]["blocks"].items():
+            out.append(dict(variant=variant, seed=seed, block=block, metric="linear_top1", value=r["top1"]))
+            knn = sorted((k for k in r if k.startswith("knn") and k.endswith("_top1")),
+                         key=lambda k: int(k[3:-5]))
+            if knn:
+                out.append(dict(variant=variant, seed=seed, block=block, metric="knn_top1", value=r[knn[0]]))
+        return out
+
     rows: list[dict[str, Any]] = []
     for variant, seed in study.runs():
         run = study.run_dir(variant, seed)
         probe = load(run, "probe.json")
         if probe is None:
             continue
-        for block, r in probe["run"]["blocks"].items():
-            rows.append(dict(variant=variant, seed=seed, block=block, metric="linear_top1", value=r["top1"]))
-            knn = sorted((k for k in r if k.startswith("knn") and k.endswith("_top1")),
-                         key=lambda k: int(k[3:-5]))
-            if knn:
-                rows.append(dict(variant=variant, seed=seed, block=block, metric="knn_top1", value=r[knn[0]]))
+        rows += probe_rows(variant, seed, probe)
         robust, base = load(run, "robustness.json"), load(study.run_dir(study.baseline, seed), "robustness.json")
         if robust is not None and base is not None:
             blocks = [b for b in robust["blocks"] if b in base["blocks"]]
@@ -270,6 +295,9 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
         timing = load(run, TIMING) or {}
         if "pretrain_s" in timing:
             rows.append(dict(variant=variant, seed=seed, block="", metric="train_time_s", value=timing["pretrain_s"]))
+    for seed in study.seeds:
+        pixels = load(Path(study.out) / PIXELS / f"seed{seed}", "probe.json")
+        rows += probe_rows(PIXELS, seed, pixels) if pixels is not None else []
     return rows
 
 
@@ -310,13 +338,15 @@ METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1
 
 
 def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> str:
-    variants = list(study.variants)
+    variants = list(study.variants) + ([PIXELS] if any(s["variant"] == PIXELS for s in stats) else [])
     lines = [f"# Study `{study.out}`", "",
              f"Base recipe `{study.base}`, overrides `{' '.join(study.overrides) or 'none'}`, seeds "
              f"{study.seeds}; baseline variant `{study.baseline}`. Cells: mean ± standard deviation over seeds "
              "(per-seed values in brackets); differences to the baseline are paired by seed.", "",
              "| variant | overrides |", "|---|---|"]
-    lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` |" for v in variants]
+    lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` |" for v in study.variants]
+    if PIXELS in variants:
+        lines.append(f"| {PIXELS} | the raw-pixel probe of the same data and probe settings (no network) |")
     index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
     for metric, title in METRIC_TITLES.items():
         blocks = list(dict.fromkeys(s["block"] for s in stats if s["metric"] == metric))
@@ -347,26 +377,38 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
 
 
 def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
-    """Per-block linear top-1 with error bars per variant, and the last block's gap to the baseline."""
+    """Per-block linear top-1 with error bars per variant (the raw-pixel probe as a line), and the last block's gap
+    to the baseline."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    linear = [s for s in stats if s["metric"] == "linear_top1"]
+    linear = [s for s in stats if s["metric"] == "linear_top1" and s["variant"] != PIXELS]
+    pixels = next((s for s in stats if s["metric"] == "linear_top1" and s["variant"] == PIXELS), None)
     if not linear:
         return []
     blocks = list(dict.fromkeys(s["block"] for s in linear))
     index = {(s["variant"], s["block"]): s for s in linear}
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
     ax = fig.add_subplot()
+    colors = colormaps["tab20"]  # 20 distinct colours (by index): a study of many variants stays readable
     for i, v in enumerate(study.variants):
-        xs = [j + (i - (len(study.variants) - 1) / 2) * 0.06 for j, b in enumerate(blocks) if (v, b) in index]
+        offset = (i - (len(study.variants) - 1) / 2) * 0.04
+        xs = [j + offset for j, b in enumerate(blocks) if (v, b) in index]
         ss = [index[(v, b)] for b in blocks if (v, b) in index]
-        ax.errorbar(xs, [s["mean"] for s in ss], yerr=[0 if math.isnan(s["std"]) else s["std"] for s in ss],
-                    marker="o", capsize=3, label=v)
+        # a line through the blocks; the concatenation of all blocks is no next block, so its point stands apart
+        chained = [k for k, s in enumerate(ss) if s["block"] != "concat"]
+        style: dict[str, Any] = dict(color=colors(i % 20), marker="os^Dv<>p"[i % 8], capsize=3, markersize=5)
+        for part, line in ((chained, "-"), ([k for k in range(len(ss)) if k not in chained], "none")):
+            ax.errorbar([xs[k] for k in part], [ss[k]["mean"] for k in part],
+                        yerr=[0 if math.isnan(ss[k]["std"]) else ss[k]["std"] for k in part], linestyle=line,
+                        label=v if line == "-" else None, **style)
+    if pixels is not None:
+        ax.axhline(pixels["mean"], color="gray", linestyle="--", linewidth=1, label="raw pixels")
     ax.set_xticks(range(len(blocks)), blocks)
     ax.set_ylabel("linear probe top-1 (%)")
     ax.set_title("Per-block accuracy (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out / "per_block_top1.png", dpi=120)
     names = ["per_block_top1.png"]
     last = next((b for b in reversed(blocks) if b != "concat"), blocks[-1])
@@ -443,4 +485,6 @@ def run_study(study: Study, only: tuple[str, int] | None = None) -> Path:
         return run_one(study, *only)
     for variant, seed in study.runs():
         run_one(study, variant, seed)
+    for seed in study.seeds:
+        pixel_baseline(study, seed)
     return write_results(study)

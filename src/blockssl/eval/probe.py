@@ -181,19 +181,48 @@ def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "c
 
     Returns the results (linear probe and kNN per block) and the chosen probes.
     """
-    info = dataset_info(cfg.data)
-    transform = eval_transform(info)
     pc = cfg.probe
     snapshot = _weights_snapshot(model)
-    train_set = Transformed(build_dataset(cfg.data, "train"), transform)
-    test_set = Transformed(build_dataset(cfg.data, "test"), transform)
+    train_set, test_set = _eval_sets(cfg)
     workers = min(cfg.data.num_workers, 4)
     train_feats, train_labels = extract_features(model, train_set, pc.eval_batch_size, workers, device)
     test_feats, test_labels = extract_features(model, test_set, pc.eval_batch_size, workers, device)
     assert_unchanged(model, snapshot)
-    train_feats, test_feats = with_concat(train_feats), with_concat(test_feats)
     names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
+    return fast_protocol(with_concat(train_feats), train_labels, with_concat(test_feats), test_labels, names,
+                         train_set.base, cfg, seed)
 
+
+def pixel_probe(cfg: Config, seed: int = 0) -> dict[str, Any]:
+    """The raw-pixel baseline of the fast protocol: the evaluation transform's normalised image, flattened, is the
+    feature vector (``pixels``), probed exactly as a block's features are. One process."""
+    if cfg.probe.protocol != "fast":
+        raise ConfigError("the raw-pixel probe follows the fast protocol only (probe.protocol=fast)")
+    train_set, test_set = _eval_sets(cfg)
+    (train_pixels, train_labels), (test_pixels, test_labels) = (
+        _pixels(d, cfg.probe.eval_batch_size) for d in (train_set, test_set))
+    return fast_protocol([train_pixels], train_labels, [test_pixels], test_labels, ["pixels"], train_set.base, cfg,
+                         seed)[0]
+
+
+def _eval_sets(cfg: Config) -> tuple[Transformed, Transformed]:
+    transform = eval_transform(dataset_info(cfg.data))
+    return (Transformed(build_dataset(cfg.data, "train"), transform),
+            Transformed(build_dataset(cfg.data, "test"), transform))
+
+
+def _pixels(dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    return torch.cat([x.flatten(1) for x, _ in batches]), torch.cat([torch.as_tensor(y) for _, y in batches])
+
+
+def fast_protocol(train_feats: list[torch.Tensor], train_labels: torch.Tensor, test_feats: list[torch.Tensor],
+                  test_labels: torch.Tensor, names: list[str], train_base: Dataset, cfg: Config, seed: int
+                  ) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
+    """Linear probes (the lr chosen on held-out training images), kNN and label-fraction probes on cached features,
+    one set per name; ``train_base`` is the training set the features came from (for label subsets)."""
+    info = dataset_info(cfg.data)
+    pc = cfg.probe
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(train_labels), generator=g)
     n_val = max(1, int(pc.val_fraction * len(perm)))
@@ -222,7 +251,7 @@ def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "c
                                       **best_epoch(curve))
                     chosen[name] = probe
     for fraction in pc.label_fractions:
-        subset = label_subset(train_set.base, fit_idx, train_labels, fraction, pc.label_subset_dir, seed)
+        subset = label_subset(train_base, fit_idx, train_labels, fraction, pc.label_subset_dir, seed)
         # As many SGD steps as with all labels: few labels, more epochs.
         sub_cfg = dataclasses.replace(pc, epochs=math.ceil(pc.epochs * len(fit_idx) / len(subset)))
         key = f"labels{fraction * 100:g}pct_top1"
