@@ -12,6 +12,7 @@ from blockssl.config import ConfigError, ProbeConfig
 from blockssl.eval.probe import (
     assert_unchanged,
     knn_predict,
+    pixel_probe,
     raw_probe,
     run_probe,
     topk_accuracy,
@@ -128,3 +129,12 @@ def test_paper_protocol_refuses_a_batch_larger_than_the_data(tmp_path):
     run = pretrain(tiny_config(tmp_path / "run", "train.epochs=1"))
     with pytest.raises(ConfigError, match="larger than the 64 training images"):
         run_probe(run, ["probe.protocol=paper", "probe.epochs=1"])
+
+
+def test_the_raw_pixel_probe_reads_flattened_images_and_follows_the_fast_protocol_only(tmp_path):
+    cfg = tiny_config(tmp_path, "probe.epochs=3", "probe.label_fractions=[]")
+    result = pixel_probe(cfg)["blocks"]
+    assert list(result) == ["pixels"] and 0 <= result["pixels"]["top1"] <= 100 and "knn20_top1" in result["pixels"]
+    cfg.probe.protocol = "paper"
+    with pytest.raises(ConfigError, match="fast protocol only"):
+        pixel_probe(cfg)
