@@ -84,7 +84,7 @@ class SavedTensorAccounting:
         self.unscoped = unscoped
         self.parts: dict[str, int] = defaultdict(int)
         self.live: dict[tuple[str, int], list[int]] = {}  # storage -> [holders alive, bytes]
-        self.live_bytes = self.peak = 0
+        self.held = self.peak = 0  # bytes saved for backward and not yet released; the most ever held
         self.stack: list[str] = []
         self.lock = threading.Lock()  # backward may release on autograd's device threads
         self.handles: list[RemovableHandle] = []
@@ -108,11 +108,6 @@ class SavedTensorAccounting:
         with self.lock:
             return SavedBytes(dict(self.parts), self.peak)
 
-    @property
-    def held(self) -> int:
-        """Bytes saved for backward and not yet released, now."""
-        return self.live_bytes
-
     def _push(self, name: Name) -> Callable[..., None]:
         def push(*_: Any) -> None:
             self.stack.append(_call(name))
@@ -132,8 +127,8 @@ class SavedTensorAccounting:
                 size = tensor.untyped_storage().nbytes()
                 self.live[key] = entry = [0, size]
                 self.parts[self.stack[-1] if self.stack else _call(self.unscoped)] += size
-                self.live_bytes += size
-                self.peak = max(self.peak, self.live_bytes)
+                self.held += size
+                self.peak = max(self.peak, self.held)
             entry[0] += 1
         weakref.finalize(holder, self._release, key)
         return holder
@@ -143,7 +138,7 @@ class SavedTensorAccounting:
             entry = self.live[key]
             entry[0] -= 1
             if entry[0] == 0:
-                self.live_bytes -= entry[1]
+                self.held -= entry[1]
                 del self.live[key]
 
 

@@ -222,9 +222,9 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                     factor = lr_factor(step - phase.start, phase_steps, warmup, cfg.train.min_lr_ratio)
                     lr = max((set_lr(opt, factor) for opt in optimizers.values()), default=0.0)
                     probing = probe is not None and step % cfg.online_probe.every == 0
-                    measuring = cfg.train.log_saved_memory and ((step + 1) % cfg.train.log_every == 0
-                                                                 or step + 1 == phase.end)
-                    with model_accounting(model) if measuring else nullcontext() as saved:
+                    last = step + 1 == phase.end
+                    logging = (step + 1) % cfg.train.log_every == 0 or last
+                    with model_accounting(model) if cfg.train.log_saved_memory and logging else nullcontext() as saved:
                         result = step_fn(trainer, x1, x2, step, probing)
                     if saved is not None:
                         result.result.saved = saved.result().blocks()
@@ -232,8 +232,6 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                         probe.step(result.features, labels, first=blocks[0])  # non-finite features would poison it
                     step += 1
                     steps_this_call += 1
-                    last = step == phase.end
-                    logging = step % cfg.train.log_every == 0 or last
                     add_terms(record, result.result, probe.window_metrics() if probe is not None and logging else {})
                     if layout.first:  # decides for the whole pipeline: later stages stop at the same step
                         if dist.any_process(signals.requested):
