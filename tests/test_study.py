@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from blockssl.checkpoint import load_checkpoint
 from blockssl.cli import main
 from blockssl.config import ConfigError, apply_overrides, load_config
 from blockssl.eval.probe import pixel_probe
-from blockssl.study import load_study, run_commands, run_one, run_study, submit_slurm
+from blockssl.study import load_study, run_commands, run_one, run_study, submit_slurm, write_results
 from blockssl.train import pretrain
 from tests.conftest import TINY, assert_same_tensors, run_metrics
 
@@ -68,7 +69,24 @@ def test_the_raw_pixel_probe_is_reported_per_seed_under_the_studys_probe_setting
     cfg = study.config(study.baseline, 1)
     apply_overrides(cfg, study.probe, ("probe", "data"))
     assert pixels[1] == pixel_probe(cfg, seed=1)["blocks"]["pixels"]["top1"] and set(pixels) == {0, 1}
-    assert "| pixels |" in (Path(study.out) / "results.md").read_text()
+    md = (Path(study.out) / "results.md").read_text()
+    mean = statistics.fmean(pixels.values())
+    assert f"Raw pixels under the same probe settings (no network): {mean:.2f} ± " in md
+    assert "| pixels |" not in md  # one number, not a row of blocks
+
+
+def test_a_metric_table_holds_only_the_variants_evaluated_for_it(finished, tmp_path):
+    spec = yaml.safe_load(finished.read_text())
+    shutil.copytree(spec["out"], tmp_path / "out")
+    (tmp_path / "out/blockwise/seed0/robustness.json").unlink()
+    (tmp_path / "out/blockwise/seed1/robustness.json").unlink()
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**spec, "out": str(tmp_path / "out")}, sort_keys=False))
+    md = write_results(load_study(path)).read_text()
+    mce = md[md.index("## mCE (%)"):md.index("## Relative mCE (%)")]
+    assert "| end_to_end |" in mce and "| blockwise |" not in mce and "Difference" not in mce
+    linear = md[md.index("## Linear probe"):md.index("## kNN")]
+    assert "| end_to_end |" in linear and "| blockwise |" in linear and "| - |" not in linear
 
 
 def test_aggregation_matches_hand_computed_statistics(finished):

@@ -338,21 +338,21 @@ METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1
 
 
 def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> str:
-    variants = list(study.variants) + ([PIXELS] if any(s["variant"] == PIXELS for s in stats) else [])
+    index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
     lines = [f"# Study `{study.out}`", "",
              f"Base recipe `{study.base}`, overrides `{' '.join(study.overrides) or 'none'}`, seeds "
              f"{study.seeds}; baseline variant `{study.baseline}`. Cells: mean ± standard deviation over seeds "
              "(per-seed values in brackets); differences to the baseline are paired by seed.", "",
              "| variant | overrides |", "|---|---|"]
     lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` |" for v in study.variants]
-    if PIXELS in variants:
-        lines.append(f"| {PIXELS} | the raw-pixel probe of the same data and probe settings (no network) |")
-    index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
     for metric, title in METRIC_TITLES.items():
-        blocks = list(dict.fromkeys(s["block"] for s in stats if s["metric"] == metric))
-        if not blocks:
+        # a table holds the variants evaluated for its metric; the raw-pixel probe is one number, not a block
+        blocks = list(dict.fromkeys(s["block"] for s in stats if s["metric"] == metric and s["variant"] != PIXELS))
+        variants = [v for v in study.variants if any((v, b, metric) in index for b in blocks)]
+        if not variants:
             continue
-        lines += ["", f"## {title}", "", "| variant | " + " | ".join(blocks) + " |", "|---" * (len(blocks) + 1) + "|"]
+        header = ["| variant | " + " | ".join(blocks) + " |", "|---" * (len(blocks) + 1) + "|"]
+        lines += ["", f"## {title}", "", *header]
         for v in variants:
             cells = []
             for b in blocks:
@@ -360,17 +360,21 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
                 cells.append("-" if s is None else _pm(s["mean"], s["std"]) + " (" + ", ".join(
                     f"{x:.2f}" for x in s["seeds"].values()) + ")")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
-        lines += ["", f"Difference to `{study.baseline}`:", "", "| variant | " + " | ".join(blocks) + " |",
-                  "|---" * (len(blocks) + 1) + "|"]
-        for v in variants:
-            if v == study.baseline:
-                continue
-            cells = [_pm(index[(v, b, metric)]["diff_mean"], index[(v, b, metric)]["diff_std"])
-                     if (v, b, metric) in index else "-" for b in blocks]
-            lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    times = [(v, index[(v, "", "train_time_s")]) for v in variants if (v, "", "train_time_s") in index]
+        pixels = index.get((PIXELS, PIXELS, metric))
+        if pixels is not None:
+            lines += ["", f"Raw pixels under the same probe settings (no network): {_pm(pixels['mean'], pixels['std'])}"
+                      " (" + ", ".join(f"{x:.2f}" for x in pixels["seeds"].values()) + ")."]
+        compared = [v for v in variants if v != study.baseline]
+        if compared:
+            lines += ["", f"Difference to `{study.baseline}`:", "", *header]
+            lines += [f"| {v} | " + " | ".join(
+                _pm(index[(v, b, metric)]["diff_mean"], index[(v, b, metric)]["diff_std"])
+                if (v, b, metric) in index else "-" for b in blocks) + " |" for v in compared]
+    times = [(v, index[(v, "", "train_time_s")]) for v in study.variants if (v, "", "train_time_s") in index]
     if times:
-        lines += ["", "## Training time (s per run, this machine)", "", "| variant | seconds |", "|---|---|"]
+        lines += ["", "## Training time (s per run)", "",
+                  "Wall-clock seconds of pretraining on the machine that ran it, summed over resumptions: it counts "
+                  "whatever else shared that machine.", "", "| variant | seconds |", "|---|---|"]
         lines += [f"| {v} | {_pm(s['mean'], s['std'], 0)} |" for v, s in times]
     lines += ["", *[f"![{name}]({name})" for name in figures], ""]
     return "\n".join(lines)
