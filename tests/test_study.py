@@ -171,7 +171,40 @@ def test_a_changed_study_or_recipe_is_an_error_listing_the_change(tmp_path):
         run_study(load_study(path))
 
 
+def test_a_study_may_grow_without_touching_its_runs(tmp_path, monkeypatch):
+    """New variants and seeds (and named baselines) change no run made so far: they are accepted and recorded;
+    dropping what was recorded is refused."""
+    path = _write_study(tmp_path, variants={"blockwise": []}, baseline="blockwise", seeds=[0], evaluate=[])
+    run_study(load_study(path))
+    trained = []
+    monkeypatch.setattr("blockssl.train.pretrain", lambda cfg, **k: trained.append((cfg.noise.type, cfg.seed)))
+    grown = dict(variants={"blockwise": [], "quiet": ["noise.type=none"], "loud": ["noise.std=0.5"]},
+                 baseline="blockwise", seeds=[0, 1], evaluate=[], baselines={"loud": "quiet"})
+    study = load_study(_write_study(tmp_path, **grown))
+    run_study(study)
+    assert sorted(trained) == [("global", 0), ("global", 1), ("global", 1), ("none", 0), ("none", 1)]
+    assert yaml.safe_load((Path(study.out) / "study.yaml").read_text())["seeds"] == [0, 1]
+    assert study.baseline_of("loud") == "quiet" and study.baseline_of("quiet") == "blockwise"
+    for shrunk, message in ((dict(grown, seeds=[1]), "seeds: "), (dict(grown, variants={"blockwise": []}),
+                                                                   "variants: ")):
+        with pytest.raises(ConfigError, match=message):
+            run_study(load_study(_write_study(tmp_path, **{**shrunk, "baselines": {}})))
+
+
+def test_differences_are_paired_with_each_variants_own_baseline():
+    rows = [dict(variant=v, seed=s, block="block4", metric="linear_top1", value=x)
+            for v, xs in {"e2e": (70.0, 72.0), "e2e_simclr": (60.0, 61.0), "simclr": (63.0, 65.0)}.items()
+            for s, x in enumerate(xs)]
+    stats = {r["variant"]: r for r in study_module.summary(rows, lambda v: {"simclr": "e2e_simclr"}.get(v, "e2e"))}
+    assert stats["simclr"]["baseline"] == "e2e_simclr"
+    assert stats["simclr"]["diff_mean"] == pytest.approx(3.5) and stats["simclr"]["diff_std"] == pytest.approx(
+        statistics.stdev([3.0, 4.0]))
+    assert stats["e2e_simclr"]["diff_mean"] == pytest.approx(-10.5) and stats["e2e"]["diff_mean"] == 0
+
+
 @pytest.mark.parametrize(("change", "message"), [
+    ({"baselines": {"blockwise": "nope"}}, "baselines must map variants to other variants"),
+    ({"baselines": {"blockwise": "blockwise"}}, "baselines must map variants to other variants"),
     ({"variants": {}}, "'variants' is required"),
     ({"baseline": "nope"}, "baseline 'nope' is not a variant"),
     ({"seeds": [0, 0]}, "distinct integers"),

@@ -15,12 +15,14 @@ the evaluations and the baseline variant::
     probe: []                               # optional probe.* / data.* overrides of the evaluations
     robustness: [robustness.max_images=2000]
     robustness_variants: [end_to_end, blockwise]  # optional: only these are evaluated for robustness
+    baselines: {simclr: end_to_end_simclr}  # optional: a variant compared with another than the baseline
 
 Run (variant, seed) lives in ``<out>/<variant>/seed<seed>``. Driving the study is idempotent: evaluated runs are
 skipped (their evaluation files suffice, checkpoints may be gone), interrupted ones resumed from their last
 checkpoint. The resolved study is saved as
 ``<out>/study.yaml``; a study file (or command-line overrides, or a base recipe) that no longer matches it, or a run
-whose saved configuration differs from what the study now resolves to, is an error listing the differences.
+whose saved configuration differs from what the study now resolves to, is an error listing the differences. A study
+may grow (new variants, seeds, robustness variants) and change its ``baselines``: that changes no run made so far.
 Robustness is evaluated per run without a baseline and normalised at aggregation (CE and relative CE against the
 baseline variant's run of the same seed), so runs never wait for each other and can be spread over a job array.
 With fast-protocol probes, the aggregation also probes raw pixels under the same settings once per seed
@@ -64,6 +66,12 @@ class Study:
     probe: list[str] = field(default_factory=list)
     robustness: list[str] = field(default_factory=list)
     robustness_variants: list[str] = field(default_factory=list)  # empty: every variant
+    baselines: dict[str, str] = field(default_factory=dict)  # variant -> the variant its differences are taken to
+
+    def baseline_of(self, variant: str) -> str:
+        """The variant ``variant`` is compared with: its entry in ``baselines``, else the study's baseline (which
+        also normalises robustness for every variant)."""
+        return self.baselines.get(variant, self.baseline)
 
     def evaluations(self, variant: str) -> list[str]:
         """The evaluations of ``variant``'s runs."""
@@ -141,6 +149,12 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                   baseline=baseline, probe=_string_list("probe", raw.get("probe")),
                   robustness=_string_list("robustness", raw.get("robustness")),
                   robustness_variants=_string_list("robustness_variants", raw.get("robustness_variants")))
+    baselines = raw.get("baselines") or {}
+    if not isinstance(baselines, dict) or not all(k in variants and v in variants and k != v
+                                                  for k, v in baselines.items()):
+        raise ConfigError(f"{path}: baselines must map variants to other variants (e.g. {{simclr: end_to_end_simclr}}),"
+                          f" got {baselines!r}")
+    study.baselines = dict(baselines)
     unknown_variants = [v for v in study.robustness_variants if v not in variants]
     if unknown_variants or (study.robustness_variants and baseline not in study.robustness_variants):
         raise ConfigError(f"{path}: robustness_variants {study.robustness_variants} must be variants and include the "
@@ -151,13 +165,15 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def check_unchanged(study: Study) -> None:
-    """Record the study in ``<out>/study.yaml`` on first use; afterwards refuse any difference, and any run whose
-    saved configuration is not what the study resolves to now (an edited base recipe, for instance)."""
+    """Record the study in ``<out>/study.yaml`` on first use; afterwards refuse any difference but growth (see
+    ``_grown``), and any run whose saved configuration is not what the study resolves to now (an edited base recipe,
+    for instance)."""
     saved_path = Path(study.out) / "study.yaml"
     current = asdict(study)
-    if saved_path.is_file():
-        saved = yaml.safe_load(saved_path.read_text())
-        changes = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
+    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else None
+    if saved is not None:
+        changes = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
+                   if saved.get(k) != current[k] and not _grown(k, saved.get(k), current[k])]
         if changes:
             raise ConfigError(f"the study differs from the one recorded in {saved_path}:\n  " + "\n  ".join(changes)
                               + "\nrevert the change, or give the changed study a new out=")
@@ -170,9 +186,21 @@ def check_unchanged(study: Study) -> None:
     if problems:
         raise ConfigError("runs of this study were made with other configurations (saved -> now):\n  "
                           + "\n  ".join(problems) + "\nrevert the recipe, or give the changed study a new out=")
-    if not saved_path.is_file():
+    if saved != current:
         saved_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved_path, yaml.safe_dump(current, sort_keys=False))
+
+
+def _grown(key: str, saved: Any, current: Any) -> bool:
+    """Whether ``current`` only adds to ``saved`` (or, for ``baselines``, which aggregation alone reads, changes
+    it): no run made so far changes. An empty ``robustness_variants`` means every variant, so it cannot grow."""
+    if key == "baselines":
+        return True
+    if key == "variants":
+        return isinstance(saved, dict) and all(current.get(k) == v for k, v in saved.items())
+    if key == "seeds" or (key == "robustness_variants" and saved):
+        return isinstance(saved, list) and set(saved) <= set(current)
+    return False
 
 
 def _timed(run_dir: Path, stage: str, work: Callable[[], object]) -> None:
@@ -310,20 +338,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def summary(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+def summary(rows: list[dict[str, Any]], baseline_of: Callable[[str], str]) -> list[dict[str, Any]]:
     """Per (variant, block, metric): mean and std over seeds, the per-seed values, and the difference to the
-    baseline variant, paired by seed (its mean and std over the seeds both have)."""
+    variant's baseline (``baseline_of``), paired by seed (its mean and std over the seeds both have)."""
     by_key: dict[tuple[str, str, str], dict[int, float]] = {}
     for r in rows:
         by_key.setdefault((r["variant"], r["block"], r["metric"]), {})[r["seed"]] = r["value"]
     out = []
     for (variant, block, metric), per_seed in by_key.items():
         mean, std = mean_std(list(per_seed.values()))
-        base = by_key.get((baseline, block, metric), {})
+        base = by_key.get((baseline_of(variant), block, metric), {})
         diffs = [v - base[s] for s, v in per_seed.items() if s in base]
         d_mean, d_std = mean_std(diffs) if diffs else (math.nan, math.nan)
         out.append(dict(variant=variant, block=block, metric=metric, mean=mean, std=std, n=len(per_seed),
-                        seeds=dict(sorted(per_seed.items())), diff_mean=d_mean, diff_std=d_std))
+                        seeds=dict(sorted(per_seed.items())), baseline=baseline_of(variant), diff_mean=d_mean,
+                        diff_std=d_std))
     return out
 
 
@@ -342,9 +371,10 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
     lines = [f"# Study `{study.out}`", "",
              f"Base recipe `{study.base}`, overrides `{' '.join(study.overrides) or 'none'}`, seeds "
              f"{study.seeds}; baseline variant `{study.baseline}`. Cells: mean ± standard deviation over seeds "
-             "(per-seed values in brackets); differences to the baseline are paired by seed.", "",
-             "| variant | overrides |", "|---|---|"]
-    lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` |" for v in study.variants]
+             "(per-seed values in brackets); differences to a variant's baseline are paired by seed.", "",
+             "| variant | overrides | baseline |", "|---|---|---|"]
+    lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` | "
+              f"{'-' if v == study.baseline else study.baseline_of(v)} |" for v in study.variants]
     for metric, title in METRIC_TITLES.items():
         # a table holds the variants evaluated for its metric; the raw-pixel probe is one number, not a block
         blocks = list(dict.fromkeys(s["block"] for s in stats if s["metric"] == metric and s["variant"] != PIXELS))
@@ -366,8 +396,8 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
                       " (" + ", ".join(f"{x:.2f}" for x in pixels["seeds"].values()) + ")."]
         compared = [v for v in variants if v != study.baseline]
         if compared:
-            lines += ["", f"Difference to `{study.baseline}`:", "", *header]
-            lines += [f"| {v} | " + " | ".join(
+            lines += ["", "Difference to the variant's baseline:", "", *header]
+            lines += [f"| {v} - {study.baseline_of(v)} | " + " | ".join(
                 _pm(index[(v, b, metric)]["diff_mean"], index[(v, b, metric)]["diff_std"])
                 if (v, b, metric) in index else "-" for b in blocks) + " |" for v in compared]
     times = [(v, index[(v, "", "train_time_s")]) for v in study.variants if (v, "", "train_time_s") in index]
@@ -382,7 +412,7 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
 
 def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
     """Per-block linear top-1 with error bars per variant (the raw-pixel probe as a line), and the last block's gap
-    to the baseline."""
+    to each variant's baseline."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
@@ -425,9 +455,10 @@ def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
                yerr=[0 if math.isnan(s["diff_std"]) else s["diff_std"] for _, s in gaps], capsize=4,
                color=["tab:green" if s["diff_mean"] >= 0 else "tab:red" for _, s in gaps])
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(gaps)), [v for v, _ in gaps], rotation=20, ha="right")
-        ax.set_ylabel(f"{last} top-1 minus {study.baseline} (points)")
-        ax.set_title(f"{last}: gap to {study.baseline} (paired by seed)")
+        labels = [v if study.baseline_of(v) == study.baseline else f"{v} - {study.baseline_of(v)}" for v, _ in gaps]
+        ax.set_xticks(range(len(gaps)), labels, rotation=20, ha="right")
+        ax.set_ylabel(f"{last} top-1 minus baseline (points)")
+        ax.set_title(f"{last}: gap to {study.baseline} (or the variant's named baseline), paired by seed")
         ax.grid(axis="y", alpha=0.3)
         fig.savefig(out / "last_block_gap.png", dpi=120)
         names.append("last_block_gap.png")
@@ -438,7 +469,7 @@ def write_results(study: Study) -> Path:
     """``results.json`` and ``results.csv`` (tidy rows), ``results.md`` and its figures, in ``out``."""
     out = Path(study.out)
     rows = collect_rows(study)
-    stats = summary(rows, study.baseline)
+    stats = summary(rows, study.baseline_of)
     from blockssl.eval.robustness import to_json
 
     atomic_write_text(out / "results.json", json.dumps(to_json({"rows": rows, "summary": stats}), indent=1) + "\n")
