@@ -434,7 +434,7 @@ def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
         style: dict[str, Any] = dict(color=colors(i % 20), marker="os^Dv<>p"[i % 8], capsize=3, markersize=5)
         for part, line in ((chained, "-"), ([k for k in range(len(ss)) if k not in chained], "none")):
             ax.errorbar([xs[k] for k in part], [ss[k]["mean"] for k in part],
-                        yerr=[0 if math.isnan(ss[k]["std"]) else ss[k]["std"] for k in part], linestyle=line,
+                        yerr=[ss[k]["std"] for k in part], linestyle=line,
                         label=v if line == "-" else None, **style)
     if pixels is not None:
         ax.axhline(pixels["mean"], color="gray", linestyle="--", linewidth=1, label="raw pixels")
@@ -452,7 +452,7 @@ def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
         fig = Figure(figsize=(max(4.0, 1.1 * len(gaps) + 2), 3.6), layout="constrained")
         ax = fig.add_subplot()
         ax.bar(range(len(gaps)), [s["diff_mean"] for _, s in gaps],
-               yerr=[0 if math.isnan(s["diff_std"]) else s["diff_std"] for _, s in gaps], capsize=4,
+               yerr=[s["diff_std"] for _, s in gaps], capsize=4,
                color=["tab:green" if s["diff_mean"] >= 0 else "tab:red" for _, s in gaps])
         ax.axhline(0, color="black", linewidth=0.8)
         labels = [v if study.baseline_of(v) == study.baseline else f"{v} - {study.baseline_of(v)}" for v, _ in gaps]
