@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from blockssl import optim
 from blockssl.config import ConfigError, TrainConfig, from_dict, load_config
 from blockssl.method import build_loss
 from blockssl.optim import LARS, build_optimizer, lr_factor, param_groups, set_lr
@@ -60,6 +61,62 @@ def test_lars_step_matches_definition():
         br = br - 0.5 * mu_b
     torch.testing.assert_close(w.detach(), wr)
     torch.testing.assert_close(b.detach(), br)
+
+
+def _lars_per_parameter(params, grads, mus, lr, weight_decay, momentum, eta, exclude, momentum_dtype):
+    """LARS one parameter at a time, as Barlow Twins' code writes it: the definition the optimizer is held to."""
+    for p, g in zip(params, grads, strict=True):
+        dp = g
+        if not exclude:
+            dp = dp.add(p, alpha=weight_decay)
+            param_norm, update_norm = torch.norm(p), torch.norm(dp)
+            one = torch.ones_like(param_norm)
+            dp = dp.mul(torch.where(param_norm > 0, torch.where(update_norm > 0, eta * param_norm / update_norm, one),
+                                    one))
+        mu = mus.setdefault(p, torch.zeros_like(p, dtype=momentum_dtype or p.dtype))
+        update = mu.to(p.dtype).mul_(momentum).add_(dp)
+        p.add_(update, alpha=-lr)
+        mu.copy_(update)
+
+
+@pytest.mark.parametrize(("foreach", "bucket_elements"), [(True, optim.BUCKET_ELEMENTS), (True, 5000), (False, 0)])
+@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16])
+def test_the_batched_lars_step_is_bit_identical_to_the_per_parameter_definition(momentum_dtype, foreach,
+                                                                                 bucket_elements, monkeypatch):
+    """A small ResNet with a projector, three steps, both parameter groups, a zero weight (trust ratio 1) and a
+    parameter without a gradient (skipped): every weight and momentum buffer equal bit for bit, batched (in one
+    bucket per group, or in buckets split mid-group) or not."""
+    from blockssl.models.backbone import ResNet
+
+    monkeypatch.setattr(optim, "BUCKET_ELEMENTS", bucket_elements)
+    torch.manual_seed(0)
+    model = nn.Sequential(ResNet("resnet18", width=0.25, stem="small"), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(128, 64), nn.BatchNorm1d(64), nn.Linear(64, 32))
+    with torch.no_grad():
+        model[3].weight.zero_()
+    frozen = model[5].bias
+    reference = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(lr=0.3, weight_decay=1e-4)
+    opt = LARS(param_groups(model.parameters(), cfg), lr=0.0, momentum=cfg.momentum, eta=cfg.lars_eta,
+               momentum_dtype=momentum_dtype, foreach=foreach)
+    set_lr(opt, 1.0)
+    mus: dict = {}
+    x = torch.randn(8, 3, 32, 32)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        frozen.grad = None
+        grads = {id(p): p.grad.clone() for p in model.parameters() if p.grad is not None}
+        opt.step()
+        by_id = dict(zip((id(p) for p in model.parameters()), reference, strict=True))
+        for group in opt.param_groups:
+            params = [by_id[id(p)] for p in group["params"] if id(p) in grads]
+            _lars_per_parameter(params, [grads[id(p)] for p in group["params"] if id(p) in grads], mus,
+                                group["lr"], group["weight_decay"], cfg.momentum, cfg.lars_eta,
+                                group.get("lars_exclude", False), momentum_dtype)
+    for (name, p), r in zip(model.named_parameters(), reference, strict=True):
+        assert torch.equal(p, r), name
+        assert p not in opt.state if p is frozen else torch.equal(opt.state[p]["mu"], mus[r]), name
 
 
 @pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
