@@ -4,6 +4,8 @@ resume across executions, the record handed between stages, stage balancing, and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,3 +135,37 @@ def test_a_signalled_pipeline_stops_every_stage_at_one_step_and_resumes_exactly(
     assert 2 <= step < 8 and f"at step {step};" in messages[0]
     spawn(_worker, 2, str(tmp_path / "pipe"), [], None, True)
     assert_same_run(lean, tmp_path / "pipe")
+
+
+def _later_stage_without_data_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    if rank > 0:  # stage 2 of 2: it must take the dataset's length from stage 1, not read the data itself
+        def refuse(cfg):
+            raise AssertionError("a later pipeline stage built the pretraining set")
+
+        monkeypatch = pytest.MonkeyPatch()
+        monkeypatch.setattr("blockssl.train.two_view_dataset", refuse)
+    pretrain(tiny_config(out, *overrides))
+
+
+def test_later_stages_take_the_dataset_length_from_the_first_and_never_read_images(tmp_path):
+    pipeline = ["train.execution=pipeline", "train.stages=1+2,3+4", "train.epochs=1"]
+    spawn(_later_stage_without_data_worker, 2, str(tmp_path / "pipe"), pipeline)
+    lean = pretrain(tiny_config(tmp_path / "lean", "train.execution=lean", "train.epochs=1"))
+    assert [r["step"] for r in run_metrics(tmp_path / "pipe")] == [r["step"] for r in run_metrics(lean)] == [1, 2, 3, 4]
+
+
+def _failing_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    try:
+        pretrain(tiny_config(out, *overrides))
+    except Exception as e:
+        Path(f"{out}.error.{rank}").write_text(f"{type(e).__name__}: {e}")
+
+
+def test_a_bad_data_root_fails_every_stage_with_the_first_stages_error(tmp_path):
+    """The first stage's error reaches the later one (no process waits for a broadcast that never comes)."""
+    bad = ["train.execution=pipeline", "train.stages=1+2,3+4", "data.name=fashion_mnist",
+           f"data.root={tmp_path / 'missing'}"]
+    spawn(_failing_worker, 2, str(tmp_path / "pipe"), bad)
+    first, later = ((tmp_path / f"pipe.error.{r}").read_text() for r in range(2))
+    assert first.startswith("FileNotFoundError: Fashion-MNIST not found in")
+    assert later == f"RuntimeError: the first pipeline stage could not read the pretraining set: {first}"

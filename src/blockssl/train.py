@@ -40,7 +40,7 @@ from blockssl.config import (
     to_dict,
 )
 from blockssl.data.datasets import dataset_info
-from blockssl.data.loader import EpochSampler, pretrain_loader, two_view_dataset
+from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader, two_view_dataset
 from blockssl.eval.online import OnlineProbe
 from blockssl.execution import HEADER, STRATEGIES, Trainer, add_terms, build_optimizers, decode_terms, encode_record
 from blockssl.memory import model_accounting
@@ -107,6 +107,30 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool = False) -> Path:
     return out
 
 
+def _pretraining_set(cfg: Config, layout: Layout) -> tuple[TwoViews | None, int]:
+    """The two-view pretraining set where images are read (every process but a pipeline's later stages), and its
+    length everywhere. Later stages receive activations: they take the length (for the steps per epoch) from rank 0,
+    a first-stage process, rather than scan the dataset (ImageNet's 1.28 M files) for it. What the first stage
+    raises, every process raises, instead of waiting for a broadcast that never comes."""
+    if not layout.pipelined:
+        everywhere = two_view_dataset(cfg)
+        return everywhere, len(everywhere)
+    views: TwoViews | None = None
+    error: Exception | None = None
+    if layout.first:
+        try:
+            views = two_view_dataset(cfg)
+        except Exception as e:  # re-raised below, once every process knows
+            error = e
+    size, failure = dist.broadcast_object((len(views) if views is not None else 0,
+                                           None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise RuntimeError(f"the first pipeline stage could not read the pretraining set: {failure}")
+    return views, size
+
+
 def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
              command: list[str] | None = None) -> Path:
     """Train ``cfg`` into ``cfg.out``; returns the run directory.
@@ -126,12 +150,12 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     init_groups(layout)
     out = prepare_run_dir(cfg, resume, overwrite) if main else Path(cfg.out)
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None  # fail before any work
+    views, size = _pretraining_set(cfg, layout)
     seed_everything(cfg.seed)  # the same initial weights in every process
-    views = two_view_dataset(cfg)
-    sampler = EpochSampler(len(views), cfg.train.batch_size, cfg.seed, layout.replica, layout.replicas)
+    sampler = EpochSampler(size, cfg.train.batch_size, cfg.seed, layout.replica, layout.replicas)
     loader = pretrain_loader(views, sampler, num_workers=cfg.data.num_workers,
                              pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                             persistent_workers=cfg.data.persistent_workers) if layout.first else None
+                             persistent_workers=cfg.data.persistent_workers) if views is not None else None
     model = build_model(cfg, info.channels, info.image_size)
     if cfg.train.sync_bn:
         model = dist.convert_sync_batchnorm(model, device)
