@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -199,7 +200,13 @@ def test_differences_are_paired_with_each_variants_own_baseline():
     assert stats["simclr"]["baseline"] == "e2e_simclr"
     assert stats["simclr"]["diff_mean"] == pytest.approx(3.5) and stats["simclr"]["diff_std"] == pytest.approx(
         statistics.stdev([3.0, 4.0]))
+    assert stats["simclr"]["diff_seeds"] == {0: 3.0, 1: 4.0}
     assert stats["e2e_simclr"]["diff_mean"] == pytest.approx(-10.5) and stats["e2e"]["diff_mean"] == 0
+    # a baseline still missing a seed: the difference is paired over the seed both have
+    partial = study_module.summary([r for r in rows if (r["variant"], r["seed"]) != ("e2e_simclr", 1)],
+                                   lambda v: {"simclr": "e2e_simclr"}.get(v, "e2e"))
+    simclr = next(r for r in partial if r["variant"] == "simclr")
+    assert simclr["diff_seeds"] == {0: 3.0} and simclr["diff_mean"] == 3.0 and math.isnan(simclr["diff_std"])
 
 
 @pytest.mark.parametrize(("change", "message"), [

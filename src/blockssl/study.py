@@ -340,7 +340,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summary(rows: list[dict[str, Any]], baseline_of: Callable[[str], str]) -> list[dict[str, Any]]:
     """Per (variant, block, metric): mean and std over seeds, the per-seed values, and the difference to the
-    variant's baseline (``baseline_of``), paired by seed (its mean and std over the seeds both have)."""
+    variant's baseline (``baseline_of``), paired by seed (per seed both have, and its mean and std over them)."""
     by_key: dict[tuple[str, str, str], dict[int, float]] = {}
     for r in rows:
         by_key.setdefault((r["variant"], r["block"], r["metric"]), {})[r["seed"]] = r["value"]
@@ -348,11 +348,11 @@ def summary(rows: list[dict[str, Any]], baseline_of: Callable[[str], str]) -> li
     for (variant, block, metric), per_seed in by_key.items():
         mean, std = mean_std(list(per_seed.values()))
         base = by_key.get((baseline_of(variant), block, metric), {})
-        diffs = [v - base[s] for s, v in per_seed.items() if s in base]
-        d_mean, d_std = mean_std(diffs) if diffs else (math.nan, math.nan)
+        diffs = {s: v - base[s] for s, v in sorted(per_seed.items()) if s in base}
+        d_mean, d_std = mean_std(list(diffs.values())) if diffs else (math.nan, math.nan)
         out.append(dict(variant=variant, block=block, metric=metric, mean=mean, std=std, n=len(per_seed),
                         seeds=dict(sorted(per_seed.items())), baseline=baseline_of(variant), diff_mean=d_mean,
-                        diff_std=d_std))
+                        diff_std=d_std, diff_seeds=diffs))
     return out
 
 
@@ -360,6 +360,14 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
     if math.isnan(mean):
         return "-"
     return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+
+
+def _cell(stats: dict[str, Any] | None, prefix: str = "") -> str:
+    """``mean ± std (per-seed values)`` of a summary row, or of its paired differences with ``prefix="diff_"``."""
+    if stats is None or not stats[f"{prefix}seeds"]:
+        return "-"
+    return (_pm(stats[f"{prefix}mean"], stats[f"{prefix}std"]) + " ("
+            + ", ".join(f"{x:.2f}" for x in stats[f"{prefix}seeds"].values()) + ")")
 
 
 METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1 (%)", "mce": "mCE (%)",
@@ -371,7 +379,8 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
     lines = [f"# Study `{study.out}`", "",
              f"Base recipe `{study.base}`, overrides `{' '.join(study.overrides) or 'none'}`, seeds "
              f"{study.seeds}; baseline variant `{study.baseline}`. Cells: mean ± standard deviation over seeds "
-             "(per-seed values in brackets); differences to a variant's baseline are paired by seed.", "",
+             "(per-seed values in brackets); differences to a variant's baseline are paired by seed, over the seeds "
+             "both have run.", "",
              "| variant | overrides | baseline |", "|---|---|---|"]
     lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` | "
               f"{'-' if v == study.baseline else study.baseline_of(v)} |" for v in study.variants]
@@ -383,23 +392,15 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
             continue
         header = ["| variant | " + " | ".join(blocks) + " |", "|---" * (len(blocks) + 1) + "|"]
         lines += ["", f"## {title}", "", *header]
-        for v in variants:
-            cells = []
-            for b in blocks:
-                s = index.get((v, b, metric))
-                cells.append("-" if s is None else _pm(s["mean"], s["std"]) + " (" + ", ".join(
-                    f"{x:.2f}" for x in s["seeds"].values()) + ")")
-            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        lines += [f"| {v} | " + " | ".join(_cell(index.get((v, b, metric))) for b in blocks) + " |" for v in variants]
         pixels = index.get((PIXELS, PIXELS, metric))
         if pixels is not None:
-            lines += ["", f"Raw pixels under the same probe settings (no network): {_pm(pixels['mean'], pixels['std'])}"
-                      " (" + ", ".join(f"{x:.2f}" for x in pixels["seeds"].values()) + ")."]
+            lines += ["", f"Raw pixels under the same probe settings (no network): {_cell(pixels)}."]
         compared = [v for v in variants if v != study.baseline]
         if compared:
             lines += ["", "Difference to the variant's baseline:", "", *header]
             lines += [f"| {v} - {study.baseline_of(v)} | " + " | ".join(
-                _pm(index[(v, b, metric)]["diff_mean"], index[(v, b, metric)]["diff_std"])
-                if (v, b, metric) in index else "-" for b in blocks) + " |" for v in compared]
+                _cell(index.get((v, b, metric)), "diff_") for b in blocks) + " |" for v in compared]
     times = [(v, index[(v, "", "train_time_s")]) for v in study.variants if (v, "", "train_time_s") in index]
     if times:
         lines += ["", "## Training time (s per run)", "",
