@@ -44,6 +44,9 @@ class DataConfig:
     # torchvision = a kernel of about 10% of the side (SimCLR's definition; 23 px at 224); pil = PIL's untruncated
     # blur, as the Barlow Twins and VICReg reference code and the authors' (the ImageNet recipes; 20x faster at 224 px)
     blur_impl: Literal["torchvision", "pil"] = "torchvision"
+    # loader = every augmentation in the loader's workers; device = workers crop and flip, the colour operations
+    # (jitter, grayscale, blur, solarize) run batched on the training device with the same parameters
+    photometric: Literal["loader", "device"] = "loader"
     strict: bool = False  # an unreadable image stops the run (false: it is replaced, counted in metrics.jsonl)
     num_workers: int = 8
     pin_memory: bool = True

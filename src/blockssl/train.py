@@ -41,6 +41,7 @@ from blockssl.config import (
 )
 from blockssl.data.datasets import dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader, two_view_dataset
+from blockssl.data.photometric import to_device
 from blockssl.eval.online import OnlineProbe
 from blockssl.execution import HEADER, STRATEGIES, Trainer, add_terms, build_optimizers, decode_terms, encode_record
 from blockssl.memory import model_accounting
@@ -237,8 +238,9 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                         x1, x2, labels, replaced = next(batches)
                         record = encode_record(num_blocks, device)
                         record[HEADER.index("replaced")] = float(replaced.sum())
-                        x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
-                        x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+                        assert views is not None
+                        x1 = to_device(views.transforms[0], x1, device, memory_format)  # colour ops done here when
+                        x2 = to_device(views.transforms[1], x2, device, memory_format)  # data.photometric=device
                     else:
                         assert link is not None
                         msg = link.receive(num_blocks)

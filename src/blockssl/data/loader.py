@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -58,6 +59,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 class TwoViews(Dataset):
     """``dataset[(epoch, i)]`` -> (view1, view2, label, replaced); the views' randomness is seeded by (seed, epoch, i).
+    A view is a normalised image, or with ``data.photometric=device`` a ``uint8`` crop and its colour parameters
+    (``blockssl.data.photometric.to_device`` finishes a batch of either on the training device).
 
     ``label`` is the image's class (an int, read only by the optional online probe), -1 when the dataset has none
     (e.g. STL-10's unlabeled split). An unreadable image is replaced by the next readable one, whose label comes
@@ -72,7 +75,7 @@ class TwoViews(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any, int, int]:
         epoch, i = key
         image, target, replaced = None, None, 0
         for attempt in range(MAX_REPLACEMENTS):
@@ -96,7 +99,8 @@ def two_view_dataset(cfg: Config) -> TwoViews:
     """The pretraining set of ``cfg`` with its two-view augmentation preset (``data.augment``, auto = the loss's)."""
     info = dataset_info(cfg.data)
     preset = cfg.loss.name if cfg.data.augment == "auto" else cfg.data.augment
-    transforms = two_view_transforms(preset, info, cfg.data.min_crop_scale, cfg.data.blur, cfg.data.blur_impl)
+    transforms = two_view_transforms(preset, info, cfg.data.min_crop_scale, cfg.data.blur, cfg.data.blur_impl,
+                                     cfg.data.photometric)
     return TwoViews(build_dataset(cfg.data, "pretrain"), transforms, cfg.seed, strict=cfg.data.strict, info=info)
 
 

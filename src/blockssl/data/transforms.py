@@ -8,13 +8,16 @@ dropped. Evaluation resizes bilinearly, as the reference linear evaluation (torc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from blockssl.data.datasets import DatasetInfo
+from blockssl.data.photometric import DeviceView, Photometric
 
 AUGMENT_PRESETS = ("barlow_twins", "simclr", "vicreg")
 
@@ -36,21 +39,30 @@ class PILGaussianBlur:
 
 
 def _view(info: DatasetInfo, *, jitter: tuple[float, float, float, float], blur_p: float, solarize_p: float,
-          min_scale: float, blur: str, blur_impl: str) -> Callable[[Image.Image], torch.Tensor]:
+          min_scale: float, blur: str, blur_impl: str, photometric: str) -> Callable:
     size = info.image_size
-    ops: list[Callable] = [
+    geometry = T.Compose([
         T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
-    ]
-    if info.channels == 1:
-        b, c, _, _ = jitter
-        ops.append(T.RandomApply([T.ColorJitter(b, c)], p=0.8))
-    else:
-        ops += [T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)]
-    if blur_p > 0 and (blur == "true" or (blur == "auto" and size > 32)):
-        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd (23 at 224 px, 3 at 28 px)
-        blur_op = PILGaussianBlur((0.1, 2.0)) if blur_impl == "pil" else T.GaussianBlur(kernel, sigma=(0.1, 2.0))
-        ops.append(T.RandomApply([blur_op], p=blur_p))
+    ])
+    gray = info.channels == 1
+    blurred = blur_p > 0 and (blur == "true" or (blur == "auto" and size > 32))
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd (23 at 224 px, 3 at 28 px)
+    colour = Photometric(jitter=(jitter[0], jitter[1], None, None) if gray else jitter, jitter_p=0.8,
+                         gray_p=0.0 if gray else 0.2, blur_p=blur_p if blurred else 0.0,
+                         # PIL's blur is not truncated: on the device, a kernel of +-3 sigma stands for it
+                         blur_kernel=kernel if blur_impl == "torchvision" else 2 * math.ceil(3 * 2.0) + 1,
+                         solarize_p=solarize_p)
+    if photometric == "device":
+        return DeviceView(geometry, colour, info.mean, info.std)
+    ops: list[Callable] = [*geometry.transforms, T.RandomApply([T.ColorJitter(*colour.jitter[:2]) if gray
+                                                                 else T.ColorJitter(*jitter)], p=colour.jitter_p)]
+    if colour.gray_p:
+        ops.append(T.RandomGrayscale(p=colour.gray_p))
+    if colour.blur_p:
+        blur_op = (PILGaussianBlur(colour.blur_sigma) if blur_impl == "pil"
+                   else T.GaussianBlur(kernel, colour.blur_sigma))
+        ops.append(T.RandomApply([blur_op], p=colour.blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(128, p=solarize_p))
     ops += [T.ToTensor(), T.Normalize(info.mean, info.std)]
@@ -58,24 +70,23 @@ def _view(info: DatasetInfo, *, jitter: tuple[float, float, float, float], blur_
 
 
 def two_view_transforms(preset: str, info: DatasetInfo, min_scale: float = 0.08, blur: str = "auto",
-                        blur_impl: str = "torchvision") -> tuple[Callable, Callable]:
+                        blur_impl: str = "torchvision", photometric: str = "loader") -> tuple[Callable, Callable]:
     """The pair of view transforms of ``preset``.
 
     barlow_twins / vicreg: asymmetric (view 1 always blurred, view 2 blurred 10% and solarized 20%),
     jitter (0.4, 0.4, 0.2, 0.1). simclr: symmetric, jitter (0.8, 0.8, 0.8, 0.2), blur 50%. ``min_scale``: the
     smallest crop area; ``blur``: auto (none at 32 px and below), true or false; ``blur_impl``: torchvision's
-    kernel of about 10% of the side (SimCLR's definition) or PIL's untruncated blur (``PILGaussianBlur``).
+    kernel of about 10% of the side (SimCLR's definition) or PIL's untruncated blur (``PILGaussianBlur``);
+    ``photometric``: ``loader`` (all in the loader) or ``device`` (colour operations on the training device,
+    ``blockssl.data.photometric``).
     """
+    view = partial(_view, info, min_scale=min_scale, blur=blur, blur_impl=blur_impl, photometric=photometric)
     if preset in ("barlow_twins", "vicreg"):
         jitter = (0.4, 0.4, 0.2, 0.1)
-        return (_view(info, jitter=jitter, blur_p=1.0, solarize_p=0.0, min_scale=min_scale, blur=blur,
-                      blur_impl=blur_impl),
-                _view(info, jitter=jitter, blur_p=0.1, solarize_p=0.2, min_scale=min_scale, blur=blur,
-                      blur_impl=blur_impl))
+        return (view(jitter=jitter, blur_p=1.0, solarize_p=0.0), view(jitter=jitter, blur_p=0.1, solarize_p=0.2))
     if preset == "simclr":
-        view = _view(info, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0, min_scale=min_scale, blur=blur,
-                     blur_impl=blur_impl)
-        return view, view
+        symmetric = view(jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0)
+        return symmetric, symmetric
     raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
 
 
