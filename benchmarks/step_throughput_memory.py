@@ -44,11 +44,13 @@ Each (model, setting) pair runs in a fresh subprocess, so its memory numbers are
 - ``others``: the share of the machine's CPU time (all cores, /proc/stat) used by other processes during the
   timed steps; images/s of a run with a high share are not comparable (flagged); memory figures are unaffected.
 
-The data pipeline (``--data``, default ``fashion_mnist,imagenet``): the two-view loader of a recipe alone, images/s
-with the loading in the main process (one worker's rate) and with one worker per CPU. ``fashion_mnist`` is the
-default recipe (Debian's Fashion-MNIST, or the 28 px synthetic set when it is missing: the JSON says which);
-``imagenet`` is the ImageNet recipe on generated 224+ px JPEGs (ImageNet's mean size, about 400 x 350, with
-texture so that they decode like photographs). Each is set against the matching model's ``lean`` step
+The data pipeline (``--data``, default ``fashion_mnist,imagenet,imagenet_device``): the two-view loader of a recipe
+alone, images/s with the loading in the main process (one worker's rate) and with one worker per CPU.
+``fashion_mnist`` is the default recipe (Debian's Fashion-MNIST, or the 28 px synthetic set when it is missing: the
+JSON says which); ``imagenet`` is the ImageNet recipe on generated 224+ px JPEGs (ImageNet's mean size, about 400 x
+350, with texture so that they decode like photographs); ``imagenet_device`` is the same with
+``data.photometric=device``: the workers decode, crop and flip, and ``finish/s`` is the rate of the colour
+operations of both views, batched, on ``--device``. Each is set against the matching model's ``lean`` step
 (``fashion_mnist``, ``resnet50``): a step is data-bound when the recipe's workers (``data.num_workers``, at most
 the CPUs) deliver fewer images per second than the model consumes.
 
@@ -122,8 +124,11 @@ DATA: dict[str, dict[str, Any]] = {
     "imagenet": {"recipe": "configs/imagenet/barlow_twins_blockwise_noise.yaml", "model": "resnet50", "batch": 32,
                  "batches": 6, "generated": True},
 }
+# the same pipeline with the colour operations moved to the training device (data.photometric=device)
+DATA["imagenet_device"] = {**DATA["imagenet"], "overrides": ["data.photometric=device"]}
 QUICK_DATA = {"fashion_mnist": {**DATA["fashion_mnist"], "batch": 16, "batches": 2},
-              "imagenet": {**DATA["imagenet"], "batch": 4, "batches": 2}}
+              "imagenet": {**DATA["imagenet"], "batch": 4, "batches": 2},
+              "imagenet_device": {**DATA["imagenet_device"], "batch": 4, "batches": 2}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,16 +339,19 @@ def generated_imagefolder(root: Path, images: int) -> Path:
     return root
 
 
-def measure_loader(name: str, spec: dict[str, Any], workers: int, root: str) -> dict[str, Any]:
+def measure_loader(name: str, spec: dict[str, Any], workers: int, root: str, device: str) -> dict[str, Any]:
     """Images/s of the recipe's two-view loader alone (both views of each image decoded and augmented), over
-    ``batches`` batches after one untimed batch (worker start-up excluded)."""
+    ``batches`` batches after one untimed batch (worker start-up excluded); with ``data.photometric=device``, also
+    the images/s of finishing those batches (both views' colour operations) on ``device``."""
     import torch
 
     from blockssl.config import load_config
     from blockssl.data.datasets import DatasetInfo
     from blockssl.data.loader import EpochSampler, pretrain_loader, two_view_dataset
+    from blockssl.data.photometric import to_device
+    from blockssl.runtime import resolve_device
 
-    overrides = [f"data.num_workers={workers}", f"train.batch_size={spec['batch']}"]
+    overrides = [*spec.get("overrides", []), f"data.num_workers={workers}", f"train.batch_size={spec['batch']}"]
     source = "recipe"
     if root:
         overrides.append(f"data.root={root}")
@@ -361,13 +369,23 @@ def measure_loader(name: str, spec: dict[str, Any], workers: int, root: str) -> 
     batches = iter(loader)
     next(batches)
     t0 = time.perf_counter()
-    count = 0
-    for _ in range(spec["batches"]):
-        x1, _, _, _ = next(batches)
-        count += x1.shape[0]
+    loaded = [next(batches) for _ in range(spec["batches"])]
     elapsed = time.perf_counter() - t0
     del batches
+    count = spec["batches"] * spec["batch"]
+    finish = None
+    if cfg.data.photometric == "device":
+        target = resolve_device(device)
+        sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
+        to_device(views.transforms[0], loaded[0][0], target)  # warm-up (kernels, allocator)
+        sync()
+        t0 = time.perf_counter()
+        for x1, x2, _, _ in loaded:
+            to_device(views.transforms[0], x1, target), to_device(views.transforms[1], x2, target)
+        sync()
+        finish = count / (time.perf_counter() - t0)
     return {"data": name, "workers": workers, "source": source, "image_size": info.image_size,
+            "photometric": cfg.data.photometric, "finish_images_per_s": finish,
             "batch": spec["batch"], "images": count, "seconds": elapsed, "images_per_s": count / elapsed,
             "images_per_s_per_worker": count / elapsed / max(1, workers), "recipe_workers": recipe_workers,
             "torch_threads": torch.get_num_threads()}
@@ -444,10 +462,11 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def format_data(loaders: list[dict[str, Any]], bounds: list[dict[str, Any]]) -> str:
-    lines = [f"{'data':<14} {'workers':>7} {'px':>4} {'images/s':>9} {'per worker':>10}  source"]
+    lines = [f"{'data':<16} {'workers':>7} {'px':>4} {'images/s':>9} {'per worker':>10} {'finish/s':>9}  source"]
     for r in loaders:
-        lines.append(f"{r['data']:<14} {r['workers']:>7} {r['image_size']:>4} {r['images_per_s']:>9.1f} "
-                     f"{r['images_per_s_per_worker']:>10.1f}  {r['source']}")
+        finish = "-" if r["finish_images_per_s"] is None else f"{r['finish_images_per_s']:.1f}"
+        lines.append(f"{r['data']:<16} {r['workers']:>7} {r['image_size']:>4} {r['images_per_s']:>9.1f} "
+                     f"{r['images_per_s_per_worker']:>10.1f} {finish:>9}  {r['source']}")
     for b in bounds:
         if b["model_images_per_s"] is None:
             continue
@@ -535,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             root = str(generated_imagefolder(Path(tmp) / name, images)) if spec.get("generated") else ""
             for workers in (0, cpus):
                 print(f"data {name}: {workers} workers", flush=True)
-                loaders.append(measure_loader(name, spec, workers, root))
+                loaders.append(measure_loader(name, spec, workers, root, args.device))
     bounds = data_bounds(loaders, results, data_table, cpus)
     elapsed = time.perf_counter() - start
 
