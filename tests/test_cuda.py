@@ -77,3 +77,25 @@ def test_saved_bytes_on_cuda_equal_the_cpu_count(tmp_path):
             lean_step(trainer, *(v.to(device) for v in _views()), 0)
         saved[device] = acc.result().parts
     assert saved["cuda"] == saved["cpu"]
+
+
+def test_colour_operations_on_cuda_equal_the_cpu():
+    from blockssl.data.photometric import to_device
+    from blockssl.data.transforms import two_view_transforms
+    from tests.data.test_datasets import INFOS, _random_image
+
+    view, _ = two_view_transforms("simclr", INFOS["rgb96"], blur="true", photometric="device")
+    image = _random_image(3, 110)
+    rows = []
+    for seed in range(16):
+        torch.manual_seed(seed)
+        rows.append(view(image))
+    batch = [torch.stack([c for c, _ in rows]), torch.stack([p for _, p in rows])]
+    torch.testing.assert_close(to_device(view, batch, torch.device("cuda")).cpu(),
+                               to_device(view, batch, torch.device("cpu")), atol=1e-4, rtol=0)
+
+
+def test_a_run_with_colour_operations_on_cuda(tmp_path):
+    run = pretrain(tiny_config(tmp_path / "run", "train.device=cuda", "data.photometric=device", "data.blur=true",
+                               "train.epochs=1", "train.channels_last=true"))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in run_metrics(run))
