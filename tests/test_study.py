@@ -146,6 +146,28 @@ def test_an_interrupted_run_is_resumed_to_the_uninterrupted_result(tmp_path):
     assert steps == sorted(set(steps))  # no step logged twice
 
 
+def test_status_tells_done_started_and_waiting_runs(finished, tmp_path, capsys):
+    assert {r["state"] for r in study_module.status(load_study(finished))} == {"done"}
+    assert main(["study", str(finished), "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "4 of 4 runs done"
+    study = load_study(_write_study(tmp_path, evaluate=["probe"]))
+    pretrain(study.config("end_to_end", 0), stop_after=1)  # killed after its first step's checkpoint
+    run_one(study, "blockwise", 0)
+    rows = {(r["variant"], r["seed"]): r for r in study_module.status(study)}
+    assert rows[("end_to_end", 0)]["state"] == "started" and rows[("end_to_end", 0)]["step"] == 1
+    assert rows[("blockwise", 0)]["state"] == "done" and rows[("blockwise", 0)]["seconds"] > 0
+    assert rows[("blockwise", 1)]["state"] == "not started"
+    (study.run_dir("blockwise", 0) / "probe.json").unlink()
+    assert study_module.status(study)[1]["state"] == "trained, to evaluate: probe"
+    (study.run_dir("blockwise", 0) / "probe.json").write_text("{}")
+    text = study_module.format_status(study_module.status(study))
+    assert "end_to_end                  0         0  started (checkpoint at step 1)" in text
+    # three runs left, each estimated at the only finished run's time
+    seconds = rows[("blockwise", 0)]["seconds"]
+    assert text.endswith(f"1 of 4 runs done\nabout {3 * seconds / 3600:.1f} h left at the pace of each variant's "
+                         "fastest finished run")
+
+
 def test_a_run_refused_before_its_directory_exists_leaves_nothing_behind(tmp_path, monkeypatch):
     study = load_study(_write_study(tmp_path, variants={"blockwise": []}, baseline="blockwise", seeds=[0],
                                     evaluate=[]))

@@ -54,10 +54,12 @@ def _export(args: argparse.Namespace) -> None:
 def _study(args: argparse.Namespace) -> None:
     import yaml
 
-    from blockssl.study import load_study, parse_only, run_commands, run_study, submit_slurm
+    from blockssl.study import format_status, load_study, parse_only, run_commands, run_study, status, submit_slurm
 
     study = load_study(args.study, args.overrides)
-    if args.print:
+    if args.status:
+        print(format_status(status(study)))
+    elif args.print:
         print("\n".join(run_commands(args.study, study, args.overrides)))
     elif args.slurm:
         parameters = {}
@@ -131,11 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "then results.md, results.json and results.csv are written, e.g.\n"
                                    "  blockssl study studies/fashion_mnist.yaml\n"
                                    "  blockssl study studies/fashion_mnist.yaml --print   # one command per run\n"
+                                   "  blockssl study studies/fashion_mnist.yaml --status  # what is left\n"
                                    "  blockssl study studies/fashion_mnist.yaml --slurm --slurm-param "
                                    "slurm_partition=gpu --slurm-param timeout_min=720")
     p.add_argument("study", type=Path, metavar="STUDY.yaml")
     p.add_argument("--only", metavar="VARIANT/SEED", help="train and evaluate this one run (a job-array task)")
     p.add_argument("--print", action="store_true", help="print one command per run, then the aggregating one")
+    p.add_argument("--status", action="store_true",
+                   help="which runs are done, started (at which checkpoint) or not started, and the time left")
     p.add_argument("--slurm", action="store_true", help="submit the runs as a SLURM job array with submitit")
     p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="submitit executor parameter, e.g. slurm_partition=gpu, timeout_min=600, gpus_per_node=1")

@@ -36,6 +36,7 @@ import io
 import json
 import math
 import shlex
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -230,8 +231,7 @@ def run_one(study: Study, variant: str, seed: int) -> Path:
     from blockssl.train import pretrain
 
     run_dir = study.run_dir(variant, seed)
-    wanted = {"probe": "probe.json", "robustness": "robustness.json"}
-    missing = [e for e in study.evaluations(variant) if not (run_dir / wanted[e]).is_file()]
+    missing = _missing_evaluations(study, variant, seed)
     if not missing and (study.evaluate or (run_dir / "backbone.pt").is_file()):
         return run_dir
     if not (run_dir / "backbone.pt").is_file():
@@ -245,6 +245,53 @@ def run_one(study: Study, variant: str, seed: int) -> Path:
     if "robustness" in missing:
         _timed(run_dir, "robustness_s", lambda: run_robustness(run_dir, study.robustness))
     return run_dir
+
+
+def _missing_evaluations(study: Study, variant: str, seed: int) -> list[str]:
+    wanted = {"probe": "probe.json", "robustness": "robustness.json"}
+    return [e for e in study.evaluations(variant) if not (study.run_dir(variant, seed) / wanted[e]).is_file()]
+
+
+def status(study: Study) -> list[dict[str, Any]]:
+    """Per run: ``state`` (done; trained, evaluations missing; started, at ``step``; or not started) and the
+    ``seconds`` spent on it so far (``study_timing.json``)."""
+    from blockssl.checkpoint import load_checkpoint
+
+    rows = []
+    for variant, seed in study.runs():
+        run = study.run_dir(variant, seed)
+        missing = _missing_evaluations(study, variant, seed)
+        timing = json.loads((run / TIMING).read_text()) if (run / TIMING).is_file() else {}
+        step = None
+        if not missing and (study.evaluate or (run / "backbone.pt").is_file()):
+            state = "done"
+        elif (run / "backbone.pt").is_file():
+            state = "trained, to evaluate: " + ", ".join(missing)
+        elif (run / "checkpoints" / "last.pt").is_file():
+            state, step = "started", load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+        else:
+            state = "not started"
+        rows.append(dict(variant=variant, seed=seed, state=state, step=step, seconds=sum(timing.values())))
+    return rows
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+    """The status table, and how many runs are done; the time left is estimated from each variant's fastest
+    finished run (the median run of any variant when none of it has finished): a resumed or shared-machine run
+    counts its stalls, the fastest one is closest to what a quiet machine takes."""
+    lines = [f"{'variant':<24}{'seed':>5}  {'seconds':>8}  state"]
+    lines += [f"{r['variant']:<24}{r['seed']:>5}  {r['seconds']:>8.0f}  {r['state']}"
+              + (f" (checkpoint at step {r['step']})" if r["step"] is not None else "") for r in rows]
+    done = [r for r in rows if r["state"] == "done"]
+    lines.append(f"{len(done)} of {len(rows)} runs done")
+    if done and len(done) < len(rows):
+        fastest: dict[str, float] = {}
+        for r in done:
+            fastest[r["variant"]] = min(r["seconds"], fastest.get(r["variant"], math.inf))
+        typical = statistics.median(r["seconds"] for r in done)
+        left = sum(max(0.0, fastest.get(r["variant"], typical) - r["seconds"]) for r in rows if r["state"] != "done")
+        lines.append(f"about {left / 3600:.1f} h left at the pace of each variant's fastest finished run")
+    return "\n".join(lines)
 
 
 def pixel_baseline(study: Study, seed: int) -> Path | None:
