@@ -231,9 +231,9 @@ def run_one(study: Study, variant: str, seed: int) -> Path:
     from blockssl.train import pretrain
 
     run_dir = study.run_dir(variant, seed)
-    missing = _missing_evaluations(study, variant, seed)
-    if not missing and (study.evaluate or (run_dir / "backbone.pt").is_file()):
+    if _done(study, variant, seed):
         return run_dir
+    missing = _missing_evaluations(study, variant, seed)
     if not (run_dir / "backbone.pt").is_file():
         if (run_dir / "checkpoints" / "last.pt").is_file():
             _timed(run_dir, "pretrain_s", lambda: pretrain(resume_config(run_dir), resume=True))
@@ -252,6 +252,12 @@ def _missing_evaluations(study: Study, variant: str, seed: int) -> list[str]:
     return [e for e in study.evaluations(variant) if not (study.run_dir(variant, seed) / wanted[e]).is_file()]
 
 
+def _done(study: Study, variant: str, seed: int) -> bool:
+    """Evaluated (its evaluation files suffice), or trained when the study evaluates nothing."""
+    trained = (study.run_dir(variant, seed) / "backbone.pt").is_file()
+    return not _missing_evaluations(study, variant, seed) and (bool(study.evaluate) or trained)
+
+
 def status(study: Study) -> list[dict[str, Any]]:
     """Per run: ``state`` (done; trained, evaluations missing; started, at ``step``; or not started) and the
     ``seconds`` spent on it so far (``study_timing.json``)."""
@@ -260,15 +266,14 @@ def status(study: Study) -> list[dict[str, Any]]:
     rows = []
     for variant, seed in study.runs():
         run = study.run_dir(variant, seed)
-        missing = _missing_evaluations(study, variant, seed)
         timing = json.loads((run / TIMING).read_text()) if (run / TIMING).is_file() else {}
         step = None
-        if not missing and (study.evaluate or (run / "backbone.pt").is_file()):
+        if _done(study, variant, seed):
             state = "done"
         elif (run / "backbone.pt").is_file():
-            state = "trained, to evaluate: " + ", ".join(missing)
-        elif (run / "checkpoints" / "last.pt").is_file():
-            state, step = "started", load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+            state = "trained, to evaluate: " + ", ".join(_missing_evaluations(study, variant, seed))
+        elif (run / "checkpoints" / "last.pt").is_file():  # mapped: only the step is read
+            state, step = "started", load_checkpoint(run / "checkpoints" / "last.pt", mmap=True)["step"]
         else:
             state = "not started"
         rows.append(dict(variant=variant, seed=seed, state=state, step=step, seconds=sum(timing.values())))
