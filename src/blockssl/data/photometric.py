@@ -169,17 +169,11 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
          + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
     h = torch.fmod(h / 6.0 + 1.0, 1.0)
     h = torch.remainder(h + factor.view(-1, 1, 1), 1.0)
-    # back to RGB: the sextant i and the position f in it select among v, p, q, t
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    v = maxc
-    p = (v * (1.0 - s)).clamp(0, 1)
-    q = (v * (1.0 - s * f)).clamp(0, 1)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
-    table = torch.stack([torch.stack(c, dim=1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))],
-                        dim=1)  # (N, 3 channels, 6 sextants, H, W)
-    return table.gather(2, i.unsqueeze(1).unsqueeze(1).expand(-1, 3, 1, -1, -1)).squeeze(2)
+    # back to RGB, channel by channel: c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6 with n = 5, 3, 1
+    # for R, G, B (the closed form of the sextant table, without a 6-fold temporary)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
+    return maxc.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
