@@ -27,6 +27,7 @@ JITTER, ORDER, FACTORS, GRAY, SIGMA, SOLARIZE = 0, slice(1, 5), slice(5, 9), 9, 
 WIDTH = 12
 NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # the factors that change nothing
 SOLARIZE_THRESHOLD = 128 / 255  # torchvision's RandomSolarize(128) on 8-bit images
+BLUR_SIGMA = (0.1, 2.0)  # the presets' blur sigma range (SimCLR, Barlow Twins)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Photometric:
     blur_p: float
     blur_kernel: int
     solarize_p: float
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: tuple[float, float] = BLUR_SIGMA
 
     def ranges(self) -> list[tuple[float, float] | None]:
         """The factor ranges of ColorJitter: [1 - s, 1 + s] for the first three, [-s, s] for hue."""
@@ -83,7 +84,7 @@ class Photometric:
         jittered = params[:, JITTER] > 0
         for position in range(4):
             for k, operation in enumerate(operations):
-                if self.jitter[k] is not None and (k < 2 or x.shape[1] == 3):
+                if self.jitter[k] is not None:
                     chosen = jittered & (params[:, ORDER.start + position] == k)
                     x = pick(chosen, operation(x, params[:, FACTORS.start + k]), x)
         if self.gray_p > 0:

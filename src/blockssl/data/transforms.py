@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from blockssl.data.datasets import DatasetInfo
-from blockssl.data.photometric import DeviceView, Photometric
+from blockssl.data.photometric import BLUR_SIGMA, DeviceView, Photometric
 
 AUGMENT_PRESETS = ("barlow_twins", "simclr", "vicreg")
 
@@ -51,7 +51,7 @@ def _view(info: DatasetInfo, *, jitter: tuple[float, float, float, float], blur_
     colour = Photometric(jitter=(jitter[0], jitter[1], None, None) if gray else jitter, jitter_p=0.8,
                          gray_p=0.0 if gray else 0.2, blur_p=blur_p if blurred else 0.0,
                          # PIL's blur is not truncated: on the device, a kernel of +-3 sigma stands for it
-                         blur_kernel=kernel if blur_impl == "torchvision" else 2 * math.ceil(3 * 2.0) + 1,
+                         blur_kernel=kernel if blur_impl == "torchvision" else 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1,
                          solarize_p=solarize_p)
     if photometric == "device":
         return DeviceView(geometry, colour, info.mean, info.std)
