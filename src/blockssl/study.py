@@ -464,8 +464,8 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
 
 
 def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
-    """Per-block linear top-1 with error bars per variant (the raw-pixel probe as a line), and the last block's gap
-    to each variant's baseline."""
+    """Per-block linear top-1 with error bars, a panel per baseline with the variants compared with it (the
+    raw-pixel probe as a line), and the last block's gap to each variant's baseline."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
@@ -475,28 +475,42 @@ def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
         return []
     blocks = list(dict.fromkeys(s["block"] for s in linear))
     index = {(s["variant"], s["block"]): s for s in linear}
-    fig = Figure(figsize=(9, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    colors = colormaps["tab20"]  # 20 distinct colours (by index): a study of many variants stays readable
-    for i, v in enumerate(study.variants):
-        offset = (i - (len(study.variants) - 1) / 2) * 0.04
-        xs = [j + offset for j, b in enumerate(blocks) if (v, b) in index]
-        ss = [index[(v, b)] for b in blocks if (v, b) in index]
-        # a line through the blocks; the concatenation of all blocks is no next block, so its point stands apart
-        chained = [k for k, s in enumerate(ss) if s["block"] != "concat"]
-        style: dict[str, Any] = dict(color=colors(i % 20), marker="os^Dv<>p"[i % 8], capsize=3, markersize=5)
-        for part, line in ((chained, "-"), ([k for k in range(len(ss)) if k not in chained], "none")):
-            ax.errorbar([xs[k] for k in part], [ss[k]["mean"] for k in part],
-                        yerr=[ss[k]["std"] for k in part], linestyle=line,
-                        label=v if line == "-" else None, **style)
-    if pixels is not None:
-        ax.axhline(pixels["mean"], color="gray", linestyle="--", linewidth=1, label="raw pixels")
-    ax.set_xticks(range(len(blocks)), blocks)
-    ax.set_ylabel("linear probe top-1 (%)")
-    ax.set_title("Per-block accuracy (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.savefig(out / "per_block_top1.png", dpi=120)
+    # one panel per baseline, holding it and the variants compared with it: each panel answers its own question
+    panels: dict[str, list[str]] = {study.baseline: [study.baseline]}
+    for v in study.variants:
+        if v != study.baseline:
+            panels.setdefault(study.baseline_of(v), [study.baseline_of(v)]).append(v)
+    columns = min(2, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(7.5 * columns, 4.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, sharey=True, squeeze=False).ravel()
+    colors = colormaps["tab20"]  # 20 distinct colours, one per variant in every panel
+    number = {v: i for i, v in enumerate(study.variants)}
+    for ax, (baseline, members) in zip(axes, panels.items(), strict=False):
+        for position, v in enumerate(members):
+            i = number[v]
+            offset = (position - (len(members) - 1) / 2) * 0.05
+            xs = [j + offset for j, b in enumerate(blocks) if (v, b) in index]
+            ss = [index[(v, b)] for b in blocks if (v, b) in index]
+            # a line through the blocks; the concatenation of all blocks is no next block, so its point stands apart
+            chained = [k for k, s in enumerate(ss) if s["block"] != "concat"]
+            style: dict[str, Any] = dict(color=colors(i % 20), marker="os^Dv<>p"[i % 8], capsize=3, markersize=5)
+            for part, line in ((chained, "-"), ([k for k in range(len(ss)) if k not in chained], "none")):
+                ax.errorbar([xs[k] for k in part], [ss[k]["mean"] for k in part],
+                            yerr=[ss[k]["std"] for k in part], linestyle=line,
+                            label=v if line == "-" else None, **style)
+        if pixels is not None:
+            ax.axhline(pixels["mean"], color="gray", linestyle="--", linewidth=1, label="raw pixels")
+        ax.set_xticks(range(len(blocks)), blocks)
+        ax.set_title(f"against {baseline}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[::columns]:
+        ax.set_ylabel("linear probe top-1 (%)")
+    fig.suptitle("Per-block accuracy (mean ± std over seeds), each variant beside its baseline")
+    fig.savefig(out / "per_block_top1.png", dpi=110)
     names = ["per_block_top1.png"]
     last = next((b for b in reversed(blocks) if b != "concat"), blocks[-1])
     gaps = [(v, index[(v, last)]) for v in study.variants if v != study.baseline and (v, last) in index]
