@@ -223,6 +223,15 @@ def test_differences_are_paired_with_each_variants_own_baseline():
     assert stats["simclr"]["diff_mean"] == pytest.approx(3.5) and stats["simclr"]["diff_std"] == pytest.approx(
         statistics.stdev([3.0, 4.0]))
     assert stats["simclr"]["diff_seeds"] == {0: 3.0, 1: 4.0}
+    # the 95% interval of two paired differences: t(0.975, 1) = 12.706 standard errors; zero is inside, no star
+    assert stats["simclr"]["diff_ci95"] == pytest.approx(12.706 * statistics.stdev([3.0, 4.0]) / math.sqrt(2))
+    assert study_module._cell(stats["simclr"], "diff_") == "3.50 ± 0.71 (3.00, 4.00)"
+    three = [dict(r, seed=2, value=r["value"] + (0.9 if r["variant"] == "simclr" else 0.0)) for r in rows
+             if r["seed"] == 0]
+    resolved = next(r for r in study_module.summary(rows + three, lambda v: "e2e_simclr" if v == "simclr" else "e2e")
+                    if r["variant"] == "simclr")
+    assert resolved["diff_ci95"] == pytest.approx(4.303 * statistics.stdev([3.0, 4.0, 3.9]) / math.sqrt(3))
+    assert study_module._cell(resolved, "diff_").startswith("3.63 ± 0.55* (")
     assert stats["e2e_simclr"]["diff_mean"] == pytest.approx(-10.5) and stats["e2e"]["diff_mean"] == 0
     # a baseline still missing a seed: the difference is paired over the seed both have
     partial = study_module.summary([r for r in rows if (r["variant"], r["seed"]) != ("e2e_simclr", 1)],

@@ -390,9 +390,23 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+# Student's t at 97.5% for 1 to 30 degrees of freedom (two-sided 95%; standard tables); the normal 1.96 beyond.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ci95(std: float, n: int) -> float:
+    """Half-width of the 95% confidence interval of a mean of ``n`` paired differences (Student's t); NaN below
+    two."""
+    if n < 2 or math.isnan(std):
+        return math.nan
+    return (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * std / math.sqrt(n)
+
+
 def summary(rows: list[dict[str, Any]], baseline_of: Callable[[str], str]) -> list[dict[str, Any]]:
     """Per (variant, block, metric): mean and std over seeds, the per-seed values, and the difference to the
-    variant's baseline (``baseline_of``), paired by seed (per seed both have, and its mean and std over them)."""
+    variant's baseline (``baseline_of``), paired by seed (per seed both have; its mean, std and 95% confidence
+    half-width over them)."""
     by_key: dict[tuple[str, str, str], dict[int, float]] = {}
     for r in rows:
         by_key.setdefault((r["variant"], r["block"], r["metric"]), {})[r["seed"]] = r["value"]
@@ -404,7 +418,7 @@ def summary(rows: list[dict[str, Any]], baseline_of: Callable[[str], str]) -> li
         d_mean, d_std = mean_std(list(diffs.values())) if diffs else (math.nan, math.nan)
         out.append(dict(variant=variant, block=block, metric=metric, mean=mean, std=std, n=len(per_seed),
                         seeds=dict(sorted(per_seed.items())), baseline=baseline_of(variant), diff_mean=d_mean,
-                        diff_std=d_std, diff_seeds=diffs))
+                        diff_std=d_std, diff_ci95=ci95(d_std, len(diffs)), diff_seeds=diffs))
     return out
 
 
@@ -415,10 +429,12 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
 
 
 def _cell(stats: dict[str, Any] | None, prefix: str = "") -> str:
-    """``mean ± std (per-seed values)`` of a summary row, or of its paired differences with ``prefix="diff_"``."""
+    """``mean ± std (per-seed values)`` of a summary row, or of its paired differences with ``prefix="diff_"``
+    (starred when their 95% confidence interval excludes zero)."""
     if stats is None or not stats[f"{prefix}seeds"]:
         return "-"
-    return (_pm(stats[f"{prefix}mean"], stats[f"{prefix}std"]) + " ("
+    resolved = prefix == "diff_" and abs(stats["diff_mean"]) > stats["diff_ci95"]  # False when the CI is NaN
+    return (_pm(stats[f"{prefix}mean"], stats[f"{prefix}std"]) + ("*" if resolved else "") + " ("
             + ", ".join(f"{x:.2f}" for x in stats[f"{prefix}seeds"].values()) + ")")
 
 
@@ -450,7 +466,8 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
             lines += ["", f"Raw pixels under the same probe settings (no network): {_cell(pixels)}."]
         compared = [v for v in variants if v != study.baseline]
         if compared:
-            lines += ["", "Difference to the variant's baseline:", "", *header]
+            lines += ["", "Difference to the variant's baseline (* its paired 95% confidence interval, Student's t "
+                      "over the seeds, excludes zero):", "", *header]
             lines += [f"| {v} - {study.baseline_of(v)} | " + " | ".join(
                 _cell(index.get((v, b, metric)), "diff_") for b in blocks) + " |" for v in compared]
     times = [(v, index[(v, "", "train_time_s")]) for v in study.variants if (v, "", "train_time_s") in index]
