@@ -82,10 +82,12 @@ def _train_worker(rank: int, world: int, overrides: list[str], stop_after: int |
     pretrain(resume_config(cfg.out) if resume else cfg, resume=resume, stop_after=stop_after)
 
 
-@pytest.mark.parametrize("scheme", ["simultaneous", "end_to_end"])
-def test_two_processes_train_like_one_with_the_global_batch(tmp_path, scheme):
-    single = pretrain(tiny_config(tmp_path / "one", f"train.scheme={scheme}", *DDP_RUN))
-    spawn(_train_worker, 2, [str(tmp_path / "two"), f"train.scheme={scheme}", *DDP_RUN], None, False)
+@pytest.mark.parametrize(("scheme", "extra"), [("simultaneous", []), ("end_to_end", []),
+                                               ("simultaneous", ["data.photometric=device", "data.blur=true"])])
+def test_two_processes_train_like_one_with_the_global_batch(tmp_path, scheme, extra):
+    """With the colour operations on the device too: each process finishes its half of the global batch."""
+    single = pretrain(tiny_config(tmp_path / "one", f"train.scheme={scheme}", *DDP_RUN, *extra))
+    spawn(_train_worker, 2, [str(tmp_path / "two"), f"train.scheme={scheme}", *DDP_RUN, *extra], None, False)
     assert_same_model(single, tmp_path / "two")
 
 
