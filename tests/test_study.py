@@ -18,7 +18,15 @@ from blockssl.checkpoint import load_checkpoint
 from blockssl.cli import main
 from blockssl.config import ConfigError, apply_overrides, load_config
 from blockssl.eval.probe import pixel_probe
-from blockssl.study import load_study, run_commands, run_one, run_study, submit_slurm, write_results
+from blockssl.study import (
+    check_unchanged,
+    load_study,
+    run_commands,
+    run_one,
+    run_study,
+    submit_slurm,
+    write_results,
+)
 from blockssl.train import pretrain
 from tests.conftest import TINY, assert_same_tensors, run_metrics
 
@@ -212,6 +220,18 @@ def test_a_study_may_grow_without_touching_its_runs(tmp_path, monkeypatch):
                                                                    "variants: ")):
         with pytest.raises(ConfigError, match=message):
             run_study(load_study(_write_study(tmp_path, **{**shrunk, "baselines": {}})))
+
+
+def test_robustness_variants_may_grow_but_not_shrink(tmp_path):
+    """An empty list evaluates every variant: any list grows into it; narrowing a list, or the empty one, would leave
+    runs evaluated for robustness that the study no longer asks for."""
+    check_unchanged(load_study(_write_study(tmp_path, robustness_variants=["end_to_end"])))
+    check_unchanged(load_study(_write_study(tmp_path, robustness_variants=["end_to_end", "blockwise"])))
+    with pytest.raises(ConfigError, match="robustness_variants: "):
+        check_unchanged(load_study(_write_study(tmp_path, robustness_variants=["end_to_end"])))
+    check_unchanged(load_study(_write_study(tmp_path, robustness_variants=[])))  # every variant
+    with pytest.raises(ConfigError, match="robustness_variants: "):
+        check_unchanged(load_study(_write_study(tmp_path, robustness_variants=["end_to_end", "blockwise"])))
 
 
 def test_differences_are_paired_with_each_variants_own_baseline():

@@ -194,11 +194,14 @@ def check_unchanged(study: Study) -> None:
 
 def _grown(key: str, saved: Any, current: Any) -> bool:
     """Whether ``current`` only adds to ``saved`` (or, for ``baselines``, which aggregation alone reads, changes
-    it): no run made so far changes. An empty ``robustness_variants`` means every variant, so it cannot grow."""
+    it): no run made so far changes. An empty ``robustness_variants`` means every variant: any list grows into it,
+    and it grows into nothing else."""
     if key == "baselines":
         return True
     if key == "variants":
         return isinstance(saved, dict) and all(current.get(k) == v for k, v in saved.items())
+    if key == "robustness_variants" and not current:
+        return True
     if key == "seeds" or (key == "robustness_variants" and saved):
         return isinstance(saved, list) and set(saved) <= set(current)
     return False
