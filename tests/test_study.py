@@ -222,6 +222,14 @@ def test_a_study_may_grow_without_touching_its_runs(tmp_path, monkeypatch):
             run_study(load_study(_write_study(tmp_path, **{**shrunk, "baselines": {}})))
 
 
+def test_blocks_are_named_by_depth_so_groupings_compare_at_equal_depth(tmp_path):
+    for blocks, names in (("stem+layer1,layer2,layer3,layer4", ["block1", "block2", "block3", "block4"]),
+                          ("stem+layer1+layer2,layer3+layer4", ["block2", "block4"]),
+                          ("stem,layer1+layer2+layer3,layer4", ["stem", "block3", "block4"])):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"blocks": blocks}}))
+        assert study_module.depth_names(tmp_path) == {f"block{k + 1}": n for k, n in enumerate(names)}
+
+
 def test_robustness_variants_may_grow_but_not_shrink(tmp_path):
     """An empty list evaluates every variant: any list grows into it; narrowing a list, or the empty one, would leave
     runs evaluated for robustness that the study no longer asks for."""

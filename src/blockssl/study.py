@@ -46,7 +46,15 @@ from typing import Any
 import yaml
 
 from blockssl.checkpoint import atomic_write_text
-from blockssl.config import Config, ConfigError, apply_overrides, diff_configs, from_dict, load_config
+from blockssl.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    diff_configs,
+    from_dict,
+    load_config,
+    parse_blocks,
+)
 
 EVALUATIONS = ("probe", "robustness")
 PIXELS = "pixels"  # the raw-pixel probe: its folder under out, its row in the results
@@ -339,18 +347,28 @@ def parse_only(study: Study, spec: str) -> tuple[str, int]:
 # Aggregation
 
 
+def depth_names(run: Path) -> dict[str, str]:
+    """A run's block names (``block1``, ...) -> the name of the paper's block that ends at the same stage
+    (``block2`` for a block ending at layer2; ``stem`` for one ending there): another grouping of the stages then
+    compares with the four paper blocks at equal depth."""
+    groups = parse_blocks(yaml.safe_load((run / "config.yaml").read_text())["model"]["blocks"])
+    return {f"block{k + 1}": "stem" if g[-1] == "stem" else f"block{g[-1].removeprefix('layer')}"
+            for k, g in enumerate(groups)}
+
+
 def collect_rows(study: Study) -> list[dict[str, Any]]:
-    """One tidy row per (variant, seed, block, metric) of every evaluated run; robustness normalised by the
-    baseline variant's run of the same seed."""
+    """One tidy row per (variant, seed, block, metric) of every evaluated run, blocks named by depth
+    (``depth_names``); robustness normalised by the baseline variant's run of the same seed."""
     from blockssl.eval.robustness import int_keys, summarize
 
     def load(run: Path, name: str) -> dict[str, Any] | None:
         path = run / name
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def probe_rows(variant: str, seed: int, probe: dict[str, Any]) -> list[dict[str, Any]]:
+    def probe_rows(variant: str, seed: int, probe: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
         out = []
-        for block, r in probe["run"]["blocks"].items():
+        for name, r in probe["run"]["blocks"].items():
+            block = names.get(name, name)
             out.append(dict(variant=variant, seed=seed, block=block, metric="linear_top1", value=r["top1"]))
             knn = sorted((k for k in r if k.startswith("knn") and k.endswith("_top1")),
                          key=lambda k: int(k[3:-5]))
@@ -364,23 +382,29 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
         probe = load(run, "probe.json")
         if probe is None:
             continue
-        rows += probe_rows(variant, seed, probe)
-        robust, base = load(run, "robustness.json"), load(study.run_dir(study.baseline, seed), "robustness.json")
+        names = depth_names(run)
+        rows += probe_rows(variant, seed, probe, names)
+        base_run = study.run_dir(study.baseline, seed)
+        robust, base = load(run, "robustness.json"), load(base_run, "robustness.json")
         if robust is not None and base is not None:
-            blocks = [b for b in robust["blocks"] if b in base["blocks"]]
-            scores = summarize({b: int_keys(robust["blocks"][b]["errors"]) for b in blocks},
-                               {b: robust["blocks"][b]["clean_error"] for b in blocks},
-                               {b: int_keys(base["blocks"][b]["errors"]) for b in blocks},
-                               {b: base["blocks"][b]["clean_error"] for b in blocks})
-            for b, s in scores.items():
-                rows += [dict(variant=variant, seed=seed, block=b, metric=m, value=s[m])
+            # each block is normalised by the baseline's block of the same depth
+            base_names = depth_names(base_run)
+            by_depth = {base_names.get(b, b): b for b in base["blocks"]}
+            pairs = {names.get(b, b): (b, by_depth[names.get(b, b)]) for b in robust["blocks"]
+                     if names.get(b, b) in by_depth}
+            scores = summarize({d: int_keys(robust["blocks"][b]["errors"]) for d, (b, _) in pairs.items()},
+                               {d: robust["blocks"][b]["clean_error"] for d, (b, _) in pairs.items()},
+                               {d: int_keys(base["blocks"][c]["errors"]) for d, (_, c) in pairs.items()},
+                               {d: base["blocks"][c]["clean_error"] for d, (_, c) in pairs.items()})
+            for d, s in scores.items():
+                rows += [dict(variant=variant, seed=seed, block=d, metric=m, value=s[m])
                          for m in ("mce", "relative_mce")]
         timing = load(run, TIMING) or {}
         if "pretrain_s" in timing:
             rows.append(dict(variant=variant, seed=seed, block="", metric="train_time_s", value=timing["pretrain_s"]))
     for seed in study.seeds:
         pixels = load(Path(study.out) / PIXELS / f"seed{seed}", "probe.json")
-        rows += probe_rows(PIXELS, seed, pixels) if pixels is not None else []
+        rows += probe_rows(PIXELS, seed, pixels, {}) if pixels is not None else []
     return rows
 
 
@@ -451,7 +475,8 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
              f"Base recipe `{study.base}`, overrides `{' '.join(study.overrides) or 'none'}`, seeds "
              f"{study.seeds}; baseline variant `{study.baseline}`. Cells: mean ± standard deviation over seeds "
              "(per-seed values in brackets); differences to a variant's baseline are paired by seed, over the seeds "
-             "both have run.", "",
+             "both have run. Block k is the block that ends at ResNet stage k (layer k), whatever the grouping, so "
+             "groupings compare at equal depth.", "",
              "| variant | overrides | baseline |", "|---|---|---|"]
     lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` | "
               f"{'-' if v == study.baseline else study.baseline_of(v)} |" for v in study.variants]
