@@ -69,6 +69,7 @@ def test_the_study_writes_run_directories_and_results(finished):
             assert load_config(run / "config.yaml").seed == seed
     md = (out / "results.md").read_text()
     assert "## Linear probe top-1 (%)" in md and "## Relative mCE (%)" in md and "![per_block_top1.png]" in md
+    assert "Runs finished: 4 of 4." in md
 
 
 def test_the_raw_pixel_probe_is_reported_per_seed_under_the_studys_probe_settings(finished):

@@ -477,6 +477,8 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
              "(per-seed values in brackets); differences to a variant's baseline are paired by seed, over the seeds "
              "both have run. Block k is the block that ends at ResNet stage k (layer k), whatever the grouping, so "
              "groupings compare at equal depth.", "",
+             f"Runs finished: {sum(_done(study, v, seed) for v, seed in study.runs())} of "
+             f"{len(study.variants) * len(study.seeds)}.", "",
              "| variant | overrides | baseline |", "|---|---|---|"]
     lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` | "
               f"{'-' if v == study.baseline else study.baseline_of(v)} |" for v in study.variants]
