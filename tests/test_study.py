@@ -142,11 +142,13 @@ def test_a_run_with_its_evaluation_files_but_no_checkpoints_is_done(finished, mo
     assert run_one(study, "blockwise", 1) == run
 
 
-def test_an_interrupted_run_is_resumed_to_the_uninterrupted_result(tmp_path):
+def test_an_interrupted_run_is_resumed_to_the_uninterrupted_result(tmp_path, capsys):
     study = load_study(_write_study(tmp_path, variants={"blockwise": []}, baseline="blockwise", seeds=[0], evaluate=[]))
     cfg = study.config("blockwise", 0)
     pretrain(cfg, stop_after=1)  # killed after its first step's checkpoint
     run_study(study)
+    log = capsys.readouterr().err.splitlines()
+    assert log[0] == "[1/1] blockwise/seed0" and log[-1].startswith("[1/1] blockwise/seed0 done in ")
     run = study.run_dir("blockwise", 0)
     reference = pretrain(load_config(None, [*study.overrides, "data.name=synthetic", f"out={tmp_path / 'ref'}"]))
     assert_same_tensors(load_checkpoint(run / "checkpoints/last.pt")["model"],

@@ -37,6 +37,7 @@ import json
 import math
 import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -632,8 +633,15 @@ def run_study(study: Study, only: tuple[str, int] | None = None) -> Path:
     check_unchanged(study)
     if only is not None:
         return run_one(study, *only)
-    for variant, seed in study.runs():
+    runs = list(study.runs())
+    for number, (variant, seed) in enumerate(runs, 1):
+        if _done(study, variant, seed):
+            continue
+        start = time.perf_counter()
+        print(f"[{number}/{len(runs)}] {variant}/seed{seed}", file=sys.stderr, flush=True)  # runs report nothing else
         run_one(study, variant, seed)
+        print(f"[{number}/{len(runs)}] {variant}/seed{seed} done in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
     for seed in study.seeds:
         pixel_baseline(study, seed)
     return write_results(study)
