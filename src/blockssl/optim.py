@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -39,16 +39,8 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
-            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                bucket = buckets.setdefault((p.device, p.dtype), [])
-                if bucket and (not self.foreach or sum(q.numel() for q in bucket) + p.numel() > BUCKET_ELEMENTS):
-                    self._update(group, bucket)
-                    bucket.clear()
-                bucket.append(p)
-            for bucket in buckets.values():
+            stepped = [p for p in group["params"] if p.grad is not None]
+            for bucket in _buckets(stepped, BUCKET_ELEMENTS if self.foreach else 0):
                 self._update(group, bucket)
 
     def _update(self, group: dict, params: list[torch.Tensor]) -> None:
@@ -79,6 +71,24 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(full, updates)
             torch._foreach_add_(params, full, alpha=-group["lr"])
             torch._foreach_copy_(mus, full)
+
+
+def _buckets(params: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:
+    """``params`` by device and dtype, in consecutive buckets of at most ``limit`` elements (a larger parameter
+    alone; ``limit=0``: one parameter per bucket)."""
+    kinds: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        kinds.setdefault((p.device, p.dtype), []).append(p)
+    for same in kinds.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for p in same:
+            if bucket and size + p.numel() > limit:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(p)
+            size += p.numel()
+        yield bucket
 
 
 def param_groups(params: Iterable[nn.Parameter], cfg: TrainConfig) -> list[dict]:
