@@ -153,18 +153,18 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     baseline = raw.get("baseline") or next(iter(variants))
     if baseline not in variants:
         raise ConfigError(f"{path}: baseline {baseline!r} is not a variant; choose one of {', '.join(variants)}")
-    study = Study(base=str(raw["base"]), out=str(raw["out"]),
-                  variants={k: _string_list(f"variants.{k}", v) for k, v in variants.items()}, seeds=seeds,
-                  overrides=[*_string_list("overrides", raw.get("overrides")), *overrides], evaluate=evaluate,
-                  baseline=baseline, probe=_string_list("probe", raw.get("probe")),
-                  robustness=_string_list("robustness", raw.get("robustness")),
-                  robustness_variants=_string_list("robustness_variants", raw.get("robustness_variants")))
     baselines = raw.get("baselines") or {}
     if not isinstance(baselines, dict) or not all(k in variants and v in variants and k != v
                                                   for k, v in baselines.items()):
         raise ConfigError(f"{path}: baselines must map variants to other variants (e.g. {{simclr: end_to_end_simclr}}),"
                           f" got {baselines!r}")
-    study.baselines = dict(baselines)
+    study = Study(base=str(raw["base"]), out=str(raw["out"]),
+                  variants={k: _string_list(f"variants.{k}", v) for k, v in variants.items()}, seeds=seeds,
+                  overrides=[*_string_list("overrides", raw.get("overrides")), *overrides], evaluate=evaluate,
+                  baseline=baseline, probe=_string_list("probe", raw.get("probe")),
+                  robustness=_string_list("robustness", raw.get("robustness")),
+                  robustness_variants=_string_list("robustness_variants", raw.get("robustness_variants")),
+                  baselines=dict(baselines))
     unknown_variants = [v for v in study.robustness_variants if v not in variants]
     if unknown_variants or (study.robustness_variants and baseline not in study.robustness_variants):
         raise ConfigError(f"{path}: robustness_variants {study.robustness_variants} must be variants and include the "
