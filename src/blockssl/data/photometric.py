@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
+from torchvision.transforms.functional import normalize, pil_to_tensor
 
 # The row of parameters a view's image carries: whether the jitter applies, its order (a permutation of the four
 # operations: brightness, contrast, saturation, hue), the four factors, grayscale, the blur's sigma (0: none) and
@@ -112,10 +112,7 @@ class DeviceView:
 
     def finish(self, batch: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         images, params = (t.to(device, non_blocking=True) for t in batch)
-        x = self.photometric.apply(images, params)
-        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return normalize(self.photometric.apply(images, params), list(self.mean), list(self.std))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.geometry}, {self.photometric})"
