@@ -374,14 +374,15 @@ def measure_loader(name: str, spec: dict[str, Any], workers: int, root: str, dev
     del batches
     count = spec["batches"] * spec["batch"]
     finish = None
-    if cfg.data.photometric == "device":
+    if cfg.data.photometric == "device" and workers == 0:  # the same batches whatever loaded them: measured once
         target = resolve_device(device)
         sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
         to_device(views.transforms[0], loaded[0][0], target)  # warm-up (kernels, allocator)
         sync()
         t0 = time.perf_counter()
         for x1, x2, _, _ in loaded:
-            to_device(views.transforms[0], x1, target), to_device(views.transforms[1], x2, target)
+            to_device(views.transforms[0], x1, target)
+            to_device(views.transforms[1], x2, target)
         sync()
         finish = count / (time.perf_counter() - t0)
     return {"data": name, "workers": workers, "source": source, "image_size": info.image_size,
@@ -548,10 +549,13 @@ def main(argv: list[str] | None = None) -> int:
 
     loaders: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        generated: dict[int, str] = {}  # image count -> folder: imagenet and imagenet_device read the same images
         for name in chosen["data"]:
             spec = data_table[name]
             images = spec["batch"] * (spec["batches"] + 1)  # one untimed batch, then the timed ones
-            root = str(generated_imagefolder(Path(tmp) / name, images)) if spec.get("generated") else ""
+            if spec.get("generated") and images not in generated:
+                generated[images] = str(generated_imagefolder(Path(tmp) / f"generated{images}", images))
+            root = generated[images] if spec.get("generated") else ""
             for workers in (0, cpus):
                 print(f"data {name}: {workers} workers", flush=True)
                 loaders.append(measure_loader(name, spec, workers, root, args.device))
