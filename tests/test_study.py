@@ -34,6 +34,7 @@ from blockssl.study import (
 from blockssl.train import pretrain
 from tests.conftest import TINY, assert_same_tensors, run_metrics
 
+ROOT = Path(__file__).resolve().parents[1]
 EVAL = {"probe": ["probe.epochs=2", "probe.label_fractions=[0.5]"],
         "robustness": ["robustness.corruptions=[gaussian_noise]", "robustness.severities=[1,3]"]}
 
@@ -307,11 +308,12 @@ def test_an_unparsable_study_file_says_how_to_quote(tmp_path):
         load_study(path)
 
 
-@pytest.mark.parametrize("path", sorted(Path("studies").glob("*.yaml")), ids=lambda p: p.stem)
-def test_the_committed_studies_reproduce_from_their_committed_runs(path, tmp_path):
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_committed_studies_reproduce_from_their_committed_runs(path, tmp_path, monkeypatch):
     """A committed study is what its record says, every committed run's configuration is what the study resolves to
     today (a changed default would make its results stale), and its committed results are exactly what the
     aggregation makes of its committed runs."""
+    monkeypatch.chdir(ROOT)  # a study's paths are relative to the repository root
     study = load_study(path)
     assert study.baseline in study.variants and len(study.seeds) >= 3
     out = Path(study.out)
