@@ -26,7 +26,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _probe(args: argparse.Namespace) -> None:
     from blockssl.eval.probe import print_probe_table, run_probe
 
-    results = run_probe(args.run_dir, args.overrides, random_init=args.random_init)
+    results = run_probe(args.run_dir, args.overrides, random_init=args.random_init, pixels=args.pixels)
     print_probe_table(results)
 
 
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--random-init", action="store_true",
                    help="also probe the same architecture at random initialisation, as a reference")
+    p.add_argument("--pixels", action="store_true",
+                   help="also probe raw pixels under the same protocol (fast protocol), as a reference")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="probe settings, e.g. probe.epochs=50")
     p.set_defaults(func=_probe)
 

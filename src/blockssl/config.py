@@ -37,6 +37,9 @@ class DataConfig:
     # ImageFolder is sorted by class, so its first N images would hold only the first classes. 0 = all.
     subset: int = 0
     subset_seed: int = 0
+    # Tuning without the test set: N training images outside the subset replace the test set in every evaluation
+    # (probes, kNN), drawn from the same permutation as the subset. Needs data.subset. 0 = the test set.
+    holdout: int = 0
     image_size: int = 0  # crop size; 0 = the dataset's native size (224 for ImageFolder)
     augment: Literal["auto", "barlow_twins", "simclr", "vicreg"] = "auto"  # auto = preset of loss.name
     min_crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (Barlow Twins, SimCLR)
@@ -157,18 +160,28 @@ class TrainConfig:
 
 @dataclass
 class ProbeConfig:
-    """Linear-probe evaluation, one linear probe per block (and one on all blocks concatenated), SGD momentum 0.9,
-    cosine schedule. ``fast``: features extracted once (no augmentation), standardised (``standardize``), the lr
-    chosen per block on a held-out part of the training set, never on the test set; kNN and label-fraction probes
-    on the same features. ``paper``: the reference ``evaluate.py`` for ImageNet-scale runs: every epoch goes through
-    the frozen backbone on RandomResizedCrop + flip images, raw features, classifier initialised N(0, 0.01) with a
-    zero bias, lr ``lr`` on a cosine stepped per epoch, Resize + CenterCrop evaluation after every epoch (100 epochs,
-    batch 256, lr 0.1, weight decay 1e-6), the best epoch reported beside the final one."""
+    """Linear-probe evaluation, one linear probe per block (and one on all blocks concatenated). ``fast``: features
+    extracted once (no augmentation), standardised (``standardize``), each probe's hyperparameter chosen per block on
+    a held-out part of the training set, never on the test set; kNN and label-fraction probes on the same features.
+    Its ``solver``: ``lbfgs`` fits multinomial logistic regression by full-batch L-BFGS, the L2 weight chosen from
+    ``weight_decays`` (a convex problem solved to its optimum, as CLIP's linear probes and Kornblith et al. 2019 do);
+    ``sgd`` trains ``epochs`` of SGD (momentum 0.9, cosine), the lr chosen from ``lrs``. A choice on the edge of its
+    grid is flagged in ``probe.json``. Each block is read out through its trained head (``head``, the paper's
+    features) and by plain global average pooling of the block output (``pool``), so that blocks and schemes can be
+    compared at equal readouts. ``paper``: the reference ``evaluate.py`` for ImageNet-scale runs: every epoch goes
+    through the frozen backbone on RandomResizedCrop + flip images, raw features, classifier initialised N(0, 0.01)
+    with a zero bias, lr ``lr`` on a cosine stepped per epoch, Resize + CenterCrop evaluation after every epoch (100
+    epochs, batch 256, lr 0.1, weight decay 1e-6), the best epoch reported beside the final one."""
 
     protocol: Literal["fast", "paper"] = "fast"
     epochs: int = 30
     batch_size: int = 256  # global, split across processes (paper protocol)
-    lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])  # fast protocol: SGD lr grid
+    solver: Literal["lbfgs", "sgd"] = "lbfgs"  # fast protocol
+    # lbfgs: the L2 weight grid (on the mean cross-entropy, biases unpenalised), a decade apart
+    weight_decays: list[float] = field(default_factory=lambda: [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    max_iter: int = 1000  # lbfgs: iterations per fit (warm-started along the grid)
+    lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])  # sgd: the lr grid
+    readouts: list[Literal["head", "pool"]] = field(default_factory=lambda: ["head", "pool"])  # fast protocol
     lr: float = 0.1  # paper protocol: the one lr
     val_fraction: float = 0.1  # held-out share of the training set for choosing the lr
     weight_decay: float = 1e-6  # the reference evaluate.py's
@@ -562,6 +575,15 @@ def validate(cfg: Config, saved: bool = False) -> None:
         raise ConfigError("probe.epochs, probe.batch_size and probe.eval_batch_size must be at least 1")
     if p.lr <= 0 or not p.lrs or min(p.lrs) <= 0:
         raise ConfigError(f"probe.lr and every entry of probe.lrs must be positive, got {p.lr} and {p.lrs}")
+    if not p.weight_decays or min(p.weight_decays) < 0 or p.max_iter < 1:
+        raise ConfigError(f"probe.weight_decays must be a non-empty list of numbers >= 0 (got {p.weight_decays}) and "
+                          f"probe.max_iter at least 1 (got {p.max_iter})")
+    if "head" not in p.readouts:
+        raise ConfigError(f"probe.readouts: {p.readouts} must include head (the features robustness and the report "
+                          "read); add pool for the plain-pooling readout")
+    if d.holdout and (not d.subset or d.holdout < 0):
+        raise ConfigError(f"data.holdout={d.holdout}: held-out images are drawn from outside data.subset; set "
+                          "data.subset (e.g. data.subset=20000) or data.holdout=0 to evaluate on the test set")
     if not 0 < p.val_fraction < 1 or not all(0 < f <= 1 for f in p.label_fractions):
         raise ConfigError(f"probe.val_fraction must lie in (0, 1) (got {p.val_fraction}) and probe.label_fractions "
                           f"in (0, 1] (got {p.label_fractions})")

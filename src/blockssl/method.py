@@ -6,7 +6,7 @@ with it off and a loss at the last block only (Siddiqui et al. 2024, "Training s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,8 @@ from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
 from blockssl.models.backbone import ResNet, group_stages
 from blockssl.models.heads import Head, projector
 from blockssl.models.noise import inject_noise
+
+READOUTS = ("head", "pool")  # how a block's output becomes the vector a probe reads (``BlockwiseSSL.readouts``)
 
 
 @dataclass
@@ -205,11 +207,21 @@ class BlockwiseSSL(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every block's head output (the vectors the linear probes read); no noise, no gradient needed."""
-        feats = []
+        return self.readouts(x)["head"]
+
+    def readouts(self, x: torch.Tensor, names: Sequence[str] = ("head",)) -> dict[str, list[torch.Tensor]]:
+        """Every block's features read out in one pass, per readout: ``head`` (its head's output, what its loss
+        sees) and ``pool`` (plain global average pooling of the block output, whatever the head: the readout that
+        compares blocks and schemes on equal terms)."""
+        unknown = set(names) - set(READOUTS)
+        if unknown:
+            raise ValueError(f"unknown readouts {sorted(unknown)}; choose from {', '.join(READOUTS)}")
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for block, head in zip(self.blocks, self.heads, strict=True):
             x = block(x)
-            feats.append(head(x))
-        return feats
+            for name, feats in out.items():
+                feats.append(head(x) if name == "head" else x.mean(dim=(2, 3)))
+        return out
 
 
 def _recompute_contexts(stage: nn.Module) -> Callable[[], tuple[Any, Any]]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from blockssl.config import DataConfig, load_config
+from blockssl.config import ConfigError, DataConfig, load_config
 from blockssl.data import datasets as datasets_module
 from blockssl.data.datasets import ArrayImages, DatasetInfo, build_dataset, dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader
@@ -112,6 +112,21 @@ def test_subset_is_a_seeded_random_sample_of_training_splits_only(tmp_path):
     assert other.indices != build_dataset(cfg, "train").indices  # type: ignore[attr-defined]
     assert len(build_dataset(cfg, "test")) == 4
     assert len(build_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path), subset=100), "train")) == 7
+
+
+def test_the_holdout_split_is_training_images_outside_the_subset(tmp_path):
+    """Recipes are tuned on held-out training images (data.holdout), never on the test set."""
+    arrays = _fake_fashion_mnist(tmp_path, gz=False, n_train=7, n_test=4)
+    cfg = DataConfig(name="fashion_mnist", root=str(tmp_path), subset=3, holdout=2)
+    train_images = [a.tobytes() for a in arrays["train"][0]]
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
+    held = build_dataset(cfg, "holdout")
+    assert [np.asarray(held[i][0]).tobytes() for i in range(2)] == [train_images[i] for i in perm[3:5].sort().values]
+    assert not set(held.indices) & set(build_dataset(cfg, "train").indices)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="cannot hold both"):
+        build_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path), subset=3, holdout=5), "holdout")
+    with pytest.raises(ConfigError, match="data.holdout=2: held-out images are drawn from outside data.subset"):
+        load_config(None, ["data.holdout=2"])
 
 
 def test_subset_of_a_class_sorted_imagefolder_keeps_every_class(tmp_path):

@@ -11,10 +11,12 @@ import torch
 from blockssl.config import ConfigError, ProbeConfig
 from blockssl.eval.probe import (
     assert_unchanged,
+    fit_logistic,
     knn_predict,
     pixel_probe,
     raw_probe,
     run_probe,
+    select_linear_probes,
     topk_accuracy,
     train_linear_probes,
 )
@@ -22,22 +24,86 @@ from blockssl.train import pretrain
 from tests.conftest import tiny_config
 
 
-def test_probe_reads_every_block_and_writes_probe_json(tmp_path):
+def test_probe_reads_every_block_both_ways_and_writes_probe_json(tmp_path):
     run = pretrain(tiny_config(tmp_path / "run", "data.synthetic_size=512", "train.epochs=1"))
-    results = run_probe(run, ["probe.epochs=20", "probe.batch_size=32", "probe.lrs=[0.03,0.1]"], random_init=True)
+    results = run_probe(run, ["probe.weight_decays=[1e-4,1e-2,1]"], random_init=True, pixels=True)
     assert json.loads((run / "probe.json").read_text()) == results
-    blocks = results["run"]["blocks"]
-    assert list(blocks) == ["block1", "block2", "block3", "block4", "concat"]
-    assert results["run"]["train_images"] + results["run"]["val_images"] == 512
-    for r in blocks.values():
-        assert r["lr"] in (0.03, 0.1) and 0 <= r["top1"] <= r["top5"] <= 100
+    r = results["run"]
+    assert (r["protocol"], r["solver"], r["scored_on"]) == ("fast", "lbfgs", "test")
+    assert list(r["blocks"]) == list(r["pooled"]) == ["block1", "block2", "block3", "block4", "concat"]
+    assert r["train_images"] + r["val_images"] == 512
+    for b in [*r["blocks"].values(), *r["pooled"].values()]:
+        assert b["weight_decay"] in (1e-4, 1e-2, 1.0) and 0 <= b["top1"] <= b["top5"] <= 100
+        assert set(b["grid_val_top1"]) == {"1", "0.01", "0.0001"} and b["val_top1"] == max(b["grid_val_top1"].values())
+        assert b["on_grid_edge"] == (b["weight_decay"] != 1e-2)
+        assert {"knn20_top1", "knn200_top1", "labels1pct_top1", "labels10pct_top1"} <= b.keys()
+    # Early-block features of 10 shape classes are far above the 10% of chance after one epoch.
+    assert r["blocks"]["block1"]["top1"] > 25 and r["blocks"]["concat"]["top1"] > 25
+    assert set(results["random_init"]["blocks"]) == set(results["random_init"]["pooled"]) == set(r["blocks"])
+    assert list(results["pixels"]["blocks"]) == ["pixels"]
+
+
+def test_the_sgd_solver_chooses_its_lr_and_reports_the_final_and_best_epochs(tmp_path):
+    run = pretrain(tiny_config(tmp_path / "run", "data.synthetic_size=512", "train.epochs=1"))
+    results = run_probe(run, ["probe.solver=sgd", "probe.epochs=20", "probe.batch_size=32", "probe.lrs=[0.03,0.1]",
+                              "probe.readouts=[head]", "probe.label_fractions=[]"])
+    assert "pooled" not in results["run"] and results["run"]["epochs"] == 20
+    for r in results["run"]["blocks"].values():
+        assert r["lr"] in (0.03, 0.1) and r["on_grid_edge"] and 0 <= r["top1"] <= r["top5"] <= 100
         # The final epoch is what top1 reports; the best epoch (optimistic: chosen on the test set) is beside it.
         assert len(r["curve_top1"]) == 20 and r["curve_top1"][-1] == r["top1"]
         assert r["best_top1"] == max(r["curve_top1"]) == r["curve_top1"][r["best_epoch"] - 1] >= r["top1"]
-        assert {"knn20_top1", "knn200_top1", "labels1pct_top1", "labels10pct_top1"} <= r.keys()
-    # Early-block features of 10 shape classes are far above the 10% of chance after one epoch.
-    assert blocks["block1"]["top1"] > 25 and blocks["concat"]["top1"] > 25
-    assert set(results["random_init"]["blocks"]) == set(blocks)
+
+
+def test_logistic_regression_reaches_the_penalised_optimum_from_any_start():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g) * 3 + 1
+    y = (x[:, 0] + 0.5 * torch.randn(300, generator=g) > 1).long() + (x[:, 1] > 1).long()
+    probe, iterations = fit_logistic(x, y, 3, weight_decay=1e-2, max_iter=500)
+    assert iterations < 500
+    # First-order optimality of mean cross-entropy + wd/2 |W|^2 (bias unpenalised), on the standardised features.
+    w = probe.linear.weight.detach().requires_grad_()
+    b = probe.linear.bias.detach().requires_grad_()
+    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    loss = torch.nn.functional.cross_entropy(z @ w.T + b, y) + 0.5 * 1e-2 * w.square().sum()
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    assert gw.abs().max() < 1e-4 and gb.abs().max() < 1e-4
+    # Warm-started from another penalty's solution (as along the grid), it reaches the same optimum.
+    other, _ = fit_logistic(x, y, 3, weight_decay=1.0, max_iter=500)
+    warm, _ = fit_logistic(x, y, 3, weight_decay=1e-2, max_iter=500, init=other)
+    torch.testing.assert_close(warm.linear.weight, probe.linear.weight, atol=1e-3, rtol=0)
+    assert torch.equal(other.mean, probe.mean) and torch.equal(warm.std, probe.std)
+
+
+def test_the_penalty_is_chosen_on_held_out_images_and_a_choice_on_the_edge_is_flagged():
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(400, 2, generator=g)
+    labels = (signal[:, 0] > 0).long()
+    noisy = torch.cat([signal, torch.randn(400, 60, generator=g)], dim=1)  # 60 noise features: overfits unpenalised
+    fit, val = noisy[:100], noisy[100:]
+    cfg = ProbeConfig(weight_decays=[1e-6, 1e-2, 1e4])
+    ((_, choice),) = select_linear_probes([fit], labels[:100], ([val], labels[100:]), 2, cfg, seed=0)
+    assert choice["weight_decay"] == 1e-2 and not choice["on_grid_edge"]
+    assert choice["grid_val_top1"]["0.01"] > max(choice["grid_val_top1"]["1e-06"], choice["grid_val_top1"]["10000"])
+    ((_, edge),) = select_linear_probes([fit], labels[:100], ([val], labels[100:]), 2,
+                                        ProbeConfig(weight_decays=[1e-2, 1e4]), seed=0)
+    assert edge["weight_decay"] == 1e-2 and edge["on_grid_edge"]
+
+
+def test_the_pool_readout_is_the_global_average_of_each_block_output(tmp_path):
+    from blockssl.method import build_model
+
+    model = build_model(tiny_config(tmp_path), 3, 32).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        readouts = model.readouts(x, ("head", "pool"))
+        h = x
+        for k, block in enumerate(model.blocks):
+            h = block(h)
+            torch.testing.assert_close(readouts["pool"][k], h.mean(dim=(2, 3)))
+            torch.testing.assert_close(readouts["head"][k], model.heads[k](h))
+    with pytest.raises(ValueError, match="unknown readouts"):
+        model.readouts(x, ("cls",))
 
 
 def test_topk_accuracy_by_hand():

@@ -18,8 +18,10 @@ from blockssl.config import DataConfig
 # Debian's `dataset-fashion-mnist` package installs the original idx files here.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-Split = str  # "pretrain" (what SSL trains on), "train" (labelled, for probes) or "test"
-SPLITS = ("pretrain", "train", "test")
+# "pretrain" (what SSL trains on), "train" (labelled, for probes), "test", or "holdout" (``data.holdout`` training
+# images outside ``data.subset``: the test set's stand-in while a recipe is tuned)
+Split = str
+SPLITS = ("pretrain", "train", "test", "holdout")
 
 
 @dataclass(frozen=True)
@@ -217,16 +219,28 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
 
 def build_dataset(cfg: DataConfig, split: Split) -> Dataset:
     """The raw dataset of ``split``, yielding (PIL image, label); ``data.subset`` applies to training splits: the
-    images of a random permutation seeded by ``data.subset_seed``, in dataset order."""
+    first ``subset`` images of a random permutation seeded by ``data.subset_seed``, in dataset order. The
+    ``holdout`` split is the next ``data.holdout`` images of that permutation, disjoint from the subset."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     dataset_info(cfg)  # checks the name
     builder, _ = REGISTRY[cfg.name]
-    dataset = builder(cfg, split)
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    dataset = builder(cfg, "train" if split == "holdout" else split)
+    size = len(dataset)  # type: ignore[arg-type]
+    if size == 0:
         raise ValueError(f"dataset {cfg.name!r} ({split}) in {cfg.root!r} is empty")
-    if cfg.subset and split != "test" and cfg.subset < len(dataset):  # type: ignore[arg-type]
-        g = torch.Generator().manual_seed(cfg.subset_seed)
-        chosen = torch.randperm(len(dataset), generator=g)[:cfg.subset].sort().values  # type: ignore[arg-type]
-        dataset = torch.utils.data.Subset(dataset, chosen.tolist())
+    if split == "holdout":
+        if not cfg.subset or cfg.subset + cfg.holdout > size:
+            raise ValueError(f"data.holdout={cfg.holdout} with data.subset={cfg.subset}: the {size} training images "
+                             "cannot hold both; lower data.holdout or data.subset")
+        return _take(dataset, cfg, cfg.subset, cfg.subset + cfg.holdout)
+    if cfg.subset and split != "test" and cfg.subset < size:
+        dataset = _take(dataset, cfg, 0, cfg.subset)
     return dataset
+
+
+def _take(dataset: Dataset, cfg: DataConfig, start: int, stop: int) -> Dataset:
+    """Images ``start:stop`` of the training set's permutation seeded by ``data.subset_seed``, in dataset order (an
+    ImageFolder is sorted by class: its first images would hold only the first classes)."""
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.subset_seed))  # type: ignore[arg-type]
+    return torch.utils.data.Subset(dataset, perm[start:stop].sort().values.tolist())

@@ -6,10 +6,11 @@ off), and its weights are checked bit-identical after evaluation.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,17 @@ class Transformed(Dataset):
 @torch.no_grad()
 def extract_features(model: BlockwiseSSL, dataset: Dataset, batch_size: int, num_workers: int = 0,
                      device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Every block's features for every image of ``dataset`` (in order) and the labels.
+    """Every block's head features for every image of ``dataset`` (in order) and the labels."""
+    feats, labels = extract_readouts(model, dataset, batch_size, num_workers, device)
+    return feats["head"], labels
+
+
+@torch.no_grad()
+def extract_readouts(model: BlockwiseSSL, dataset: Dataset, batch_size: int, num_workers: int = 0,
+                     device: torch.device | str = "cpu", readouts: Sequence[str] = ("head",)
+                     ) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
+    """Every block's features under each readout (``BlockwiseSSL.readouts``) for every image of ``dataset`` (in
+    order), and the labels.
 
     Under torch.distributed each process reads every world_size-th image (no padding, so no image is counted
     twice or dropped) and the shards are gathered back into dataset order in every process.
@@ -51,15 +62,16 @@ def extract_features(model: BlockwiseSSL, dataset: Dataset, batch_size: int, num
     model.eval()
     shard = dist.shard_indices(len(dataset))  # type: ignore[arg-type]
     loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    feats: list[list[torch.Tensor]] = [[] for _ in range(model.num_blocks)]
+    feats: dict[str, list[list[torch.Tensor]]] = {r: [[] for _ in range(model.num_blocks)] for r in readouts}
     labels = []
     for x, y in loader:
-        for k, f in enumerate(model.features(x.to(device))):
-            feats[k].append(f.float().cpu())
+        for readout, blocks in model.readouts(x.to(device), readouts).items():
+            for k, f in enumerate(blocks):
+                feats[readout][k].append(f.float().cpu())
         labels.append(torch.as_tensor(y))
-    local = [torch.cat(f) for f in feats] + [torch.cat(labels)]
-    *gathered, all_labels = (dist.gather_in_order(t, shard, len(dataset)) for t in local)  # type: ignore[arg-type]
-    return gathered, all_labels
+    gathered = {readout: [dist.gather_in_order(torch.cat(f), shard, len(dataset)) for f in blocks]  # type: ignore[arg-type]
+                for readout, blocks in feats.items()}
+    return gathered, dist.gather_in_order(torch.cat(labels), shard, len(dataset))  # type: ignore[arg-type]
 
 
 def _weights_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -177,20 +189,27 @@ def knn_predict(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Te
 
 def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "cpu"
                ) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
-    """Fast protocol: cached features, an lr per block chosen on a held-out split of the training set.
+    """Fast protocol: cached features, each probe's hyperparameter chosen per block on a held-out split of the
+    training set.
 
-    Returns the results (linear probe and kNN per block) and the chosen probes.
+    Returns the results (linear probe and kNN per block, through the heads in ``blocks`` and, with the ``pool``
+    readout, by plain global pooling in ``pooled``) and the chosen probes of the head readout.
     """
     pc = cfg.probe
     snapshot = _weights_snapshot(model)
     train_set, test_set = _eval_sets(cfg)
     workers = min(cfg.data.num_workers, 4)
-    train_feats, train_labels = extract_features(model, train_set, pc.eval_batch_size, workers, device)
-    test_feats, test_labels = extract_features(model, test_set, pc.eval_batch_size, workers, device)
+    train_feats, train_labels = extract_readouts(model, train_set, pc.eval_batch_size, workers, device, pc.readouts)
+    test_feats, test_labels = extract_readouts(model, test_set, pc.eval_batch_size, workers, device, pc.readouts)
     assert_unchanged(model, snapshot)
     names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
-    return fast_protocol(with_concat(train_feats), train_labels, with_concat(test_feats), test_labels, names,
-                         train_set.base, cfg, seed)
+    results, chosen = fast_protocol(with_concat(train_feats["head"]), train_labels, with_concat(test_feats["head"]),
+                                    test_labels, names, train_set.base, cfg, seed)
+    if "pool" in pc.readouts:
+        results["pooled"] = fast_protocol(with_concat(train_feats["pool"]), train_labels,
+                                          with_concat(test_feats["pool"]), test_labels, names, train_set.base, cfg,
+                                          seed)[0]["blocks"]
+    return results, chosen
 
 
 def pixel_probe(cfg: Config, seed: int = 0) -> dict[str, Any]:
@@ -206,9 +225,11 @@ def pixel_probe(cfg: Config, seed: int = 0) -> dict[str, Any]:
 
 
 def _eval_sets(cfg: Config) -> tuple[Transformed, Transformed]:
+    """The probes' training set and the set they are scored on: the test set, or while a recipe is tuned
+    (``data.holdout``) held-out training images."""
     transform = eval_transform(dataset_info(cfg.data))
     return (Transformed(build_dataset(cfg.data, "train"), transform),
-            Transformed(build_dataset(cfg.data, "test"), transform))
+            Transformed(build_dataset(cfg.data, "holdout" if cfg.data.holdout else "test"), transform))
 
 
 def _pixels(dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,56 +240,127 @@ def _pixels(dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tens
 def fast_protocol(train_feats: list[torch.Tensor], train_labels: torch.Tensor, test_feats: list[torch.Tensor],
                   test_labels: torch.Tensor, names: list[str], train_base: Dataset, cfg: Config, seed: int
                   ) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
-    """Linear probes (the lr chosen on held-out training images), kNN and label-fraction probes on cached features,
-    one set per name; ``train_base`` is the training set the features came from (for label subsets)."""
+    """Linear probes (the solver's hyperparameter chosen on held-out training images), kNN and label-fraction probes
+    on cached features, one set per name; ``train_base`` is the training set the features came from (for label
+    subsets)."""
     info = dataset_info(cfg.data)
     pc = cfg.probe
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(train_labels), generator=g)
     n_val = max(1, int(pc.val_fraction * len(perm)))
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
-    fit, val = [f[fit_idx] for f in train_feats], [f[val_idx] for f in train_feats]
-    best: dict[str, dict[str, Any]] = {}
-    chosen: dict[str, LinearProbe] = {}
+    val = ([f[val_idx] for f in train_feats], train_labels[val_idx])
+    best: dict[str, dict[str, Any]] = {name: {} for name in names}
     for name, f_train, f_test in zip(names, train_feats, test_feats, strict=True):
         for k in pc.knn_k:
             scores = knn_predict(f_train, train_labels, f_test, k, info.num_classes, pc.knn_temperature)
-            best.setdefault(name, {})[f"knn{k}_top1"] = topk_accuracy(scores, test_labels, (1,))["top1"]
-    for lr in pc.lrs:
-        curves: list[list[float]] = [[] for _ in names]  # test top-1 after every epoch
-
-        @torch.no_grad()
-        def record(probes: list[LinearProbe], curves: list[list[float]] = curves) -> None:
-            for curve, probe, ft in zip(curves, probes, test_feats, strict=True):
-                curve.append(topk_accuracy(probe(ft), test_labels, (1,))["top1"])
-
-        probes = train_linear_probes(fit, train_labels[fit_idx], info.num_classes, pc, lr, seed, record)
-        with torch.no_grad():
-            for name, probe, fv, ft, curve in zip(names, probes, val, test_feats, curves, strict=True):
-                val_acc = topk_accuracy(probe(fv), train_labels[val_idx])["top1"]
-                if val_acc > best[name].get("val_top1", -1.0):
-                    best[name].update(lr=lr, val_top1=val_acc, **topk_accuracy(probe(ft), test_labels),
-                                      **best_epoch(curve))
-                    chosen[name] = probe
+            best[name][f"knn{k}_top1"] = topk_accuracy(scores, test_labels, (1,))["top1"]
+    fitted = select_linear_probes([f[fit_idx] for f in train_feats], train_labels[fit_idx], val, info.num_classes,
+                                  pc, seed, test=(test_feats, test_labels))
+    chosen: dict[str, LinearProbe] = {}
+    with torch.no_grad():
+        for name, (probe, choice), ft in zip(names, fitted, test_feats, strict=True):
+            best[name].update(**choice, **topk_accuracy(probe(ft), test_labels))
+            chosen[name] = probe
     for fraction in pc.label_fractions:
         subset = label_subset(train_base, fit_idx, train_labels, fraction, pc.label_subset_dir, seed)
-        # As many SGD steps as with all labels: few labels, more epochs.
+        # SGD: as many steps as with all labels (few labels, more epochs)
         sub_cfg = dataclasses.replace(pc, epochs=math.ceil(pc.epochs * len(fit_idx) / len(subset)))
-        key = f"labels{fraction * 100:g}pct_top1"
-        accuracy: dict[str, tuple[float, float]] = {}  # block -> (held-out top-1, test top-1) of the best lr
-        for lr in pc.lrs:
-            probes = train_linear_probes([f[subset] for f in train_feats], train_labels[subset], info.num_classes,
-                                         sub_cfg, lr, seed)
-            with torch.no_grad():
-                for name, probe, fv, ft in zip(names, probes, val, test_feats, strict=True):
-                    val_acc = topk_accuracy(probe(fv), train_labels[val_idx])["top1"]
-                    if val_acc > accuracy.get(name, (-1.0, 0.0))[0]:
-                        accuracy[name] = (val_acc, topk_accuracy(probe(ft), test_labels, (1,))["top1"])
-        for name, (_, test_acc) in accuracy.items():
-            best[name][key] = test_acc
-    results = {"protocol": "fast", "epochs": pc.epochs, "train_images": len(fit_idx), "val_images": n_val,
-               "test_images": len(test_labels), "blocks": best}
+        fitted = select_linear_probes([f[subset] for f in train_feats], train_labels[subset], val, info.num_classes,
+                                      sub_cfg, seed)
+        with torch.no_grad():
+            for name, (probe, _), ft in zip(names, fitted, test_feats, strict=True):
+                best[name][f"labels{fraction * 100:g}pct_top1"] = topk_accuracy(probe(ft), test_labels, (1,))["top1"]
+    results = {"protocol": "fast", "solver": pc.solver, "epochs": pc.epochs, "train_images": len(fit_idx),
+               "val_images": n_val, "test_images": len(test_labels),
+               "scored_on": "holdout" if cfg.data.holdout else "test", "blocks": best}
+    if pc.solver == "lbfgs":
+        del results["epochs"]
     return results, chosen
+
+
+Choice = dict[str, Any]  # the chosen hyperparameter, its held-out top-1, the grid's held-out top-1s, whether on edge
+
+
+def select_linear_probes(fit: list[torch.Tensor], fit_labels: torch.Tensor,
+                         val: tuple[list[torch.Tensor], torch.Tensor], num_classes: int, pc: ProbeConfig, seed: int,
+                         test: tuple[list[torch.Tensor], torch.Tensor] | None = None
+                         ) -> list[tuple[LinearProbe, Choice]]:
+    """One probe per feature set, fitted on ``fit`` by ``pc.solver`` at every value of its grid (``weight_decays``
+    for lbfgs, ``lrs`` for sgd) and chosen by top-1 on ``val`` (held-out training images). ``test``: also record the
+    SGD probes' test curves, for the optimistic best-epoch figure of the reference scripts."""
+    key, grid = ("weight_decay", pc.weight_decays) if pc.solver == "lbfgs" else ("lr", pc.lrs)
+    # Strongest regularisation first: each lbfgs fit starts from the previous one's solution, and a tie goes to it.
+    order = sorted(grid, reverse=key == "weight_decay")
+    scores: list[list[float]] = [[] for _ in fit]
+    candidates: list[list[tuple[LinearProbe, dict[str, Any]]]] = [[] for _ in fit]
+    previous: list[LinearProbe | None] = [None] * len(fit)
+    for value in order:
+        if pc.solver == "lbfgs":
+            fits = []
+            for i, f in enumerate(fit):
+                probe, iterations = fit_logistic(f, fit_labels, num_classes, value, pc.max_iter, pc.standardize,
+                                                 init=previous[i])
+                previous[i] = probe
+                fits.append((probe, {"iterations": iterations}))
+        else:
+            curves: list[list[float]] = [[] for _ in fit]
+            on_epoch = None if test is None else _test_curves(curves, *test)
+            probes = train_linear_probes(fit, fit_labels, num_classes, pc, value, seed, on_epoch)
+            fits = [(probe, best_epoch(curve) if test is not None else {}) for probe, curve in
+                    zip(probes, curves, strict=True)]
+        with torch.no_grad():
+            for i, (probe, extra) in enumerate(fits):
+                scores[i].append(topk_accuracy(probe(val[0][i]), val[1], (1,))["top1"])
+                candidates[i].append((probe, extra))
+    chosen = []
+    for score, cands in zip(scores, candidates, strict=True):
+        i = max(range(len(order)), key=lambda j: (score[j], -j))  # the first best in grid order
+        probe, extra = cands[i]
+        chosen.append((probe, {key: order[i], "val_top1": score[i], "on_grid_edge": len(order) > 1 and order[i] in
+                               (min(order), max(order)), "grid_val_top1": {f"{v:g}": a for v, a in
+                                                                           zip(order, score, strict=True)},
+                               **extra}))
+    return chosen
+
+
+def _test_curves(curves: list[list[float]], feats: list[torch.Tensor], labels: torch.Tensor
+                 ) -> Callable[[list[LinearProbe]], None]:
+    @torch.no_grad()
+    def record(probes: list[LinearProbe]) -> None:
+        for curve, probe, f in zip(curves, probes, feats, strict=True):
+            curve.append(topk_accuracy(probe(f), labels, (1,))["top1"])
+    return record
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
+                 max_iter: int, standardize: bool = True, init: LinearProbe | None = None
+                 ) -> tuple[LinearProbe, int]:
+    """Multinomial logistic regression: minimises the mean cross-entropy + ``weight_decay`` / 2 x |W|^2 (biases
+    unpenalised) by full-batch L-BFGS with a strong-Wolfe line search, from zero or from ``init`` (a convex problem:
+    the start changes only the time to its optimum). Returns the probe and the iterations run (``max_iter``: not
+    converged). Features standardised by their mean and std when ``standardize``, as the SGD probes'."""
+    if init is not None:
+        probe = copy.deepcopy(init)
+    else:
+        mean, std = (features.mean(0), features.std(0) + 1e-6) if standardize else (
+            torch.zeros(features.shape[1]), torch.ones(features.shape[1]))
+        probe = LinearProbe(mean, std, num_classes).to(features.device)
+        nn.init.zeros_(probe.linear.weight)
+        nn.init.zeros_(probe.linear.bias)
+    x = (features - probe.mean) / probe.std
+    linear = probe.linear
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(linear(x), labels) + 0.5 * weight_decay * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # type: ignore[arg-type]
+    return probe, int(opt.state[linear.weight].get("n_iter", 0))
 
 
 def best_epoch(curve: list[float]) -> dict[str, Any]:
@@ -395,9 +487,10 @@ def label_subset(dataset: Dataset, candidates: torch.Tensor, labels: torch.Tenso
     return torch.cat(picked).sort().values
 
 
-def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, random_init: bool = False
-              ) -> dict[str, Any]:
-    """Probe a run's last checkpoint (and optionally the same architecture at random initialisation).
+def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, random_init: bool = False,
+              pixels: bool = False) -> dict[str, Any]:
+    """Probe a run's last checkpoint and, as references, optionally the same architecture at random initialisation
+    (``random_init``) and raw pixels under the same protocol (``pixels``, fast protocol).
 
     Writes ``probe.json`` (results) and ``probes.pt`` (the chosen probes) in the run directory; returns the results.
     """
@@ -406,6 +499,9 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     device = str(resolve_device("auto"))
     model, cfg, step = checkpoint_model(run_dir, device)
     apply_overrides(cfg, overrides, ("probe", "data"))
+    if pixels and cfg.probe.protocol != "fast":
+        raise ConfigError("--pixels: the raw-pixel probe follows the fast protocol only; drop --pixels or set "
+                          "probe.protocol=fast")
     protocol = PROTOCOLS[cfg.probe.protocol]
     run_results, probes = protocol(model, cfg, seed=cfg.seed, device=device)
     results: dict[str, Any] = {"checkpoint_step": step, "run": run_results}
@@ -416,6 +512,8 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
         results["random_init"] = protocol(reference, cfg, seed=cfg.seed, device=device)[0]
     if not dist.is_main_process():
         return results
+    if pixels:
+        results["pixels"] = pixel_probe(cfg, seed=cfg.seed)
     atomic_save({"num_classes": info.num_classes, "step": step,
                  "probes": {name: p.state_dict() for name, p in probes.items()}}, run_dir / "probes.pt")
     atomic_write_text(run_dir / "probe.json", json.dumps(results, indent=2) + "\n")
@@ -423,20 +521,33 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
 
 
 def print_probe_table(results: dict[str, Any]) -> None:
-    """Linear-probe top-1 / top-5 (final epoch), best-epoch top-1, kNN and label-fraction top-1 per block; with a
-    random-init reference, its scores beside in brackets."""
-    run = results["run"]["blocks"]
-    rand = results.get("random_init", {}).get("blocks")
-    first = next(iter(run.values()))
+    """Linear-probe top-1 / top-5 (SGD: also the best epoch), kNN and label-fraction top-1 per block, through each
+    block's head and, below, by plain pooling; raw pixels last; with a random-init reference, its scores beside in
+    brackets. Choices on the edge of their grid are listed under the table."""
+    run = results["run"]
+    rand = results.get("random_init", {})
+    first = next(iter(run["blocks"].values()))
     knn = sorted((k for k in first if k.startswith("knn")), key=lambda k: int(k[3:].split("_")[0]))
     fractions = [k for k in first if k.startswith("labels")]
-    columns = ["top1", "top5", "best_top1", *knn, *fractions]
-    titles = ["final top-1", "final top-5", "best-epoch top-1",
+    columns = ["top1", "top5", *(["best_top1"] if "best_top1" in first else []), *knn, *fractions]
+    titles = ["linear top-1", "linear top-5", *(["best-epoch top-1"] if "best_top1" in first else []),
               *(k.replace("_top1", " top-1").replace("knn", "kNN k=") for k in knn),
               *(k.replace("labels", "top-1, ").replace("pct_top1", "% labels") for k in fractions)]
-    print(f"{results['run']['protocol']} protocol, {results['run']['epochs']} epochs, test set of "
-          f"{results['run']['test_images']} images; accuracy in %" + ("; random init in brackets" if rand else ""))
-    print(f"{'features':<10}" + "".join(f" {t:>17}" for t in titles))
-    for name, r in run.items():
-        cells = [f"{r[c]:.2f}" + (f" ({rand[name][c]:.2f})" if rand else "") for c in columns]
-        print(f"{name:<10}" + "".join(f" {c:>17}" for c in cells))
+    solver = f" ({run['solver']})" if "solver" in run else ""
+    scored = "held-out training images" if run.get("scored_on") == "holdout" else "the test set"
+    print(f"{run['protocol']} protocol{solver}, scored on {scored} ({run['test_images']} images); accuracy in %"
+          + ("; random init in brackets" if rand else ""))
+    print(f"{'features':<15}" + "".join(f" {t:>17}" for t in titles))
+    sections = [("", run["blocks"], rand.get("blocks", {})), ("pooled ", run.get("pooled", {}), rand.get("pooled", {})),
+                ("", results.get("pixels", {}).get("blocks", {}), {})]
+    edges = []
+    for prefix, rows, reference in sections:
+        for name, r in rows.items():
+            cells = [f"{r[c]:.2f}" + (f" ({reference[name][c]:.2f})" if name in reference else "") for c in columns
+                     if c in r]
+            print(f"{prefix + name:<15}" + "".join(f" {c:>17}" for c in cells))
+            if r.get("on_grid_edge"):
+                key = "weight_decay" if "weight_decay" in r else "lr"
+                edges.append(f"{prefix + name} ({key} {r[key]:g})")
+    if edges:
+        print("chosen on the edge of their grid (widen probe.weight_decays or probe.lrs): " + ", ".join(edges))
