@@ -85,11 +85,16 @@ def test_record_carries_every_blocks_terms_as_one_process_logs_them():
     first.losses[0], first.spreads[0] = torch.tensor(2.0), torch.tensor(0.5)
     second.losses[2], second.spreads[2] = torch.tensor(float("nan")), torch.tensor(0.25)
     second.saved[2] = 3 * 2**20  # measured at logging steps only (train.log_saved_memory)
+    first.weight_change[0], second.weight_change[2] = torch.tensor(0.04), torch.tensor(0.5)  # at logging steps
+    first.rankme[0], first.rankme[1] = torch.tensor(12.5), torch.tensor(3.0)  # a block without a loss has features
     add_terms(record, first, {"online/block1_top1": 40.0, "online/block1_loss": 1.5})
     add_terms(record, second, {})
     terms = decode_terms(record, 4)
     assert list(terms)[:5] == ["loss", "loss/block1", "std/block1", "loss/block3", "std/block3"]
     assert terms["saved_mb/block3"] == 3.0 and "saved_mb/block1" not in terms
+    assert [k for k in terms if k.startswith(("weight_change/", "rankme/"))] == [
+        "weight_change/block1", "weight_change/block3", "rankme/block1", "rankme/block2"]
+    assert terms["weight_change/block1"] == pytest.approx(0.04) and terms["rankme/block2"] == 3.0
     assert terms["loss/block1"] == 2.0 and terms["std/block3"] == 0.25 and terms["online/block1_top1"] == 40.0
     assert terms["loss/block3"] != terms["loss/block3"]  # a non-finite loss is logged, not dropped
     assert "online/block3_top1" not in terms and record[1] == 1

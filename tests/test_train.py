@@ -23,9 +23,9 @@ def test_run_directory_holds_exactly_the_promised_files(tmp_path):
                      "checkpoints/step-00000008.pt", "config.yaml", "metrics.jsonl", "run.json"]
     rows = run_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 9))  # 64 images / 16 per batch x 2 epochs
-    for key in ["lr", "loss", "images_per_sec", *(f"loss/block{k}" for k in range(1, 5)),
-                *(f"std/block{k}" for k in range(1, 5))]:
-        assert key in rows[0], key
+    for key in ["lr", "loss", "images_per_sec", *(f"{name}/block{k}" for name in ("loss", "std", "weight_change",
+                                                                                "rankme") for k in range(1, 5))]:
+        assert all(key in row for row in rows), key
     info = json.loads((run / "run.json").read_text())
     assert {"command", "git_revision", "torch"} <= info.keys()
     assert resume_config(run).model.width == 0.125  # the saved config reads back
@@ -42,6 +42,10 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert a["step"] == b["step"] == 12
     assert_same_tensors(a["model"], b["model"])
     assert [r["loss"] for r in run_metrics(full)] == [r["loss"] for r in run_metrics(tmp_path / "part")]
+    # Weight change is measured from the seed's initialisation in the resumed call too, not from the checkpoint.
+    measured = [[v for k, v in r.items() if k.startswith(("weight_change/", "rankme/"))] for r in run_metrics(full)]
+    assert measured == [[v for k, v in r.items() if k.startswith(("weight_change/", "rankme/"))]
+                        for r in run_metrics(tmp_path / "part")]
 
 
 def test_sequential_scheme_freezes_earlier_blocks(tmp_path):

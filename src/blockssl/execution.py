@@ -43,6 +43,10 @@ class StepResult:
     spreads: dict[int, torch.Tensor] = field(default_factory=dict)  # embedding spread, 1 = spread over the sphere
     skipped: int = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite=skip)
     saved: dict[int, int] = field(default_factory=dict)  # bytes saved for backward per block, when measured
+    # At logging steps (blockssl.diagnostics): ||W - W0|| / ||W0|| of the block's convolutions, and RankMe of its
+    # view-1 head features.
+    weight_change: dict[int, torch.Tensor] = field(default_factory=dict)
+    rankme: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def add(self, k: int, out: BlockOutput) -> None:
         if out.loss is not None and out.spread is not None:
@@ -58,9 +62,10 @@ class StepResult:
 
 # The record of a step's terms, as logged, and as a pipeline hands it from stage to stage with its batch: a header,
 # then per block whether it has a loss, its loss and embedding spread, its online-probe top-1 and loss of the
-# metrics window ending at this step, and the MiB it saved for backward (NaN where a block has none).
+# metrics window ending at this step, the MiB it saved for backward, its weights' relative change from initialisation
+# and the RankMe of its features (NaN where a block has none).
 HEADER = ("stop", "skipped", "replaced")
-SLOTS = ("has_loss", "loss", "std", "online_top1", "online_loss", "saved_mb")
+SLOTS = ("has_loss", "loss", "std", "online_top1", "online_loss", "saved_mb", "weight_change", "rankme")
 
 
 def encode_record(num_blocks: int, device: torch.device | None = None) -> torch.Tensor:
@@ -83,6 +88,10 @@ def add_terms(record: torch.Tensor, result: StepResult, online: dict[str, float]
         record[_slot(k, "std")] = result.spreads[k]
     for k, saved in result.saved.items():
         record[_slot(k, "saved_mb")] = saved / 2**20
+    for k, change in result.weight_change.items():
+        record[_slot(k, "weight_change")] = change
+    for k, rank in result.rankme.items():
+        record[_slot(k, "rankme")] = rank
     for key, value in online.items():  # online/block{k}_top1 and _loss
         block, name = key.removeprefix("online/block").split("_")
         record[_slot(int(block) - 1, f"online_{name}")] = value
@@ -90,7 +99,8 @@ def add_terms(record: torch.Tensor, result: StepResult, online: dict[str, float]
 
 def decode_terms(record: torch.Tensor, num_blocks: int) -> dict[str, float]:
     """The logged terms of a record: ``loss`` (summed over blocks), ``loss/block{k}``, ``std/block{k}``, then the
-    online-probe metrics and ``saved_mb/block{k}``, as a single process logs them."""
+    online-probe metrics, ``saved_mb/block{k}``, ``weight_change/block{k}`` and ``rankme/block{k}``, as a single
+    process logs them."""
     values = record.tolist()
     losses = [k for k in range(num_blocks) if values[_slot(k, "has_loss")] == 1]
     terms = {"loss": sum(values[_slot(k, "loss")] for k in losses)}
@@ -102,9 +112,10 @@ def decode_terms(record: torch.Tensor, num_blocks: int) -> dict[str, float]:
             value = values[_slot(k, f"online_{name}")]
             if not math.isnan(value):
                 terms[f"online/block{k + 1}_{name}"] = value
-    for k in range(num_blocks):
-        if not math.isnan(saved := values[_slot(k, "saved_mb")]):
-            terms[f"saved_mb/block{k + 1}"] = saved
+    for name in ("saved_mb", "weight_change", "rankme"):  # where measured
+        for k in range(num_blocks):
+            if not math.isnan(value := values[_slot(k, name)]):
+                terms[f"{name}/block{k + 1}"] = value
     return terms
 
 

@@ -4,6 +4,8 @@ Figures (each written only when some run has the data):
 - ``report_loss.png``: every block's training loss against the step, one panel per block, one line per run
   (from ``metrics.jsonl``);
 - ``report_online_probe.png``: the online probe's per-block top-1 against the step, when pretraining ran it;
+- ``report_weight_change.png``, ``report_rankme.png``: each block's relative weight change from initialisation and
+  the RankMe of its features against the step (``blockssl.diagnostics``);
 - ``report_probe.png``: linear-probe and kNN (k=20) top-1 accuracy per block, runs side by side, random
   initialisation marked when ``blockssl probe --random-init`` measured it (from ``probe.json``);
 - ``report_robustness_severity.png``: top-1 error against corruption severity (0 = clean), one line per block,
@@ -32,8 +34,9 @@ from blockssl.config import Config, ConfigError, diff_configs, from_dict
 from blockssl.data.datasets import dataset_info
 from blockssl.eval.robustness import CORRUPTIONS, fmt_number
 
-FIGURES = {"loss": "report_loss.png", "online": "report_online_probe.png", "probe": "report_probe.png",
-           "severity": "report_robustness_severity.png", "heatmap": "report_robustness_heatmap.png"}
+FIGURES = {"loss": "report_loss.png", "online": "report_online_probe.png", "weight_change": "report_weight_change.png",
+           "rankme": "report_rankme.png", "probe": "report_probe.png", "severity": "report_robustness_severity.png",
+           "heatmap": "report_robustness_heatmap.png"}
 DPI = 130
 
 
@@ -167,6 +170,19 @@ def plot_online(runs: list[RunData], path: Path) -> bool:
     return _block_curves(runs, path, r"online/block(\d+)_top1", title="block{block} online probe",
                          ylabel="train-batch top-1 (%)",
                          suptitle="Online linear probe during pretraining (detached features, own optimiser)")
+
+
+def plot_weight_change(runs: list[RunData], path: Path) -> bool:
+    """Each block's ||W - W0|| / ||W0|| (convolutions) against the step."""
+    return _block_curves(runs, path, r"weight_change/block(\d+)", title="block{block} weight change",
+                         ylabel="||W - W0|| / ||W0||",
+                         suptitle="Relative change of each block's convolutions from their initialisation")
+
+
+def plot_rankme(runs: list[RunData], path: Path) -> bool:
+    """Each block's RankMe (effective rank of its features on a training batch) against the step."""
+    return _block_curves(runs, path, r"rankme/block(\d+)", title="block{block} RankMe", ylabel="RankMe",
+                         suptitle="Effective rank of each block's features (RankMe, one training batch)")
 
 
 def _probe_blocks(runs: list[RunData]) -> list[str]:
@@ -343,6 +359,27 @@ def _config_diffs(runs: list[RunData]) -> list[str]:
     return lines
 
 
+def last_logged(metrics: list[dict[str, Any]], key: str) -> float | None:
+    """The last value of ``key`` in a run's metrics (a block's terms may be missing from some lines)."""
+    return next((rec[key] for rec in reversed(metrics) if key in rec), None)
+
+
+def _diagnostics_table(runs: list[RunData]) -> list[str]:
+    keys = {r.name: {k for rec in r.metrics for k in rec if k.startswith(("weight_change/", "rankme/"))} for r in runs}
+    logged = [r for r in runs if keys[r.name]]
+    blocks = sorted({k.split("/")[1] for r in logged for k in keys[r.name]}, key=_block_key)
+    header = ["block"] + [f"{r.name}: weight change (%) / RankMe" for r in logged]
+    rows = []
+    for b in blocks:
+        row = [b]
+        for r in logged:
+            change = last_logged(r.metrics, f"weight_change/{b}")
+            row.append(f"{fmt_number(None if change is None else 100 * change, 2)} / "
+                       f"{fmt_number(last_logged(r.metrics, f'rankme/{b}'))}")
+        rows.append(row)
+    return _table(header, rows)
+
+
 def _probe_table(runs: list[RunData]) -> list[str]:
     probed = [r for r in runs if r.probe]
     blocks = _probe_blocks(probed)
@@ -396,6 +433,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     made = {
         "loss": plot_losses(runs, out_dir / FIGURES["loss"]),
         "online": plot_online(runs, out_dir / FIGURES["online"]),
+        "weight_change": plot_weight_change(runs, out_dir / FIGURES["weight_change"]),
+        "rankme": plot_rankme(runs, out_dir / FIGURES["rankme"]),
         "probe": plot_probes(runs, out_dir / FIGURES["probe"]),
         "severity": plot_robustness_severity(runs, out_dir / FIGURES["severity"]),
         "heatmap": plot_robustness_heatmap(runs, out_dir / FIGURES["heatmap"]),
@@ -409,6 +448,15 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
         md += ["Configuration differences from the first run:", "", *_config_diffs(runs), ""]
     md += ["## Training loss", ""]
     md += [f"![per-block training loss]({FIGURES['loss']})", ""] if made["loss"] else ["No metrics.jsonl records.", ""]
+    if made["weight_change"] or made["rankme"]:
+        md += ["## Training diagnostics", "", "Last logged value per block: the relative change of its convolutions "
+               "from their initialisation, ||W - W0|| / ||W0|| in % (`weight_change/block{k}`), and the effective "
+               "rank of its features on a training batch (`rankme/block{k}`; RankMe, Garrido et al. 2023), at most "
+               "min(batch per process, feature width). Weights that barely move, or a RankMe falling towards 1 "
+               "(collapse), can go with a falling loss.", "", *_diagnostics_table(runs), ""]
+        for key, name in (("weight_change", "weight change"), ("rankme", "RankMe")):
+            if made[key]:
+                md += [f"![{name}]({FIGURES[key]})", ""]
     if made["online"]:
         md += ["## Online probe", "", "Top-1 of a linear head per block trained during pretraining on detached "
                "features, measured on each training batch before its update (`online/block{k}_top1`).", "",

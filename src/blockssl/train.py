@@ -42,6 +42,7 @@ from blockssl.config import (
 from blockssl.data.datasets import dataset_info
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader, two_view_dataset
 from blockssl.data.photometric import to_device
+from blockssl.diagnostics import add_diagnostics, snapshot
 from blockssl.eval.online import OnlineProbe
 from blockssl.execution import HEADER, STRATEGIES, Trainer, add_terms, build_optimizers, decode_terms, encode_record
 from blockssl.memory import model_accounting
@@ -168,6 +169,9 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
         m.to(device)
         dist.broadcast_state(m)
         m.to(memory_format=memory_format)
+    # What weight_change/block{k} is measured from: the seed's initialisation, also when resuming (taken before the
+    # checkpoint is loaded).
+    initial = snapshot(model, layout.blocks)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     if cfg.train.compile:  # in place, stage by stage: parameter names and checkpoints are unchanged
@@ -251,9 +255,11 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                     last = step + 1 == phase.end
                     logging = (step + 1) % cfg.train.log_every == 0 or last
                     with model_accounting(model) if cfg.train.log_saved_memory and logging else nullcontext() as saved:
-                        result = step_fn(trainer, x1, x2, step, probing)
+                        result = step_fn(trainer, x1, x2, step, probing or logging)  # features: probe, RankMe
                     if saved is not None:
                         result.result.saved = saved.result().blocks()
+                    if logging:
+                        add_diagnostics(result.result, model, initial, blocks, result.features)
                     if probe is not None and probing and not result.result.skipped and result.features:
                         probe.step(result.features, labels, first=blocks[0])  # non-finite features would poison it
                     step += 1
