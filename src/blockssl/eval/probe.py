@@ -359,7 +359,7 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
         loss.backward()
         return loss
 
-    opt.step(closure)  # type: ignore[arg-type]
+    opt.step(closure)
     return probe, int(opt.state[linear.weight].get("n_iter", 0))
 
 
