@@ -19,11 +19,12 @@ data:
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or set data.root"; exit 1; fi; \
 	fi
 
-# Pretrain the default recipe (resuming it if $(RUN) exists), then probe every block against random init.
+# Pretrain the default recipe (resuming it if $(RUN) exists), then probe every block beside its references: the
+# same network at random initialisation and raw pixels.
 demo: $(BIN)/blockssl data
 	@if [ -f $(RUN)/config.yaml ]; then $(BIN)/blockssl pretrain --resume $(RUN); \
 	else $(BIN)/blockssl pretrain --config configs/fashion_mnist.yaml out=$(RUN); fi
-	$(BIN)/blockssl probe $(RUN) --random-init
+	$(BIN)/blockssl probe $(RUN) --random-init --pixels
 
 test: $(BIN)/blockssl
 	$(BIN)/python -m pytest tests
