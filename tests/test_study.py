@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from blockssl import stats
 from blockssl import study as study_module
 from blockssl.checkpoint import load_checkpoint
 from blockssl.cli import main
 from blockssl.config import ConfigError, apply_overrides, load_config
 from blockssl.eval.probe import pixel_probe
 from blockssl.study import (
+    Study,
     check_unchanged,
     load_study,
     run_commands,
@@ -34,6 +36,9 @@ from tests.conftest import TINY, assert_same_tensors, run_metrics
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = {"probe": ["probe.epochs=2", "probe.label_fractions=[0.5]"],
         "robustness": ["robustness.corruptions=[gaussian_noise]", "robustness.severities=[1,3]"]}
+
+
+PRIMARY = {"variant": "blockwise", "baseline": "end_to_end", "block": "block4", "metric": "linear_top1"}
 
 
 def _write_study(root: Path, **changes: object) -> Path:
@@ -60,7 +65,7 @@ def finished(tmp_path_factory) -> Path:
 def test_the_study_writes_run_directories_and_results(finished):
     out = Path(load_study(finished).out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "blockwise", "end_to_end", "last_block_gap.png", "per_block_top1.png", "pixels", "results.csv",
+        "blockwise", "differences.png", "end_to_end", "per_block_top1.png", "pixels", "results.csv",
         "results.json", "results.md", "study.yaml"]
     assert sorted(p.name for p in (out / "pixels").iterdir()) == ["seed0", "seed1"]
     for variant in ("blockwise", "end_to_end"):
@@ -256,15 +261,20 @@ def test_differences_are_paired_with_each_variants_own_baseline():
     assert stats["simclr"]["diff_mean"] == pytest.approx(3.5) and stats["simclr"]["diff_std"] == pytest.approx(
         statistics.stdev([3.0, 4.0]))
     assert stats["simclr"]["diff_seeds"] == {0: 3.0, 1: 4.0}
-    # the 95% interval of two paired differences: t(0.975, 1) = 12.706 standard errors; zero is inside, no star
-    assert stats["simclr"]["diff_ci95"] == pytest.approx(12.706 * statistics.stdev([3.0, 4.0]) / math.sqrt(2))
-    assert study_module._cell(stats["simclr"], "diff_") == "3.50 ± 0.71 (3.00, 4.00)"
+    # the 95% interval of two paired differences: t(0.975, 1) = 12.706 standard errors
+    half = 12.706 * statistics.stdev([3.0, 4.0]) / math.sqrt(2)
+    assert stats["simclr"]["diff_ci95"] == pytest.approx(half)
+    cell = study_module._diff_cell(stats["simclr"]["diff_mean"], half, stats["simclr"]["diff_seeds"])
+    assert cell == f"+3.50 [{3.5 - half:.2f}, {3.5 + half:.2f}] (3.00, 4.00)"
     three = [dict(r, seed=2, value=r["value"] + (0.9 if r["variant"] == "simclr" else 0.0)) for r in rows
              if r["seed"] == 0]
     resolved = next(r for r in study_module.summary(rows + three, lambda v: "e2e_simclr" if v == "simclr" else "e2e")
                     if r["variant"] == "simclr")
-    assert resolved["diff_ci95"] == pytest.approx(4.303 * statistics.stdev([3.0, 4.0, 3.9]) / math.sqrt(3))
-    assert study_module._cell(resolved, "diff_").startswith("3.63 ± 0.55* (")
+    half = 4.303 * statistics.stdev([3.0, 4.0, 3.9]) / math.sqrt(3)
+    assert resolved["diff_ci95"] == pytest.approx(half)
+    # exploratory: an interval that excludes zero is shown as it is, unstarred
+    assert study_module._diff_cell(resolved["diff_mean"], half, resolved["diff_seeds"]) == (
+        f"+3.63 [{3.63333 - half:.2f}, {3.63333 + half:.2f}] (3.00, 4.00, 3.90)")
     assert stats["e2e_simclr"]["diff_mean"] == pytest.approx(-10.5) and stats["e2e"]["diff_mean"] == 0
     # a baseline still missing a seed: the difference is paired over the seed both have
     partial = study_module.summary([r for r in rows if (r["variant"], r["seed"]) != ("e2e_simclr", 1)],
@@ -285,6 +295,29 @@ def test_differences_are_paired_with_each_variants_own_baseline():
     ({"variants": {"bad": ["train.epochz=1"]}, "baseline": "bad"}, "variant .bad.*train.epochz"),
     ({"robustness_variants": ["blockwise"]}, "include the baseline 'end_to_end'"),
     ({"robustness_variants": ["end_to_end", "nope"]}, "robustness_variants"),
+    ({"primary": [dict(PRIMARY, variant="nope")]},
+     r"primary\[0\] \(nope - end_to_end, block4, linear_top1\): variant 'nope' is not a variant; choose one of "
+     "end_to_end, blockwise"),
+    ({"primary": [dict(PRIMARY, baseline="blockwise")]}, "a variant compared with itself"),
+    ({"primary": [dict(PRIMARY, metric="top5")]},
+     "metric 'top5' is not one both variants are evaluated for; choose one of linear_top1, knn_top1, mce, "
+     "relative_mce"),
+    ({"primary": [dict(PRIMARY, metric="mce")], "robustness_variants": ["end_to_end"]},
+     "metric 'mce' .* choose one of linear_top1, knn_top1$"),
+    ({"primary": [dict(PRIMARY, block="layer4")]},
+     "block 'layer4' is not a block of both variants .* choose one of block1, block2, block3, block4, concat"),
+    ({"primary": [dict(PRIMARY, block="block1")],
+      "variants": {"end_to_end": [], "blockwise": ["model.blocks=stem+layer1+layer2,layer3+layer4"]}},
+     "block 'block1' .* choose one of block2, block4, concat"),
+    ({"primary": [{"variant": "blockwise", "baseline": "end_to_end"}]},
+     r"primary\[0\]: expected a mapping of variant, baseline, block, metric"),
+    ({"primary": [PRIMARY, PRIMARY]}, "declared twice"),
+    ({"primary": PRIMARY}, "primary: expected a list of comparisons"),
+    ({"budget": [["blockwise", "end_to_end"]]}, "budget: expected series names mapped to lists of"),
+    ({"budget": {"gap": [["blockwise", "nope"]]}}, "budget 'gap': .*expected two different variants"),
+    ({"budget": {"gap": [["blockwise", "end_to_end"]]}, "variants": {"end_to_end": ["train.scheme=end_to_end"],
+                                                                    "blockwise": ["train.epochs=2"]}},
+     r"budget 'gap': \[blockwise, end_to_end\]: train.epochs 2 against 1; a pair is one budget"),
 ])
 def test_bad_study_files_are_clear_errors(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -312,7 +345,10 @@ def test_the_committed_studies_reproduce_from_their_committed_runs(path, tmp_pat
     aggregation makes of its committed runs."""
     monkeypatch.chdir(ROOT)  # a study's paths are relative to the repository root
     study = load_study(path)
-    assert study.baseline in study.variants and len(study.seeds) >= 3
+    # A study that makes claims has 3 seeds or more; a tuning study, scored on held-out training images
+    # (data.holdout) and never on the test set, chooses a recipe from one seed per trial.
+    tuning = study.config(study.baseline, study.seeds[0]).data.holdout > 0
+    assert study.baseline in study.variants and (len(study.seeds) >= 3 or (tuning and not study.primary))
     out = Path(study.out)
     assert yaml.safe_load((out / "study.yaml").read_text()) == asdict(study)
     check_unchanged(study)
@@ -344,3 +380,106 @@ def test_slurm_submission_runs_every_run_as_an_array_task(tmp_path, monkeypatch)
         job.result()
     assert sorted(made) == [("blockwise", 0), ("end_to_end", 0)]
     assert all((study.run_dir(v, 0) / "probe.json").is_file() for v, _ in made)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Primary comparisons: the t-test, Holm's correction, the tables and the figures
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, 7.0, 40.0])
+def test_the_t_test_p_value_matches_the_closed_forms_of_one_and_two_degrees_of_freedom(t):
+    # df 1 is the Cauchy distribution, df 2 has P(|T| >= t) = 1 - t / sqrt(2 + t^2)
+    assert stats.t_test_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-12)
+    assert stats.t_test_p(-t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-12)
+
+
+def test_the_t_test_p_value_at_the_tabled_975_quantiles_is_005():
+    for df, t in ((1, 12.706), (4, 2.776), (10, 2.228), (30, 2.042)):
+        assert stats.t_test_p(t, df) == pytest.approx(0.05, abs=2e-4)
+    assert stats.t_test_p(math.inf, 3) == 0.0
+
+
+def test_the_incomplete_beta_function_is_a_binomial_tail_at_integer_arguments():
+    for a, b, x in ((2, 3, 0.4), (5, 1, 0.9), (1, 7, 0.05), (12, 9, 0.6)):
+        n = a + b - 1  # I_x(a, b) = P(Binomial(a + b - 1, x) >= a)
+        tail = sum(math.comb(n, j) * x ** j * (1 - x) ** (n - j) for j in range(a, n + 1))
+        assert stats.betainc(a, b, x) == pytest.approx(tail, abs=1e-12)
+
+
+def test_holm_adjusts_step_down_and_counts_untestable_comparisons():
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.2]) == pytest.approx([0.5, 0.4])  # monotone: never below a smaller p's value
+    adjusted = stats.holm([0.01, math.nan, 0.02])  # three declared, one not testable yet: it still counts
+    assert adjusted[0] == pytest.approx(0.03) and adjusted[2] == pytest.approx(0.04) and math.isnan(adjusted[1])
+    assert stats.paired({0: 2.0, 1: 2.0}).p == 0.0 and math.isnan(stats.paired({0: 2.0}).p)
+
+
+def _fake_study(root: Path, **changes: object) -> Study:
+    """A study whose runs are probe files written by hand (linear top-1 as below at every block, kNN one point
+    lower): aggregation needs no training. Paired differences by seed: a - base 1, 2, 3; b - base 5, 5.5, 6;
+    c - a 0, 1, -1; a_long - base_long 2, 3, 4."""
+    variants = {"base": [], "a": [], "b": [], "c": [], "base_long": ["train.epochs=2"], "a_long": ["train.epochs=2"]}
+    study = load_study(_write_study(root, variants=variants, baseline="base", seeds=[0, 1, 2], evaluate=["probe"],
+                                    **changes))
+    offsets = {"base": (0, 0, 0), "a": (1, 2, 3), "b": (5, 5.5, 6), "c": (1, 3, 2), "base_long": (2, 2, 2),
+               "a_long": (4, 5, 6)}
+    for variant, seed in study.runs():
+        run = study.run_dir(variant, seed)
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"model": {"blocks": "stem+layer1,layer2,layer3,layer4"}}))
+        top1 = 70.0 + seed + offsets[variant][seed]
+        blocks = {b: {"top1": top1, "knn20_top1": top1 - 1} for b in ("block1", "block2", "block3", "block4", "concat")}
+        (run / "probe.json").write_text(json.dumps({"run": {"blocks": blocks}}))
+    return study
+
+
+def test_primary_comparisons_are_tested_and_holm_corrected_the_rest_is_exploratory(tmp_path):
+    primary = [dict(variant="a", baseline="base", block="block4", metric="linear_top1"),
+               dict(variant="b", baseline="base", block="block4", metric="knn_top1"),
+               dict(variant="c", baseline="a", block="block2", metric="linear_top1")]
+    study = _fake_study(tmp_path, primary=primary)
+    md = write_results(study).read_text()
+    results = json.loads((Path(study.out) / "results.json").read_text())["primary"]
+    # paired t over 3 seeds (df 2, P(|T| >= t) = 1 - t / sqrt(2 + t^2)): t = 2 sqrt(3), 11 sqrt(3), 0
+    p = [1 - t / math.sqrt(2 + t * t) for t in (2 * math.sqrt(3), 11 * math.sqrt(3), 0.0)]
+    holm = [2 * p[0], 3 * p[1], 1.0]  # p[1] smallest (x 3), then p[0] (x 2), then p[2] (x 1)
+    assert [r["p"] for r in results] == pytest.approx(p) and [r["p_holm"] for r in results] == pytest.approx(holm)
+    assert [r["verdict"] for r in results] == ["not resolved", "holds", "not resolved"]
+    assert [r["mean"] for r in results] == pytest.approx([2.0, 5.5, 0.0]) and results[0]["n"] == 3
+    half = 4.303 * 1.0 / math.sqrt(3)
+    assert (results[0]["ci95_low"], results[0]["ci95_high"]) == pytest.approx((2 - half, 2 + half))
+    assert results[0]["seeds"] == {"0": 1.0, "1": 2.0, "2": 3.0}
+    assert md.index("## Primary comparisons (declared before running; Holm-corrected)") < md.index("## Linear probe")
+    assert (f"| a - base, block4, linear_top1 | 3 | +2.00 | [{2 - half:.2f}, {2 + half:.2f}] | {p[0]:.3f} | "
+            f"{holm[0]:.3f} | not resolved |") in md
+    assert f"| b - base, block4, knn_top1 | 3 | +5.50 | [4.26, 6.74] | {p[1]:.3f} | {holm[1]:.3f} | holds |" in md
+    # 5 compared variants x 5 blocks x 2 metrics, shown with their intervals and no star
+    assert "Everything else is exploratory: the 50 differences" in md and "*" not in md.replace("**", "")
+
+
+def test_no_primary_declared_says_so(tmp_path):
+    md = write_results(_fake_study(tmp_path)).read_text()
+    assert "None declared (`primary:` in the study file, before its runs)." in md
+    assert json.loads((tmp_path / "study/results.json").read_text())["primary"] == []
+
+
+def test_the_figures_and_the_budget_series_are_written(tmp_path):
+    study = _fake_study(tmp_path, primary=[dict(variant="a", baseline="base", block="block4", metric="knn_top1")],
+                        budget={"a - base": [["a", "base"], ["a_long", "base_long"]]})
+    md = write_results(study).read_text()
+    out = Path(study.out)
+    for name in ("per_block_top1.png", "differences.png", "gap_vs_budget.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"![{name}]({name})" in md
+    budget = json.loads((out / "results.json").read_text())["budget"]
+    assert [(r["epochs"], r["metric"], r["block"], r["mean"]) for r in budget] == [
+        (1, "linear_top1", "block4", 2.0), (1, "knn_top1", "block4", 2.0),
+        (2, "linear_top1", "block4", 3.0), (2, "knn_top1", "block4", 3.0)]
+    assert "| a - base | 2 | a_long - base_long | block4 | +3.00 [0.52, 5.48] (2.00, 3.00, 4.00) |" in md
+
+
+def test_primary_comparisons_and_budget_series_may_change_after_runs(tmp_path):
+    """Only the aggregation reads them (declaring primaries before running is the study author's discipline)."""
+    check_unchanged(load_study(_write_study(tmp_path)))
+    study = load_study(_write_study(tmp_path, primary=[PRIMARY], budget={"gap": [["blockwise", "end_to_end"]]}))
+    check_unchanged(study)
+    assert yaml.safe_load((Path(study.out) / "study.yaml").read_text())["primary"] == [PRIMARY]

@@ -16,13 +16,25 @@ the evaluations and the baseline variant::
     robustness: [robustness.max_images=2000]
     robustness_variants: [end_to_end, blockwise]  # optional: only these are evaluated for robustness
     baselines: {simclr: end_to_end_simclr}  # optional: a variant compared with another than the baseline
+    primary:                                # optional: the comparisons the study tests, declared before running
+      - {variant: blockwise, baseline: end_to_end, block: block4, metric: linear_top1}
+    budget:                                 # optional: series of [variant, baseline] pairs at growing train.epochs
+      blockwise - end_to_end: [[blockwise_e3, end_to_end_e3], [blockwise, end_to_end]]
+
+``primary`` comparisons (a metric of ``results.json``: linear_top1, knn_top1, mce, relative_mce; a block both
+variants have, named by depth as in ``results.json``, or concat) are paired by seed, tested (two-sided paired
+t-test) and corrected together for multiplicity (Holm, family-wise error 0.05): declare them before the runs exist,
+for a family chosen after seeing the results corrects nothing. Every other difference is exploratory: its mean,
+95% interval and per-seed values, untested. Each ``budget`` series draws the last block's paired difference of
+each pair against the pair's ``train.epochs`` (``gap_vs_budget.png``); both variants of a pair train as long.
 
 Run (variant, seed) lives in ``<out>/<variant>/seed<seed>``. Driving the study is idempotent: evaluated runs are
 skipped (their evaluation files suffice, checkpoints may be gone), interrupted ones resumed from their last
 checkpoint. The resolved study is saved as
 ``<out>/study.yaml``; a study file (or command-line overrides, or a base recipe) that no longer matches it, or a run
 whose saved configuration differs from what the study now resolves to, is an error listing the differences. A study
-may grow (new variants, seeds, robustness variants) and change its ``baselines``: that changes no run made so far.
+may grow (new variants, seeds, robustness variants) and change its ``baselines``, ``primary`` and ``budget``, which
+only the aggregation reads: that changes no run made so far.
 Robustness is evaluated per run without a baseline and normalised at aggregation (CE and relative CE against the
 baseline variant's run of the same seed), so runs never wait for each other and can be spread over a job array.
 With fast-protocol probes, the aggregation also probes raw pixels under the same settings once per seed
@@ -40,7 +52,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +68,28 @@ from blockssl.config import (
     load_config,
     parse_blocks,
 )
+from blockssl.stats import ALPHA, Paired, holm, mean_std, paired
 
 EVALUATIONS = ("probe", "robustness")
 PIXELS = "pixels"  # the raw-pixel probe: its folder under out, its row in the results
 TIMING = "study_timing.json"  # seconds spent per stage on a run, summed over resumptions
+METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1 (%)", "mce": "mCE (%)",
+                 "relative_mce": "Relative mCE (%)"}
+EVALUATION_OF = {"linear_top1": "probe", "knn_top1": "probe", "mce": "robustness", "relative_mce": "robustness"}
+CONCAT = "concat"  # the probe of all blocks concatenated: a block of every run, at no depth
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``variant`` minus ``baseline`` in ``metric`` at ``block`` (names as in ``results.json``), paired by seed."""
+
+    variant: str
+    baseline: str
+    block: str
+    metric: str
+
+    def __str__(self) -> str:
+        return f"{self.variant} - {self.baseline}, {self.block}, {self.metric}"
 
 
 @dataclass
@@ -77,6 +107,8 @@ class Study:
     robustness: list[str] = field(default_factory=list)
     robustness_variants: list[str] = field(default_factory=list)  # empty: every variant
     baselines: dict[str, str] = field(default_factory=dict)  # variant -> the variant its differences are taken to
+    primary: list[Comparison] = field(default_factory=list)  # tested and Holm-corrected; the rest is exploratory
+    budget: dict[str, list[list[str]]] = field(default_factory=dict)  # series -> [variant, baseline] pairs
 
     def baseline_of(self, variant: str) -> str:
         """The variant ``variant`` is compared with: its entry in ``baselines``, else the study's baseline (which
@@ -113,6 +145,73 @@ def _string_list(key: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"study {key}: expected a list of key=value strings, e.g. [train.epochs=4], got {value!r}")
     return list(value)
+
+
+def _comparisons(path: Path, value: Any) -> list[Comparison]:
+    """The ``primary`` list, checked for shape (names are checked against the resolved study)."""
+    example = "[{variant: blockwise, baseline: end_to_end, block: block4, metric: linear_top1}]"
+    keys = [f.name for f in fields(Comparison)]
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: primary: expected a list of comparisons, e.g. {example}, got {value!r}")
+    comparisons = []
+    for k, entry in enumerate(value):
+        if not isinstance(entry, dict) or sorted(entry) != sorted(keys) or not all(
+                isinstance(v, str) for v in entry.values()):
+            raise ConfigError(f"{path}: primary[{k}]: expected a mapping of {', '.join(keys)} to names, e.g. "
+                              f"{example}, got {entry!r}")
+        comparisons.append(Comparison(**entry))
+    duplicates = sorted({str(c) for c in comparisons if comparisons.count(c) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: primary: {'; '.join(duplicates)} declared twice (it would count twice in the "
+                          "correction)")
+    return comparisons
+
+
+def _check_comparisons(path: Path, study: Study, configs: dict[str, Config]) -> None:
+    """Every primary names two variants, a metric both are evaluated for and a block both have."""
+    for k, c in enumerate(study.primary):
+        where = f"{path}: primary[{k}] ({c})"
+        for role, name in (("variant", c.variant), ("baseline", c.baseline)):
+            if name not in study.variants:
+                raise ConfigError(f"{where}: {role} {name!r} is not a variant; choose one of "
+                                  f"{', '.join(study.variants)}")
+        if c.variant == c.baseline:
+            raise ConfigError(f"{where}: a variant compared with itself")
+        metrics = [m for m, e in EVALUATION_OF.items()
+                   if e in study.evaluations(c.variant) and e in study.evaluations(c.baseline)]
+        if c.metric not in metrics:
+            raise ConfigError(f"{where}: metric {c.metric!r} is not one both variants are evaluated for; choose one "
+                              f"of {', '.join(metrics) or 'none (the study evaluates nothing)'}")
+        theirs = [block_names(configs[v].model.blocks).values() for v in (c.variant, c.baseline)]
+        blocks = [b for b in theirs[0] if b in theirs[1]] + [CONCAT]
+        if c.block not in blocks:
+            raise ConfigError(f"{where}: block {c.block!r} is not a block of both variants (blocks are named by the "
+                              f"stage they end at); choose one of {', '.join(blocks)}")
+
+
+def _budget(path: Path, value: Any, configs: dict[str, Config]) -> dict[str, list[list[str]]]:
+    """The ``budget`` series, checked: pairs of two variants trained for as many epochs."""
+    example = "{blockwise - end_to_end: [[blockwise_e3, end_to_end_e3], [blockwise, end_to_end]]}"
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+            isinstance(label, str) and isinstance(pairs, list) and pairs
+            and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, str) for v in p) for p in pairs)
+            for label, pairs in value.items()):
+        raise ConfigError(f"{path}: budget: expected series names mapped to lists of [variant, baseline] pairs, e.g. "
+                          f"{example}, got {value!r}")
+    for label, pairs in value.items():
+        for variant, baseline in pairs:
+            where = f"{path}: budget {label!r}: [{variant}, {baseline}]"
+            unknown = [v for v in (variant, baseline) if v not in configs]
+            if unknown or variant == baseline:
+                raise ConfigError(f"{where}: expected two different variants of {', '.join(configs)}")
+            epochs = configs[variant].train.epochs, configs[baseline].train.epochs
+            if epochs[0] != epochs[1]:
+                raise ConfigError(f"{where}: train.epochs {epochs[0]} against {epochs[1]}; a pair is one budget")
+    return {label: [list(p) for p in pairs] for label, pairs in value.items()}
 
 
 def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
@@ -164,13 +263,15 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                   baseline=baseline, probe=_string_list("probe", raw.get("probe")),
                   robustness=_string_list("robustness", raw.get("robustness")),
                   robustness_variants=_string_list("robustness_variants", raw.get("robustness_variants")),
-                  baselines=dict(baselines))
+                  baselines=dict(baselines), primary=_comparisons(path, raw.get("primary")))
     unknown_variants = [v for v in study.robustness_variants if v not in variants]
     if unknown_variants or (study.robustness_variants and baseline not in study.robustness_variants):
         raise ConfigError(f"{path}: robustness_variants {study.robustness_variants} must be variants and include the "
                           f"baseline {baseline!r} (relative mCE is normalised by it)")
-    for variant in study.variants:  # every configuration resolves before any run starts
-        study.config(variant, study.seeds[0])
+    # every configuration resolves before any run starts
+    configs = {variant: study.config(variant, study.seeds[0]) for variant in study.variants}
+    _check_comparisons(path, study, configs)
+    study.budget = _budget(path, raw.get("budget"), configs)
     return study
 
 
@@ -202,10 +303,10 @@ def check_unchanged(study: Study) -> None:
 
 
 def _grown(key: str, saved: Any, current: Any) -> bool:
-    """Whether ``current`` only adds to ``saved`` (or, for ``baselines``, which aggregation alone reads, changes
-    it): no run made so far changes. An empty ``robustness_variants`` means every variant: any list grows into it,
-    and it grows into nothing else."""
-    if key == "baselines":
+    """Whether ``current`` only adds to ``saved`` (or, for ``baselines``, ``primary`` and ``budget``, which
+    aggregation alone reads, changes it): no run made so far changes. An empty ``robustness_variants`` means every
+    variant: any list grows into it, and it grows into nothing else."""
+    if key in ("baselines", "primary", "budget"):
         return True
     if key == "variants":
         return isinstance(saved, dict) and all(current.get(k) == v for k, v in saved.items())
@@ -348,13 +449,17 @@ def parse_only(study: Study, spec: str) -> tuple[str, int]:
 # Aggregation
 
 
-def depth_names(run: Path) -> dict[str, str]:
-    """A run's block names (``block1``, ...) -> the name of the paper's block that ends at the same stage
-    (``block2`` for a block ending at layer2; ``stem`` for one ending there): another grouping of the stages then
-    compares with the four paper blocks at equal depth."""
-    groups = parse_blocks(yaml.safe_load((run / "config.yaml").read_text())["model"]["blocks"])
+def block_names(blocks: str) -> dict[str, str]:
+    """The block names (``block1``, ...) of a grouping ``model.blocks`` -> the name of the paper's block that ends
+    at the same stage (``block2`` for a block ending at layer2; ``stem`` for one ending there): another grouping of
+    the stages then compares with the four paper blocks at equal depth."""
     return {f"block{k + 1}": "stem" if g[-1] == "stem" else f"block{g[-1].removeprefix('layer')}"
-            for k, g in enumerate(groups)}
+            for k, g in enumerate(parse_blocks(blocks))}
+
+
+def depth_names(run: Path) -> dict[str, str]:
+    """``block_names`` of a run directory's saved grouping."""
+    return block_names(yaml.safe_load((run / "config.yaml").read_text())["model"]["blocks"])
 
 
 def collect_rows(study: Study) -> list[dict[str, Any]]:
@@ -409,44 +514,75 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
     return rows
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1); the deviation is NaN for a single value, both are NaN when a
-    value is (an undefined relative CE, for instance)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return mean, std
+Values = dict[tuple[str, str, str], dict[int, float]]  # (variant, block, metric) -> seed -> value
 
 
-# Student's t at 97.5% for 1 to 30 degrees of freedom (two-sided 95%; standard tables); the normal 1.96 beyond.
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+def by_seed(rows: list[dict[str, Any]]) -> Values:
+    """The tidy rows indexed by (variant, block, metric), then seed."""
+    values: Values = {}
+    for r in rows:
+        values.setdefault((r["variant"], r["block"], r["metric"]), {})[r["seed"]] = r["value"]
+    return values
 
 
-def ci95(std: float, n: int) -> float:
-    """Half-width of the 95% confidence interval of a mean of ``n`` paired differences (Student's t); NaN below
-    two."""
-    if n < 2 or math.isnan(std):
-        return math.nan
-    return (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * std / math.sqrt(n)
+def differences(values: Values, c: Comparison) -> dict[int, float]:
+    """``c.variant - c.baseline`` in every seed both have, by seed."""
+    a, b = values.get((c.variant, c.block, c.metric), {}), values.get((c.baseline, c.block, c.metric), {})
+    return {s: a[s] - b[s] for s in sorted(a) if s in b}
+
+
+def _depth(block: str) -> float:
+    """Sort key of a block name: the stem, block1, block2, ..., then the concatenation."""
+    if block == "stem":
+        return 0.0
+    number = block.removeprefix("block")
+    return float(number) if number.isdigit() else math.inf
 
 
 def summary(rows: list[dict[str, Any]], baseline_of: Callable[[str], str]) -> list[dict[str, Any]]:
     """Per (variant, block, metric): mean and std over seeds, the per-seed values, and the difference to the
     variant's baseline (``baseline_of``), paired by seed (per seed both have; its mean, std and 95% confidence
     half-width over them)."""
-    by_key: dict[tuple[str, str, str], dict[int, float]] = {}
-    for r in rows:
-        by_key.setdefault((r["variant"], r["block"], r["metric"]), {})[r["seed"]] = r["value"]
+    values = by_seed(rows)
     out = []
-    for (variant, block, metric), per_seed in by_key.items():
+    for (variant, block, metric), per_seed in values.items():
         mean, std = mean_std(list(per_seed.values()))
-        base = by_key.get((baseline_of(variant), block, metric), {})
-        diffs = {s: v - base[s] for s, v in sorted(per_seed.items()) if s in base}
-        d_mean, d_std = mean_std(list(diffs.values())) if diffs else (math.nan, math.nan)
+        d = paired(differences(values, Comparison(variant, baseline_of(variant), block, metric)))
         out.append(dict(variant=variant, block=block, metric=metric, mean=mean, std=std, n=len(per_seed),
-                        seeds=dict(sorted(per_seed.items())), baseline=baseline_of(variant), diff_mean=d_mean,
-                        diff_std=d_std, diff_ci95=ci95(d_std, len(diffs)), diff_seeds=diffs))
+                        seeds=dict(sorted(per_seed.items())), baseline=baseline_of(variant), diff_mean=d.mean,
+                        diff_std=d.std, diff_ci95=d.ci95, diff_seeds=d.seeds))
+    return out
+
+
+def _interval(d: Paired) -> dict[str, Any]:
+    return dict(n=len(d.seeds), mean=d.mean, ci95_low=d.mean - d.ci95, ci95_high=d.mean + d.ci95, seeds=d.seeds)
+
+
+def primary_results(study: Study, values: Values) -> list[dict[str, Any]]:
+    """The declared comparisons: their paired differences with the 95% interval, the paired t-test's p-value and
+    Holm's adjustment of it over the declared family; one holds where its adjusted p-value is below ``ALPHA``."""
+    tested = [paired(differences(values, c)) for c in study.primary]
+    adjusted = holm([d.p for d in tested])
+    return [dict(asdict(c), **_interval(d), p=d.p, p_holm=h, verdict="holds" if h < ALPHA else "not resolved")
+            for c, d, h in zip(study.primary, tested, adjusted, strict=True)]
+
+
+def budget_results(study: Study, values: Values) -> list[dict[str, Any]]:
+    """Per ``budget`` series, pair and probe metric: the pair's ``train.epochs`` and its paired difference at the
+    deepest block both variants have (pairs with no paired seed yet are left out)."""
+    out = []
+    for series, pairs in study.budget.items():
+        for variant, baseline in pairs:
+            epochs = study.config(variant, study.seeds[0]).train.epochs
+            for metric in ("linear_top1", "knn_top1"):
+                blocks = [b for (v, b, m) in values if v == variant and m == metric and b != CONCAT
+                          and (baseline, b, metric) in values]
+                if not blocks:
+                    continue
+                c = Comparison(variant, baseline, max(blocks, key=_depth), metric)
+                d = paired(differences(values, c))
+                if d.seeds:
+                    out.append(dict(series=series, epochs=epochs, **asdict(c), **_interval(d)))
     return out
 
 
@@ -456,51 +592,99 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
 
-def _cell(stats: dict[str, Any] | None, prefix: str = "") -> str:
-    """``mean ± std (per-seed values)`` of a summary row, or of its paired differences with ``prefix="diff_"``
-    (starred when their 95% confidence interval excludes zero)."""
-    if stats is None or not stats[f"{prefix}seeds"]:
+def _cell(stats: dict[str, Any] | None) -> str:
+    """``mean ± std (per-seed values)`` of a summary row."""
+    if stats is None or not stats["seeds"]:
         return "-"
-    resolved = prefix == "diff_" and abs(stats["diff_mean"]) > stats["diff_ci95"]  # False when the CI is NaN
-    return (_pm(stats[f"{prefix}mean"], stats[f"{prefix}std"]) + ("*" if resolved else "") + " ("
-            + ", ".join(f"{x:.2f}" for x in stats[f"{prefix}seeds"].values()) + ")")
+    return _pm(stats["mean"], stats["std"]) + " (" + ", ".join(f"{x:.2f}" for x in stats["seeds"].values()) + ")"
 
 
-METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1 (%)", "mce": "mCE (%)",
-                 "relative_mce": "Relative mCE (%)"}
+def _diff_cell(mean: float, half_width: float, seeds: dict[int, float]) -> str:
+    """Paired differences as ``mean [95% interval] (per-seed differences)``; no interval below two seeds."""
+    if not seeds:
+        return "-"
+    interval = "" if math.isnan(half_width) else f" [{mean - half_width:.2f}, {mean + half_width:.2f}]"
+    return ("-" if math.isnan(mean) else f"{mean:+.2f}") + interval + " (" + ", ".join(
+        f"{x:.2f}" for x in seeds.values()) + ")"
 
 
-def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> str:
+def _p(p: float) -> str:
+    return "-" if math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _primary_lines(primary: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Primary comparisons (declared before running; Holm-corrected)", ""]
+    if not primary:
+        return [*lines, "None declared (`primary:` in the study file, before its runs)."]
+    lines += ["| comparison | seeds | mean difference | 95% interval | p | Holm p | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for r in primary:
+        interval = "-" if math.isnan(r["ci95_low"]) else f"[{r['ci95_low']:.2f}, {r['ci95_high']:.2f}]"
+        lines.append(f"| {r['variant']} - {r['baseline']}, {r['block']}, {r['metric']} | {r['n']} | "
+                     + ("-" if math.isnan(r["mean"]) else f"{r['mean']:+.2f}")
+                     + f" | {interval} | {_p(r['p'])} | {_p(r['p_holm'])} | {r['verdict']} |")
+    return [*lines, "", f"Differences paired by seed (variant - baseline). p: two-sided paired t-test over the seeds; "
+            f"Holm p: Holm's step-down adjustment over the {len(primary)} declared comparisons. A comparison holds, in "
+            f"the direction of its mean, where its Holm p is below {ALPHA} (family-wise error {ALPHA}); its interval "
+            "is the unadjusted 95% interval (Student's t)."]
+
+
+def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str, Any]],
+              budget: list[dict[str, Any]], figures: list[str]) -> str:
     index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
+    tables: list[str] = []
+    explored = 0  # exploratory differences shown: how many intervals could exclude zero by chance
+    for metric, title in METRIC_TITLES.items():
+        # a table holds the variants evaluated for its metric; the raw-pixel probe is one number, not a block
+        blocks = sorted({s["block"] for s in stats if s["metric"] == metric and s["variant"] != PIXELS}, key=_depth)
+        variants = [v for v in study.variants if any((v, b, metric) in index for b in blocks)]
+        if not variants:
+            continue
+        header = ["| variant | " + " | ".join(blocks) + " |", "|---" * (len(blocks) + 1) + "|"]
+        tables += ["", f"## {title}", "", *header]
+        tables += [f"| {v} | " + " | ".join(_cell(index.get((v, b, metric))) for b in blocks) + " |" for v in variants]
+        pixels = index.get((PIXELS, PIXELS, metric))
+        if pixels is not None:
+            tables += ["", f"Raw pixels under the same probe settings (no network): {_cell(pixels)}."]
+        compared = [v for v in variants if v != study.baseline]
+        cells = {(v, b): _diff_cell(s["diff_mean"], s["diff_ci95"], s["diff_seeds"]) if s else "-"
+                 for v in compared for b in blocks for s in [index.get((v, b, metric))]}
+        explored += sum(cell != "-" for cell in cells.values())
+        if compared:
+            tables += ["", "Difference to the variant's baseline, paired by seed (exploratory): mean [95% interval] "
+                       "(per-seed differences).", "", *header]
+            tables += [f"| {v} - {study.baseline_of(v)} | " + " | ".join(cells[(v, b)] for b in blocks) + " |"
+                       for v in compared]
+    if budget:
+        tables += ["", "## Gap against training budget (exploratory)", "",
+                   "The paired difference (variant - baseline) of each pair of a `budget` series at the deepest block "
+                   "both have, against the pair's `train.epochs`: mean [95% interval] (per-seed differences).", "",
+                   "| series | train.epochs | comparison | block | linear top-1 | kNN top-1 |",
+                   "|---|---|---|---|---|---|"]
+        points = {(r["series"], r["variant"], r["baseline"], r["metric"]): r for r in budget}
+        for series, pairs in study.budget.items():
+            for variant, baseline in pairs:
+                found = [points.get((series, variant, baseline, m)) for m in ("linear_top1", "knn_top1")]
+                if any(found):
+                    first = next(r for r in found if r)
+                    tables.append(f"| {series} | {first['epochs']} | {variant} - {baseline} | {first['block']} | "
+                                  + " | ".join(_diff_cell(r["mean"], r["mean"] - r["ci95_low"], r["seeds"]) if r
+                                               else "-" for r in found) + " |")
     lines = [f"# Study `{study.out}`", "",
              f"Base recipe `{study.base}`, overrides `{' '.join(study.overrides) or 'none'}`, seeds "
-             f"{study.seeds}; baseline variant `{study.baseline}`. Cells: mean ± standard deviation over seeds "
-             "(per-seed values in brackets); differences to a variant's baseline are paired by seed, over the seeds "
-             "both have run. Block k is the block that ends at ResNet stage k (layer k), whatever the grouping, so "
-             "groupings compare at equal depth.", "",
+             f"{study.seeds}; baseline variant `{study.baseline}`.", "", *_primary_lines(primary), "",
+             f"Everything else is exploratory: the {explored} differences to a variant's baseline below are shown "
+             "with their mean, 95% interval (Student's t over the seeds, not corrected for their number: about 1 in 20 "
+             "excludes zero by chance where there is no difference) and per-seed values, and tested for nothing.", "",
+             "Cells: mean ± standard deviation over seeds (per-seed values in parentheses); differences to a "
+             "variant's baseline are paired by seed, over the seeds both have run. Block k is the block that ends at "
+             "ResNet stage k (layer k), whatever the grouping, so groupings compare at equal depth.", "",
              f"Runs finished: {sum(_done(study, v, seed) for v, seed in study.runs())} of "
              f"{len(study.variants) * len(study.seeds)}.", "",
              "| variant | overrides | baseline |", "|---|---|---|"]
     lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` | "
               f"{'-' if v == study.baseline else study.baseline_of(v)} |" for v in study.variants]
-    for metric, title in METRIC_TITLES.items():
-        # a table holds the variants evaluated for its metric; the raw-pixel probe is one number, not a block
-        blocks = list(dict.fromkeys(s["block"] for s in stats if s["metric"] == metric and s["variant"] != PIXELS))
-        variants = [v for v in study.variants if any((v, b, metric) in index for b in blocks)]
-        if not variants:
-            continue
-        header = ["| variant | " + " | ".join(blocks) + " |", "|---" * (len(blocks) + 1) + "|"]
-        lines += ["", f"## {title}", "", *header]
-        lines += [f"| {v} | " + " | ".join(_cell(index.get((v, b, metric))) for b in blocks) + " |" for v in variants]
-        pixels = index.get((PIXELS, PIXELS, metric))
-        if pixels is not None:
-            lines += ["", f"Raw pixels under the same probe settings (no network): {_cell(pixels)}."]
-        compared = [v for v in variants if v != study.baseline]
-        if compared:
-            lines += ["", "Difference to the variant's baseline (* its paired 95% confidence interval, Student's t "
-                      "over the seeds, excludes zero):", "", *header]
-            lines += [f"| {v} - {study.baseline_of(v)} | " + " | ".join(
-                _cell(index.get((v, b, metric)), "diff_") for b in blocks) + " |" for v in compared]
+    lines += tables
     times = [(v, index[(v, "", "train_time_s")]) for v in study.variants if (v, "", "train_time_s") in index]
     if times:
         lines += ["", "## Training time (s per run)", "",
@@ -511,17 +695,17 @@ def _markdown(study: Study, stats: list[dict[str, Any]], figures: list[str]) -> 
     return "\n".join(lines)
 
 
-def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
+def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> str | None:
     """Per-block linear top-1 with error bars, a panel per baseline with the variants compared with it (the
-    raw-pixel probe as a line), and the last block's gap to each variant's baseline."""
+    raw-pixel probe as a line)."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     linear = [s for s in stats if s["metric"] == "linear_top1" and s["variant"] != PIXELS]
     pixels = next((s for s in stats if s["metric"] == "linear_top1" and s["variant"] == PIXELS), None)
     if not linear:
-        return []
-    blocks = list(dict.fromkeys(s["block"] for s in linear))
+        return None
+    blocks = sorted({s["block"] for s in linear}, key=_depth)
     index = {(s["variant"], s["block"]): s for s in linear}
     # one panel per baseline, holding it and the variants compared with it: each panel answers its own question
     panels: dict[str, list[str]] = {study.baseline: [study.baseline]}
@@ -541,7 +725,7 @@ def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
             xs = [j + offset for j, b in enumerate(blocks) if (v, b) in index]
             ss = [index[(v, b)] for b in blocks if (v, b) in index]
             # a line through the blocks; the concatenation of all blocks is no next block, so its point stands apart
-            chained = [k for k, s in enumerate(ss) if s["block"] != "concat"]
+            chained = [k for k, s in enumerate(ss) if s["block"] != CONCAT]
             style: dict[str, Any] = dict(color=colors(i % 20), marker="os^Dv<>p"[i % 8], capsize=3, markersize=5)
             for part, line in ((chained, "-"), ([k for k in range(len(ss)) if k not in chained], "none")):
                 ax.errorbar([xs[k] for k in part], [ss[k]["mean"] for k in part],
@@ -559,42 +743,149 @@ def _figures(study: Study, stats: list[dict[str, Any]], out: Path) -> list[str]:
         ax.set_ylabel("linear probe top-1 (%)")
     fig.suptitle("Per-block accuracy (mean ± std over seeds), each variant beside its baseline")
     fig.savefig(out / "per_block_top1.png", dpi=110)
-    names = ["per_block_top1.png"]
-    last = next((b for b in reversed(blocks) if b != "concat"), blocks[-1])
-    gaps = [(v, index[(v, last)]) for v in study.variants if v != study.baseline and (v, last) in index]
-    gaps = [(v, s) for v, s in gaps if not math.isnan(s["diff_mean"])]
-    if gaps:
-        fig = Figure(figsize=(max(4.0, 1.1 * len(gaps) + 2), 3.6), layout="constrained")
-        ax = fig.add_subplot()
-        ax.bar(range(len(gaps)), [s["diff_mean"] for _, s in gaps],
-               yerr=[s["diff_std"] for _, s in gaps], capsize=4,
-               color=["tab:green" if s["diff_mean"] >= 0 else "tab:red" for _, s in gaps])
+    return "per_block_top1.png"
+
+
+def _differences_figure(study: Study, values: Values, out: Path) -> str | None:
+    """Paired differences (variant - baseline) per block: the mean with its 95% interval and the per-seed
+    differences, a row of panels per baseline (the variants compared with it, and the primaries against it), linear
+    and kNN top-1 side by side; primary comparisons on a shaded band."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    metrics = [m for m in ("linear_top1", "knn_top1") if any(k[2] == m for k in values)]
+    groups: dict[str, list[str]] = {}
+    for v in study.variants:
+        if v != study.baseline:
+            groups.setdefault(study.baseline_of(v), []).append(v)
+    for c in study.primary:
+        if c.metric in metrics and c.variant not in groups.get(c.baseline, []):
+            groups.setdefault(c.baseline, []).append(c.variant)
+    blocks = sorted({b for (v, b, m) in values if v != PIXELS and m in metrics}, key=_depth)
+    found = {(v, base, b, m): d for base, members in groups.items() for v in members for b in blocks for m in metrics
+             if (d := paired(differences(values, Comparison(v, base, b, m)))).seeds}
+    groups = {base: kept for base, members in groups.items()
+              if (kept := [v for v in members if any(k[:2] == (v, base) for k in found)])}
+    if not groups:
+        return None
+    primaries = {(c.variant, c.baseline, c.block, c.metric) for c in study.primary}
+    colors = {b: colormaps["tab10"](i % 10) for i, b in enumerate(blocks)}
+    spread = 0.8 / len(blocks)  # the blocks of one variant share its row
+    fig = Figure(figsize=(6.0 * len(metrics) + 1.5, 1.2 + sum(0.5 * len(vs) + 0.8 for vs in groups.values())),
+                 layout="constrained")
+    grid = fig.add_gridspec(len(groups), len(metrics), height_ratios=[len(vs) + 1.6 for vs in groups.values()])
+    columns: list[Any] = [None] * len(metrics)  # a scale per metric: equal differences look equal in every row
+    for row, (baseline, members) in enumerate(groups.items()):
+        first = None
+        for col, metric in enumerate(metrics):
+            ax = fig.add_subplot(grid[row, col], sharey=first, sharex=columns[col])
+            first, columns[col] = first or ax, columns[col] or ax
+            for i, v in enumerate(members):
+                for j, b in enumerate(blocks):
+                    diff = found.get((v, baseline, b, metric))
+                    if diff is None:
+                        continue
+                    y = i + (j - (len(blocks) - 1) / 2) * spread
+                    primary = (v, baseline, b, metric) in primaries
+                    if primary:
+                        ax.axhspan(y - spread / 2, y + spread / 2, color="gold", alpha=0.4, linewidth=0)
+                    ax.scatter(list(diff.seeds.values()), [y] * len(diff.seeds), s=14, color=colors[b], alpha=0.6,
+                               linewidths=0, zorder=2)
+                    ax.errorbar(diff.mean, y, xerr=None if math.isnan(diff.ci95) else diff.ci95,
+                                fmt="D" if primary else "o", color=colors[b], markersize=5,
+                                markeredgecolor="black" if primary else colors[b], capsize=2, linewidth=1.2, zorder=3)
+            for i in range(len(members) - 1):
+                ax.axhline(i + 0.5, color="0.8", linewidth=0.6)
+            ax.axvline(0, color="black", linewidth=0.8)
+            ax.set_yticks(range(len(members)), members)
+            ax.set_ylim(len(members) - 0.5, -0.5)  # the first variant on top
+            ax.tick_params(axis="y", labelleft=col == 0, length=0)
+            ax.grid(axis="x", alpha=0.3)
+            ax.set_title(f"{METRIC_TITLES[metric].removesuffix(' (%)')}: variant - {baseline}", fontsize=10)
+            if row == len(groups) - 1:
+                ax.set_xlabel("difference (points)")
+    handles: list[Any] = [Line2D([], [], marker="o", linestyle="none", color=colors[b], label=b) for b in blocks]
+    handles.append(Line2D([], [], marker="o", linestyle="none", color="gray", alpha=0.5, markersize=4,
+                          label="one seed"))
+    if primaries:
+        handles.append(Patch(color="gold", alpha=0.4, label="primary comparison"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.suptitle("Paired differences by seed: mean and 95% interval (Student's t), points per seed")
+    fig.savefig(out / "differences.png", dpi=110)
+    return "differences.png"
+
+
+def _budget_figure(budget: list[dict[str, Any]], out: Path) -> str | None:
+    """Each budget series' paired difference at its deepest block against ``train.epochs``: mean and 95% interval,
+    points per seed; linear and kNN top-1 side by side."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    metrics = [m for m in ("linear_top1", "knn_top1") if any(r["metric"] == m for r in budget)]
+    if not metrics:
+        return None
+    series = list(dict.fromkeys(r["series"] for r in budget))
+    epochs = sorted({r["epochs"] for r in budget})
+    log = epochs[-1] >= 4 * epochs[0]  # budgets that grow by factors
+    step = 0.02 * ((math.log2(epochs[-1] / epochs[0]) if log else epochs[-1] - epochs[0]) or 1.0)
+
+    def shifted(x: float, k: int) -> float:
+        """Series side by side at each budget, so that their intervals do not hide each other."""
+        offset = step * (k - (len(series) - 1) / 2)
+        return x * 2 ** offset if log else x + offset
+
+    fig = Figure(figsize=(4.8 * len(metrics), 3.8), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False).ravel(), metrics, strict=True):
+        points = [r for r in budget if r["metric"] == metric]
+        for k, name in enumerate(series):
+            mine = sorted((r for r in points if r["series"] == name), key=lambda r: r["epochs"])
+            color = colormaps["tab10"](k % 10)
+            ax.errorbar([shifted(r["epochs"], k) for r in mine], [r["mean"] for r in mine],
+                        yerr=[r["mean"] - r["ci95_low"] for r in mine], color=color, marker="o", capsize=3,
+                        label=name)
+            for r in mine:
+                ax.scatter([shifted(r["epochs"], k)] * r["n"], list(r["seeds"].values()), s=14, color=color,
+                           alpha=0.5, linewidths=0)
+        if log:
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+        ax.set_xticks(epochs, [str(e) for e in epochs])
         ax.axhline(0, color="black", linewidth=0.8)
-        labels = [v if study.baseline_of(v) == study.baseline else f"{v} - {study.baseline_of(v)}" for v, _ in gaps]
-        ax.set_xticks(range(len(gaps)), labels, rotation=20, ha="right")
-        ax.set_ylabel(f"{last} top-1 minus baseline (points)")
-        ax.set_title(f"{last}: gap to {study.baseline} (or the variant's named baseline), paired by seed")
-        ax.grid(axis="y", alpha=0.3)
-        fig.savefig(out / "last_block_gap.png", dpi=120)
-        names.append("last_block_gap.png")
-    return names
+        ax.grid(alpha=0.3)
+        blocks = ", ".join(dict.fromkeys(r["block"] for r in points))
+        ax.set_title(f"{METRIC_TITLES[metric].removesuffix(' (%)')} at {blocks}", fontsize=10)
+        ax.set_xlabel("train.epochs")
+        ax.set_ylabel("variant - baseline (points)")
+    fig.legend(handles=ax.get_legend_handles_labels()[0], loc="outside lower center", ncol=len(series), fontsize=9,
+               frameon=False)
+    fig.suptitle("Gap against budget: mean and 95% interval, points per seed", fontsize=11)
+    fig.savefig(out / "gap_vs_budget.png", dpi=110)
+    return "gap_vs_budget.png"
 
 
 def write_results(study: Study) -> Path:
-    """``results.json`` and ``results.csv`` (tidy rows), ``results.md`` and its figures, in ``out``."""
+    """``results.json`` (tidy rows, their summary, the primary comparisons and the budget series),
+    ``results.csv`` (the rows), ``results.md`` and its figures, in ``out``."""
     out = Path(study.out)
     rows = collect_rows(study)
+    values = by_seed(rows)
     stats = summary(rows, study.baseline_of)
+    primary = primary_results(study, values)
+    budget = budget_results(study, values)
     from blockssl.eval.robustness import to_json
 
-    atomic_write_text(out / "results.json", json.dumps(to_json({"rows": rows, "summary": stats}), indent=1) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(to_json(
+        {"rows": rows, "summary": stats, "primary": primary, "budget": budget}), indent=1) + "\n")
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=["variant", "seed", "block", "metric", "value"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "results.csv", table.getvalue())
-    figures = _figures(study, stats, out)
-    atomic_write_text(out / "results.md", _markdown(study, stats, figures))
+    figures = [name for name in (_per_block_figure(study, stats, out), _differences_figure(study, values, out),
+                                 _budget_figure(budget, out) if budget else None) if name]
+    atomic_write_text(out / "results.md", _markdown(study, stats, primary, budget, figures))
     return out / "results.md"
 
 
