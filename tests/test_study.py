@@ -124,7 +124,8 @@ def test_aggregation_matches_hand_computed_statistics(finished):
     base = summary[("end_to_end", "block4", "mce")]
     assert base["mean"] == pytest.approx(100) and base["diff_mean"] == 0
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {r["metric"] for r in rows} == {"linear_top1", "knn_top1", "mce", "relative_mce", "train_time_s"}
+    assert {r["metric"] for r in rows} == {"linear_top1", "knn_top1", "pool_linear_top1", "pool_knn_top1", "mce",
+                                          "relative_mce", "train_time_s"}
     # variants x seeds x (4 blocks + concat), and the raw-pixel probe of each seed
     assert len([r for r in rows if r["metric"] == "linear_top1"]) == 2 * 2 * 5 + 2
 
@@ -300,10 +301,10 @@ def test_differences_are_paired_with_each_variants_own_baseline():
      "end_to_end, blockwise"),
     ({"primary": [dict(PRIMARY, baseline="blockwise")]}, "a variant compared with itself"),
     ({"primary": [dict(PRIMARY, metric="top5")]},
-     "metric 'top5' is not one both variants are evaluated for; choose one of linear_top1, knn_top1, mce, "
-     "relative_mce"),
+     "metric 'top5' is not one both variants are evaluated for; choose one of linear_top1, knn_top1, "
+     "pool_linear_top1, pool_knn_top1, mce, relative_mce"),
     ({"primary": [dict(PRIMARY, metric="mce")], "robustness_variants": ["end_to_end"]},
-     "metric 'mce' .* choose one of linear_top1, knn_top1$"),
+     "metric 'mce' .* choose one of linear_top1, knn_top1, pool_linear_top1, pool_knn_top1$"),
     ({"primary": [dict(PRIMARY, block="layer4")]},
      "block 'layer4' is not a block of both variants .* choose one of block1, block2, block3, block4, concat"),
     ({"primary": [dict(PRIMARY, block="block1")],

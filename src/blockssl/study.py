@@ -21,7 +21,8 @@ the evaluations and the baseline variant::
     budget:                                 # optional: series of [variant, baseline] pairs at growing train.epochs
       blockwise - end_to_end: [[blockwise_e3, end_to_end_e3], [blockwise, end_to_end]]
 
-``primary`` comparisons (a metric of ``results.json``: linear_top1, knn_top1, mce, relative_mce; a block both
+``primary`` comparisons (a metric of ``results.json``: linear_top1, knn_top1, their plain-pooling readouts
+pool_linear_top1 and pool_knn_top1, mce, relative_mce; a block both
 variants have, named by depth as in ``results.json``, or concat) are paired by seed, tested (two-sided paired
 t-test) and corrected together for multiplicity (Holm, family-wise error 0.05): declare them before the runs exist,
 for a family chosen after seeing the results corrects nothing. Every other difference is exploratory: its mean,
@@ -73,9 +74,12 @@ from blockssl.stats import ALPHA, Paired, holm, mean_std, paired
 EVALUATIONS = ("probe", "robustness")
 PIXELS = "pixels"  # the raw-pixel probe: its folder under out, its row in the results
 TIMING = "study_timing.json"  # seconds spent per stage on a run, summed over resumptions
-METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1 (%)", "mce": "mCE (%)",
-                 "relative_mce": "Relative mCE (%)"}
-EVALUATION_OF = {"linear_top1": "probe", "knn_top1": "probe", "mce": "robustness", "relative_mce": "robustness"}
+# pool_*: each block read by plain global pooling of its output (probe.readouts), the same readout for every scheme
+METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1 (%)",
+                 "pool_linear_top1": "Linear probe top-1, plain pooling (%)",
+                 "pool_knn_top1": "kNN top-1, plain pooling (%)", "mce": "mCE (%)", "relative_mce": "Relative mCE (%)"}
+EVALUATION_OF = {"linear_top1": "probe", "knn_top1": "probe", "pool_linear_top1": "probe", "pool_knn_top1": "probe",
+                 "mce": "robustness", "relative_mce": "robustness"}
 CONCAT = "concat"  # the probe of all blocks concatenated: a block of every run, at no depth
 
 
@@ -473,13 +477,16 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
 
     def probe_rows(variant: str, seed: int, probe: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
         out = []
-        for name, r in probe["run"]["blocks"].items():
-            block = names.get(name, name)
-            out.append(dict(variant=variant, seed=seed, block=block, metric="linear_top1", value=r["top1"]))
-            knn = sorted((k for k in r if k.startswith("knn") and k.endswith("_top1")),
-                         key=lambda k: int(k[3:-5]))
-            if knn:
-                out.append(dict(variant=variant, seed=seed, block=block, metric="knn_top1", value=r[knn[0]]))
+        for readout, prefix in (("blocks", ""), ("pooled", "pool_")):
+            for name, r in probe["run"].get(readout, {}).items():
+                block = names.get(name, name)
+                out.append(dict(variant=variant, seed=seed, block=block, metric=f"{prefix}linear_top1",
+                                value=r["top1"]))
+                knn = sorted((k for k in r if k.startswith("knn") and k.endswith("_top1")),
+                             key=lambda k: int(k[3:-5]))
+                if knn:
+                    out.append(dict(variant=variant, seed=seed, block=block, metric=f"{prefix}knn_top1",
+                                    value=r[knn[0]]))
         return out
 
     rows: list[dict[str, Any]] = []
