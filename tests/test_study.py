@@ -125,7 +125,11 @@ def test_aggregation_matches_hand_computed_statistics(finished):
     assert base["mean"] == pytest.approx(100) and base["diff_mean"] == 0
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["metric"] for r in rows} == {"linear_top1", "knn_top1", "pool_linear_top1", "pool_knn_top1", "mce",
-                                          "relative_mce", "train_time_s"}
+                                          "relative_mce", "weight_change", "rankme", "train_time_s"}
+    # The diagnostics are the run's last logged line, the weight change in % of the initial norm.
+    last = json.loads((out / "blockwise" / "seed1" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert [float(r["value"]) for r in rows if r["metric"] == "weight_change" and r["variant"] == "blockwise"
+            and r["seed"] == "1" and r["block"] == "block3"] == [pytest.approx(100 * last["weight_change/block3"])]
     # variants x seeds x (4 blocks + concat), and the raw-pixel probe of each seed
     assert len([r for r in rows if r["metric"] == "linear_top1"]) == 2 * 2 * 5 + 2
 

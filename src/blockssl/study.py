@@ -77,7 +77,8 @@ TIMING = "study_timing.json"  # seconds spent per stage on a run, summed over re
 # pool_*: each block read by plain global pooling of its output (probe.readouts), the same readout for every scheme
 METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1 (%)",
                  "pool_linear_top1": "Linear probe top-1, plain pooling (%)",
-                 "pool_knn_top1": "kNN top-1, plain pooling (%)", "mce": "mCE (%)", "relative_mce": "Relative mCE (%)"}
+                 "pool_knn_top1": "kNN top-1, plain pooling (%)", "mce": "mCE (%)", "relative_mce": "Relative mCE (%)",
+                 "weight_change": "Weight change from initialisation (%)", "rankme": "RankMe of the features"}
 EVALUATION_OF = {"linear_top1": "probe", "knn_top1": "probe", "pool_linear_top1": "probe", "pool_knn_top1": "probe",
                  "mce": "robustness", "relative_mce": "robustness"}
 CONCAT = "concat"  # the probe of all blocks concatenated: a block of every run, at no depth
@@ -512,12 +513,29 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
             for d, s in scores.items():
                 rows += [dict(variant=variant, seed=seed, block=d, metric=m, value=s[m])
                          for m in ("mce", "relative_mce")]
+        rows += diagnostic_rows(variant, seed, run, names)
         timing = load(run, TIMING) or {}
         if "pretrain_s" in timing:
             rows.append(dict(variant=variant, seed=seed, block="", metric="train_time_s", value=timing["pretrain_s"]))
     for seed in study.seeds:
         pixels = load(Path(study.out) / PIXELS / f"seed{seed}", "probe.json")
         rows += probe_rows(PIXELS, seed, pixels, {}) if pixels is not None else []
+    return rows
+
+
+def diagnostic_rows(variant: str, seed: int, run: Path, names: dict[str, str]) -> list[dict[str, Any]]:
+    """The training diagnostics of the run's last logged line (``blockssl.diagnostics``): did each block's weights
+    move (``weight_change``, in % of their initial norm) and do its features span many directions (``rankme``)?
+    None for runs logged before they existed."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    rows = []
+    for key, value in last.items():
+        metric, _, block = key.partition("/")
+        if metric in ("weight_change", "rankme"):
+            rows.append(dict(variant=variant, seed=seed, block=names.get(block, block), metric=metric,
+                             value=100 * value if metric == "weight_change" else value))
     return rows
 
 
