@@ -164,7 +164,7 @@ class ProbeConfig:
     extracted once (no augmentation), standardised (``standardize``), each probe's hyperparameter chosen per block on
     a held-out part of the training set, never on the test set; kNN and label-fraction probes on the same features.
     Its ``solver``: ``lbfgs`` fits multinomial logistic regression by full-batch L-BFGS, the L2 weight chosen from
-    ``weight_decays`` (a convex problem solved to its optimum, as CLIP's linear probes and Kornblith et al. 2019 do);
+    ``weight_decays`` (a convex problem, as CLIP's linear probes and Kornblith et al. 2019 solve it);
     ``sgd`` trains ``epochs`` of SGD (momentum 0.9, cosine), the lr chosen from ``lrs``. A choice on the edge of its
     grid is flagged in ``probe.json``. Each block is read out through its trained head (``head``, the paper's
     features) and by plain global average pooling of the block output (``pool``), so that blocks and schemes can be
@@ -178,8 +178,12 @@ class ProbeConfig:
     batch_size: int = 256  # global, split across processes (paper protocol)
     solver: Literal["lbfgs", "sgd"] = "lbfgs"  # fast protocol
     # lbfgs: the L2 weight grid (on the mean cross-entropy, biases unpenalised), a decade apart
-    weight_decays: list[float] = field(default_factory=lambda: [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
-    max_iter: int = 1000  # lbfgs: iterations per fit (warm-started along the grid)
+    weight_decays: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    # lbfgs: iterations per fit at most (warm-started along the grid). Fits stop earlier once no gradient entry
+    # exceeds 1e-4 (scikit-learn's tolerance); near-separable features at the smallest penalties may not, which
+    # stops them early like a few more epochs of SGD would (measured on a Fashion-MNIST run: held-out top-1 within
+    # 0.3 points of 1,000 iterations, at a fifth of the time).
+    max_iter: int = 200
     lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])  # sgd: the lr grid
     readouts: list[Literal["head", "pool"]] = field(default_factory=lambda: ["head", "pool"])  # fast protocol
     lr: float = 0.1  # paper protocol: the one lr
