@@ -271,11 +271,9 @@ def fast_protocol(train_feats: list[torch.Tensor], train_labels: torch.Tensor, t
         with torch.no_grad():
             for name, (probe, _), ft in zip(names, fitted, test_feats, strict=True):
                 best[name][f"labels{fraction * 100:g}pct_top1"] = topk_accuracy(probe(ft), test_labels, (1,))["top1"]
-    results = {"protocol": "fast", "solver": pc.solver, "epochs": pc.epochs, "train_images": len(fit_idx),
-               "val_images": n_val, "test_images": len(test_labels),
+    results = {"protocol": "fast", "solver": pc.solver, **({"epochs": pc.epochs} if pc.solver == "sgd" else {}),
+               "train_images": len(fit_idx), "val_images": n_val, "test_images": len(test_labels),
                "scored_on": "holdout" if cfg.data.holdout else "test", "blocks": best}
-    if pc.solver == "lbfgs":
-        del results["epochs"]
     return results, chosen
 
 
