@@ -237,6 +237,26 @@ def test_a_study_may_grow_without_touching_its_runs(tmp_path, monkeypatch):
             run_study(load_study(_write_study(tmp_path, **{**shrunk, "baselines": {}})))
 
 
+def test_a_variant_may_run_on_fewer_seeds(tmp_path, monkeypatch):
+    """``variant_seeds`` runs a variant on a subset of the seeds (the budget series of a study at 3 of its 5);
+    widening it later is growth, narrowing it or naming a seed outside the study is refused."""
+    trained = []
+    monkeypatch.setattr("blockssl.train.pretrain", lambda cfg, **k: trained.append((cfg.noise.type, cfg.seed)))
+    spec = dict(variants={"blockwise": [], "quiet": ["noise.type=none"]}, baseline="blockwise", seeds=[0, 1, 2],
+                evaluate=[], variant_seeds={"quiet": [0, 2]})
+    study = load_study(_write_study(tmp_path, **spec))
+    assert list(study.runs()) == [("blockwise", 0), ("quiet", 0), ("blockwise", 1), ("blockwise", 2), ("quiet", 2)]
+    run_study(study)
+    assert sorted(trained) == [("global", 0), ("global", 1), ("global", 2), ("none", 0), ("none", 2)]
+    with pytest.raises(ConfigError, match=r"--only 'quiet/1'.*seed of \[0, 2\]"):
+        study_module.parse_only(study, "quiet/1")
+    check_unchanged(load_study(_write_study(tmp_path, **dict(spec, variant_seeds={"quiet": [0, 1, 2]}))))
+    with pytest.raises(ConfigError, match="variant_seeds: "):
+        check_unchanged(load_study(_write_study(tmp_path, **dict(spec, variant_seeds={"quiet": [0]}))))
+    with pytest.raises(ConfigError, match="variant_seeds must map"):
+        load_study(_write_study(tmp_path, **dict(spec, variant_seeds={"quiet": [3]})))
+
+
 def test_blocks_are_named_by_depth_so_groupings_compare_at_equal_depth(tmp_path):
     for blocks, names in (("stem+layer1,layer2,layer3,layer4", ["block1", "block2", "block3", "block4"]),
                           ("stem+layer1+layer2,layer3+layer4", ["block2", "block4"]),

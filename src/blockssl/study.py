@@ -6,6 +6,7 @@ the evaluations and the baseline variant::
     base: configs/fashion_mnist.yaml        # paths relative to the current directory, like --config
     out: runs/study
     seeds: [0, 1, 2]
+    variant_seeds: {end_to_end_e8: [0, 1]}  # optional: variants run on fewer of the seeds
     overrides: [train.epochs=4]
     variants:
       end_to_end: [train.scheme=end_to_end, noise.type=none]
@@ -105,6 +106,7 @@ class Study:
     out: str
     variants: dict[str, list[str]]
     seeds: list[int] = field(default_factory=lambda: [0])
+    variant_seeds: dict[str, list[int]] = field(default_factory=dict)  # variant -> a subset of seeds (default: all)
     overrides: list[str] = field(default_factory=list)
     evaluate: list[str] = field(default_factory=lambda: ["probe"])
     baseline: str = ""
@@ -126,6 +128,10 @@ class Study:
             return list(self.evaluate)
         return [e for e in self.evaluate if e != "robustness"]
 
+    def seeds_of(self, variant: str) -> list[int]:
+        """The seeds ``variant`` runs with: its ``variant_seeds`` entry, else every seed of the study."""
+        return self.variant_seeds.get(variant, self.seeds)
+
     def run_dir(self, variant: str, seed: int) -> Path:
         return Path(self.out) / variant / f"seed{seed}"
 
@@ -134,7 +140,8 @@ class Study:
         order = [self.baseline, *(v for v in self.variants if v != self.baseline)]
         for seed in self.seeds:
             for variant in order:
-                yield variant, seed
+                if seed in self.seeds_of(variant):
+                    yield variant, seed
 
     def config(self, variant: str, seed: int) -> Config:
         try:
@@ -248,6 +255,12 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"{path}: seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    variant_seeds = raw.get("variant_seeds") or {}
+    if not isinstance(variant_seeds, dict) or not all(
+            k in variants and isinstance(v, list) and v and len(set(v)) == len(v) and set(v) <= set(seeds)
+            for k, v in variant_seeds.items()):
+        raise ConfigError(f"{path}: variant_seeds must map variants to non-empty lists of distinct seeds among "
+                          f"{seeds} (e.g. {{blockwise_e8: [0, 1, 2]}}), got {variant_seeds!r}")
     evaluate = _string_list("evaluate", raw.get("evaluate", ["probe"]))
     bad = [e for e in evaluate if e not in EVALUATIONS]
     if bad:
@@ -264,6 +277,7 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                           f" got {baselines!r}")
     study = Study(base=str(raw["base"]), out=str(raw["out"]),
                   variants={k: _string_list(f"variants.{k}", v) for k, v in variants.items()}, seeds=seeds,
+                  variant_seeds={k: list(v) for k, v in variant_seeds.items()},
                   overrides=[*_string_list("overrides", raw.get("overrides")), *overrides], evaluate=evaluate,
                   baseline=baseline, probe=_string_list("probe", raw.get("probe")),
                   robustness=_string_list("robustness", raw.get("robustness")),
@@ -319,6 +333,9 @@ def _grown(key: str, saved: Any, current: Any) -> bool:
         return True
     if key == "seeds" or (key == "robustness_variants" and saved):
         return isinstance(saved, list) and set(saved) <= set(current)
+    if key == "variant_seeds":  # grows when every variant keeps its seeds: a restricted one may widen or lift it
+        return isinstance(saved, dict) and all(k not in current or set(v) <= set(current[k])
+                                                for k, v in saved.items()) and not set(current) - set(saved)
     return False
 
 
@@ -444,9 +461,10 @@ def run_commands(study_file: str | Path, study: Study, overrides: list[str] | tu
 def parse_only(study: Study, spec: str) -> tuple[str, int]:
     """``"variant/seed"`` of ``--only``, checked against the study."""
     variant, _, seed = spec.partition("/")
-    if variant not in study.variants or not seed.lstrip("-").isdigit() or int(seed) not in study.seeds:
+    if variant not in study.variants or not seed.lstrip("-").isdigit() or int(seed) not in study.seeds_of(variant):
+        seeds = study.seeds_of(variant) if variant in study.variants else study.seeds
         raise ConfigError(f"--only {spec!r}: expected VARIANT/SEED with a variant of {', '.join(study.variants)} "
-                          f"and a seed of {study.seeds}")
+                          f"and a seed of {seeds}")
     return variant, int(seed)
 
 
@@ -637,6 +655,12 @@ def _p(p: float) -> str:
     return "-" if math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _fewer_seeds(study: Study) -> str:
+    """`` (v: [0, 1]; ...)`` for the variants run on fewer seeds, else nothing."""
+    fewer = "; ".join(f"{v}: {seeds}" for v, seeds in study.variant_seeds.items())
+    return f" ({fewer})" if fewer else ""
+
+
 def _primary_lines(primary: list[dict[str, Any]]) -> list[str]:
     lines = ["## Primary comparisons (declared before running; Holm-corrected)", ""]
     if not primary:
@@ -697,7 +721,8 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
                                                else "-" for r in found) + " |")
     lines = [f"# Study `{study.out}`", "",
              f"Base recipe `{study.base}`, overrides `{' '.join(study.overrides) or 'none'}`, seeds "
-             f"{study.seeds}; baseline variant `{study.baseline}`.", "", *_primary_lines(primary), "",
+             f"{study.seeds}{_fewer_seeds(study)}; baseline variant `{study.baseline}`.", "",
+             *_primary_lines(primary), "",
              f"Everything else is exploratory: the {explored} differences to a variant's baseline below are shown "
              "with their mean, 95% interval (Student's t over the seeds, not corrected for their number: about 1 in 20 "
              "excludes zero by chance where there is no difference) and per-seed values, and tested for nothing.", "",
@@ -705,7 +730,7 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
              "variant's baseline are paired by seed, over the seeds both have run. Block k is the block that ends at "
              "ResNet stage k (layer k), whatever the grouping, so groupings compare at equal depth.", "",
              f"Runs finished: {sum(_done(study, v, seed) for v, seed in study.runs())} of "
-             f"{len(study.variants) * len(study.seeds)}.", "",
+             f"{len(list(study.runs()))}.", "",
              "| variant | overrides | baseline |", "|---|---|---|"]
     lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` | "
               f"{'-' if v == study.baseline else study.baseline_of(v)} |" for v in study.variants]
