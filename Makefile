@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
 
-.PHONY: demo test lint bench data
+.PHONY: demo test lint bench data docs
 
 $(BIN)/blockssl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ test: $(BIN)/blockssl
 lint: $(BIN)/blockssl
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict makes every warning (a broken link or anchor, a
+# missing included file) an error. The docs extra is installed into the venv on first use.
+$(BIN)/mkdocs: $(BIN)/blockssl pyproject.toml
+	$(BIN)/pip install --quiet -e '.[docs]'
+	touch $@
+
+docs: $(BIN)/mkdocs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 bench: $(BIN)/blockssl
 	$(BIN)/python benchmarks/step_throughput_memory.py
