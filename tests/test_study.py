@@ -253,8 +253,23 @@ def test_a_variant_may_run_on_fewer_seeds(tmp_path, monkeypatch):
     check_unchanged(load_study(_write_study(tmp_path, **dict(spec, variant_seeds={"quiet": [0, 1, 2]}))))
     with pytest.raises(ConfigError, match="variant_seeds: "):
         check_unchanged(load_study(_write_study(tmp_path, **dict(spec, variant_seeds={"quiet": [0]}))))
+    with pytest.raises(ConfigError, match="variant_seeds: "):  # blockwise ran on every seed already
+        check_unchanged(load_study(_write_study(tmp_path, **dict(spec, variant_seeds={"blockwise": [0]}))))
+    new = dict(spec, variants={**spec["variants"], "loud": ["noise.std=0.5"]}, variant_seeds={"loud": [1]})
+    check_unchanged(load_study(_write_study(tmp_path, **new)))  # a new variant may start on fewer seeds
     with pytest.raises(ConfigError, match="variant_seeds must map"):
         load_study(_write_study(tmp_path, **dict(spec, variant_seeds={"quiet": [3]})))
+
+
+def test_a_study_recorded_before_variant_seeds_still_loads(tmp_path):
+    study = load_study(_write_study(tmp_path))
+    check_unchanged(study)
+    record = Path(study.out) / "study.yaml"
+    saved = yaml.safe_load(record.read_text())
+    del saved["variant_seeds"]
+    record.write_text(yaml.safe_dump(saved, sort_keys=False))
+    check_unchanged(study)
+    assert yaml.safe_load(record.read_text())["variant_seeds"] == {}
 
 
 def test_blocks_are_named_by_depth_so_groupings_compare_at_equal_depth(tmp_path):

@@ -303,7 +303,7 @@ def check_unchanged(study: Study) -> None:
     saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else None
     if saved is not None:
         changes = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
-                   if saved.get(k) != current[k] and not _grown(k, saved.get(k), current[k])]
+                   if saved.get(k) != current[k] and not _grown(k, saved.get(k), current[k], saved)]
         if changes:
             raise ConfigError(f"the study differs from the one recorded in {saved_path}:\n  " + "\n  ".join(changes)
                               + "\nrevert the change, or give the changed study a new out=")
@@ -321,7 +321,7 @@ def check_unchanged(study: Study) -> None:
         atomic_write_text(saved_path, yaml.safe_dump(current, sort_keys=False))
 
 
-def _grown(key: str, saved: Any, current: Any) -> bool:
+def _grown(key: str, saved: Any, current: Any, record: dict[str, Any]) -> bool:
     """Whether ``current`` only adds to ``saved`` (or, for ``baselines``, ``primary`` and ``budget``, which
     aggregation alone reads, changes it): no run made so far changes. An empty ``robustness_variants`` means every
     variant: any list grows into it, and it grows into nothing else."""
@@ -333,9 +333,11 @@ def _grown(key: str, saved: Any, current: Any) -> bool:
         return True
     if key == "seeds" or (key == "robustness_variants" and saved):
         return isinstance(saved, list) and set(saved) <= set(current)
-    if key == "variant_seeds":  # grows when every variant keeps its seeds: a restricted one may widen or lift it
+    if key == "variant_seeds":  # a restricted variant may widen or lift its subset; a new variant may start with one
+        saved, recorded = saved or {}, record.get("variants") or {}  # (studies recorded before the key: none)
         return isinstance(saved, dict) and all(k not in current or set(v) <= set(current[k])
-                                                for k, v in saved.items()) and not set(current) - set(saved)
+                                                for k, v in saved.items()) and all(k in saved or k not in recorded
+                                                                                   for k in current)
     return False
 
 
