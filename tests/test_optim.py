@@ -151,7 +151,8 @@ def _authors_lars_step(model: nn.Module, lr: float, weight_decay: float, eta: fl
             p -= lr * d
 
 
-@pytest.mark.parametrize("recipe", [None, "configs/fashion_mnist_faithful.yaml", "configs/imagenet/barlow_twins_blockwise.yaml"])
+@pytest.mark.parametrize("recipe", [None, "configs/fashion_mnist_faithful.yaml",
+                                    "configs/imagenet/barlow_twins_blockwise.yaml"])
 def test_one_step_of_the_defaults_is_the_authors_update(recipe):
     """Biases and norm parameters included: the defaults and recipes scale the loss by 0.024 and give every
     parameter lr 0.2 x batch/256, as the authors' code (a pre-scaled bias lr on top would move them 42x less)."""
