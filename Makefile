@@ -42,5 +42,9 @@ $(BIN)/mkdocs: $(BIN)/blockssl pyproject.toml
 docs: $(BIN)/mkdocs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
+# Step speed and memory measured; then what the paper's ResNet-50 and the default recipe cost, counted per block and
+# part beside their end-to-end models (blockssl cost: parameters, FLOPs, optimizer state, communication, activations).
 bench: $(BIN)/blockssl
 	$(BIN)/python benchmarks/step_throughput_memory.py
+	$(BIN)/blockssl cost --config configs/imagenet/barlow_twins_blockwise_noise.yaml
+	$(BIN)/blockssl cost --config configs/fashion_mnist.yaml

@@ -117,7 +117,7 @@ def test_override_needs_an_equals_sign():
     "out=[1, 2]", "train.frozen_blocks=[a]",
     # out of range
     "train.epochs=-1", "train.epochs=0", "train.batch_size=1", "train.max_steps=-5", "data.subset=-1",
-    "model.head_kernel=2", "model.width=0", "noise.std=-0.1", "model.projector=512-x",
+    "model.head_kernel=2", "model.head_grid=0", "model.width=0", "noise.std=-0.1", "model.projector=512-x",
     "probe.epochs=0", "probe.lr=0", "probe.lrs=[0.1,-1]", "probe.val_fraction=1", "probe.label_fractions=[0]",
     "data.min_crop_scale=0", "data.min_crop_scale=1.5", "data.blur=sometimes",
 ])

@@ -75,6 +75,12 @@ def _study(args: argparse.Namespace) -> None:
         print(run_study(study, parse_only(study, args.only) if args.only else None))
 
 
+def _cost(args: argparse.Namespace) -> None:
+    from blockssl.cost import cost_report, format_cost
+
+    print(format_cost(cost_report(load_config(args.config, args.overrides))))
+
+
 def _config(args: argparse.Namespace) -> None:
     from blockssl.config import dump_config
 
@@ -148,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submitit executor parameter, e.g. slurm_partition=gpu, timeout_min=600, gpus_per_node=1")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
     p.set_defaults(func=_study)
+
+    p = sub.add_parser("cost", help="parameters, FLOPs, optimizer state, communication and activation memory per "
+                       "block and part, beside the end-to-end model",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Count what a recipe costs on its own training step (blockssl/cost.py), e.g.\n"
+                                   "  blockssl cost --config configs/imagenet/barlow_twins_blockwise_noise.yaml\n"
+                                   "  blockssl cost --config configs/fashion_mnist.yaml model.head=cbe_pooled\n"
+                                   "Counted at train.batch_size, on the meta device (no memory, no arithmetic).")
+    p.add_argument("--config", type=Path, help="a YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for pretrain")
+    p.set_defaults(func=_cost)
 
     p = sub.add_parser("config", help="print the resolved configuration of a recipe and overrides")
     p.add_argument("--config", type=Path)

@@ -68,12 +68,16 @@ class ModelConfig:
     in_channels: int = 0  # 0 = the dataset's channels
     width: float = 1.0  # multiplier of every stage's width (CPU-scale models)
     zero_init_residual: bool = True
-    head: Literal["gap", "cbe"] = "cbe"  # CbE + global pooling, the paper's best pooling design
+    # cbe = CbE + global pooling, the paper's best pooling design; cbe_pooled = the block output average-pooled to
+    # head_grid x head_grid before the CbE, a fraction of its FLOPs and memory (blockssl cost shows both)
+    head: Literal["gap", "cbe", "cbe_pooled"] = "cbe"
     head_dim: int = 2048  # CbE expansion width
     head_kernel: int = 1  # CbE kernel size (1x1 in the paper)
+    head_grid: int = 2  # cbe_pooled: the side of the grid the block output is pooled to
     # CbE computed chunk by chunk without storing its full-resolution maps for backward (blockssl.models.lean_head):
     # the same outputs, gradients and BatchNorm statistics, a fraction of the memory (block 1 of ResNet-50: 51 MB
     # per image and view less) for one more convolution over the input in backward. false = conv, BN, ReLU modules.
+    # For head=cbe only: cbe_pooled keeps grid x grid maps, too small for recomputation to pay; gap has none.
     lean_head: bool = True
     lean_head_chunk_mb: int = 24  # full-resolution maps per chunk (on a CPU, below glibc's 32 MB mmap threshold)
     projector: str = "8192-8192-8192"  # MLP widths; "" = no projector
@@ -537,7 +541,8 @@ def validate(cfg: Config, saved: bool = False) -> None:
     n = len(blocks)
     t, m, d = cfg.train, cfg.model, cfg.data
     positive = {"train.epochs": t.epochs, "train.batch_size": t.batch_size, "model.head_dim": m.head_dim,
-                "model.head_kernel": m.head_kernel, "model.lean_head_chunk_mb": m.lean_head_chunk_mb,
+                "model.head_kernel": m.head_kernel, "model.head_grid": m.head_grid,
+                "model.lean_head_chunk_mb": m.lean_head_chunk_mb,
                 "train.log_every": t.log_every,
                 "train.keep_checkpoints": t.keep_checkpoints, "online_probe.every": cfg.online_probe.every}
     for key, value in positive.items():

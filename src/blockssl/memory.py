@@ -110,7 +110,7 @@ class SavedTensorAccounting:
 
     def _push(self, name: Name) -> Callable[..., None]:
         def push(*_: Any) -> None:
-            self.stack.append(_call(name))
+            self.stack.append(resolve_name(name))
         return push
 
     def _pop(self, *_: Any) -> None:  # a forward hook returning something would replace the module's output
@@ -126,7 +126,7 @@ class SavedTensorAccounting:
             if entry is None:
                 size = tensor.untyped_storage().nbytes()
                 self.live[key] = entry = [0, size]
-                self.parts[self.stack[-1] if self.stack else _call(self.unscoped)] += size
+                self.parts[self.stack[-1] if self.stack else resolve_name(self.unscoped)] += size
                 self.held += size
                 self.peak = max(self.peak, self.held)
             entry[0] += 1
@@ -143,8 +143,14 @@ class SavedTensorAccounting:
 
 
 def model_accounting(model: BlockwiseSSL) -> SavedTensorAccounting:
-    """Accounting by ``block{k}/{part}`` (``PARTS``) of ``model``, its parameters and buffers excluded. The loss
-    module is shared by the blocks, and the noise is no module: both belong to the block whose module ran last."""
+    """Accounting by ``block{k}/{part}`` (``PARTS``) of ``model``, its parameters and buffers excluded."""
+    scopes, unscoped = model_scopes(model)
+    return SavedTensorAccounting(scopes, [*model.parameters(), *model.buffers()], unscoped=unscoped)
+
+
+def model_scopes(model: BlockwiseSSL) -> tuple[list[tuple[nn.Module, Name]], Name]:
+    """The modules of each ``block{k}/{part}`` of ``model`` (``PARTS``), and the name of what runs outside them. The
+    loss module is shared by the blocks, and the noise is no module: both belong to the block whose module ran last."""
     current = [0]
 
     def part(k: int, name: str) -> Callable[[], str]:
@@ -161,11 +167,11 @@ def model_accounting(model: BlockwiseSSL) -> SavedTensorAccounting:
         if str(k) in model.projectors:
             scopes.append((model.projectors[str(k)], part(k, "projector")))
     scopes.append((model.loss, lambda: f"block{current[0] + 1}/loss"))
-    return SavedTensorAccounting(scopes, [*model.parameters(), *model.buffers()],
-                                 unscoped=lambda: f"block{current[0] + 1}/noise")
+    return scopes, lambda: f"block{current[0] + 1}/noise"
 
 
-def _call(name: Name) -> str:
+def resolve_name(name: Name) -> str:
+    """A scope's name as of now (a name may be a function of what ran before)."""
     return name() if callable(name) else name
 
 
@@ -174,4 +180,6 @@ def _unpack(saved: Any) -> torch.Tensor:
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
-    return str(tensor.device), tensor.untyped_storage().data_ptr()
+    storage = tensor.untyped_storage()
+    # Meta tensors (blockssl.cost) have no data: their storage object is the identity (torch keeps one per storage)
+    return str(tensor.device), id(storage) if tensor.is_meta else storage.data_ptr()

@@ -68,6 +68,7 @@ class BlockwiseSSL(nn.Module):
         head: str = "cbe",
         head_dims: list[int] | None = None,
         head_kernel: int = 1,
+        head_grid: int = 2,
         lean_chunk_bytes: int = 0,
         projectors: dict[int, list[int]] | None = None,
         noise: str = "none",
@@ -87,7 +88,7 @@ class BlockwiseSSL(nn.Module):
         projectors = projectors if projectors is not None else {k: [8192, 8192, 8192] for k in loss_blocks}
         # A block no loss ever trains (end-to-end's blocks 1 to N-1) is read by plain global average pooling: a
         # CbE head there would stay a random projection, and its probe would measure that, not the block.
-        heads = [Head(c, head if k in projectors else "gap", d, head_kernel, lean_chunk_bytes)
+        heads = [Head(c, head if k in projectors else "gap", d, head_kernel, lean_chunk_bytes, head_grid)
                  for k, (c, d) in enumerate(zip(self.block_channels, head_dims, strict=True))]
         self.heads = nn.ModuleList(heads)
         self.feature_dims = [h.out_dim for h in heads]  # width of each block's features (what probes read)
@@ -260,6 +261,7 @@ def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
         head=m.head,
         head_dims=m.block_head_dims or [m.head_dim] * n,
         head_kernel=m.head_kernel,
+        head_grid=m.head_grid,
         lean_chunk_bytes=m.lean_head_chunk_mb * 2**20 if m.lean_head else 0,
         projectors={k: parse_projector(specs[k]) for k in trained},
         noise=cfg.noise.type,

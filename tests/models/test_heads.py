@@ -43,6 +43,41 @@ def test_cbe_is_conv_bn_relu_then_pool(kernel):
     assert (out >= 0).all() and out.abs().max() > 0
 
 
+@pytest.mark.parametrize(("grid", "kernel"), [(2, 1), (4, 1), (2, 3)])
+def test_pooled_cbe_is_average_pool_to_a_grid_then_cbe(grid, kernel):
+    torch.manual_seed(0)
+    head = Head(4, kind="cbe_pooled", dim=10, kernel=kernel, grid=grid)
+    assert head.out_dim == 10
+    x = torch.randn(5, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    head.double()
+    out = head(x)
+    assert out.shape == (5, 10)
+    # Reference: mean over each (8 / grid)-square of the input, then conv, BatchNorm with batch statistics, ReLU, mean.
+    side = 8 // grid
+    pooled = x.reshape(5, 4, grid, side, grid, side).mean(dim=(3, 5))
+    y = nn.functional.conv2d(pooled, head.expand[0].weight, padding=kernel // 2)
+    y = (y - y.mean(dim=(0, 2, 3), keepdim=True)) / torch.sqrt(
+        y.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    expected = torch.relu(y).mean(dim=(2, 3))
+    torch.testing.assert_close(out, expected)
+    # The gradient reaches the block (every input location, through the pooling) and the expansion, as the reference's.
+    g = torch.randn_like(out)
+    (grad_x, grad_w), (ref_x, ref_w) = (torch.autograd.grad(o, [x, head.expand[0].weight], g) for o in (out, expected))
+    torch.testing.assert_close(grad_x, ref_x)
+    torch.testing.assert_close(grad_w, ref_w)
+    assert (grad_x != 0).all()
+
+
+def test_pooled_cbe_has_the_cbe_state_dict_and_no_lean_variant():
+    plain = Head(6, kind="cbe", dim=12)
+    pooled = Head(6, kind="cbe_pooled", dim=12, grid=2, lean_chunk_bytes=2**20)
+    pooled.load_state_dict(plain.state_dict())  # the same parameters and buffers: a CbE checkpoint loads into it
+    # grid x grid maps leave nothing for the chunked recomputation to save: the lean setting applies to cbe only
+    assert pooled.lean_chunk_bytes == 0
+    x = torch.randn(3, 6, 4, 4)
+    torch.testing.assert_close(pooled(x), plain(nn.functional.adaptive_avg_pool2d(x, 2)))
+
+
 def test_cbe_default_is_papers_1x1_2048():
     head = Head(8)
     assert head.out_dim == 2048
@@ -50,7 +85,7 @@ def test_cbe_default_is_papers_1x1_2048():
 
 
 def test_unknown_head_kind():
-    with pytest.raises(ValueError, match="gap"):
+    with pytest.raises(ValueError, match="gap, cbe or cbe_pooled"):
         Head(4, kind="attention")
 
 

@@ -55,8 +55,10 @@ class _Spec:
         self.pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
         self.bn, self.chunk, self.batch_stats, self.sync = bn, chunk, batch_stats, sync
         # Under autocast the convolutions run in its dtype, as the plain head's would (backward runs outside autocast,
-        # so the dtype is kept here); statistics stay in float32 (float64 for float64 inputs).
-        self.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        # so the dtype is kept here); statistics stay in float32 (float64 for float64 inputs). Devices without
+        # autocast (meta, where blockssl.cost counts) run in the input's dtype.
+        enabled = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        self.autocast = torch.get_autocast_dtype(device) if enabled else None
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, spec: _Spec) -> torch.Tensor:

@@ -70,6 +70,7 @@ class _RedrawnNoise(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, kind: str, sigma: float, scale_grad: bool,
                 generator: torch.Generator) -> torch.Tensor:
         ctx.kind, ctx.sigma, ctx.scale_grad, ctx.state = kind, sigma, scale_grad, generator.get_state()
+        ctx.generator_device = generator.device  # x's, except on meta (blockssl.cost): it has no generator of its own
         scale = noise_scale(x, kind)
         ctx.save_for_backward(x if scale_grad else None, scale)
         return x + sigma * scale * _draw(x.shape, x.dtype, x.device, generator)
@@ -79,7 +80,7 @@ class _RedrawnNoise(torch.autograd.Function):
         if not ctx.scale_grad:
             return grad, None, None, None, None
         x, scale = ctx.saved_tensors
-        replay = torch.Generator(x.device)
+        replay = torch.Generator(ctx.generator_device)
         replay.set_state(ctx.state)
         noise = _draw(x.shape, x.dtype, x.device, replay)
         grad_scale = (grad * noise).sum_to_size(scale.shape) * ctx.sigma
