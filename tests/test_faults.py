@@ -24,7 +24,9 @@ from blockssl.cli import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED, main
 from blockssl.config import DataConfig, resume_config
 from blockssl.data.datasets import BadImageError, build_dataset, load_rgb
 from blockssl.execution import NonFiniteLossError
+from blockssl.loggers import JsonlLogger
 from blockssl.losses import BarlowTwinsLoss
+from blockssl.runtime import progress_bar
 from blockssl.train import _log, pretrain
 from tests.conftest import TINY, assert_same_tensors, run_metrics, tiny_config
 
@@ -226,7 +228,7 @@ def test_nan_gradient_is_caught(tmp_path, monkeypatch):
 def test_collapse_is_warned(tmp_path):
     record = {"step": 3, "images_per_sec": 1.0, "loss/block2": 1.0, "std/block2": 0.001, "std/block1": 0.9}
     with pytest.warns(UserWarning, match="block2: embedding spread"):
-        _log(tmp_path / "metrics.jsonl", record, None)
+        _log(JsonlLogger(tmp_path / "metrics.jsonl"), record, progress_bar(enabled=False))
 
 
 # --- bad data ------------------------------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ from blockssl.config import ConfigError, describe_keys, load_config, resume_conf
 def _pretrain(args: argparse.Namespace) -> None:
     from blockssl.train import pretrain
 
+    overrides = [*args.overrides, *(["train.progress=false"] if args.quiet else [])]
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the run's own config.yaml; drop --config")
-        cfg = resume_config(args.resume, args.overrides)
+        cfg = resume_config(args.resume, overrides)
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     out = pretrain(cfg, resume=bool(args.resume), overwrite=args.overwrite, command=sys.argv)
     print(f"run directory: {out}")
 
@@ -26,14 +27,15 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _probe(args: argparse.Namespace) -> None:
     from blockssl.eval.probe import print_probe_table, run_probe
 
-    results = run_probe(args.run_dir, args.overrides, random_init=args.random_init, pixels=args.pixels)
+    results = run_probe(args.run_dir, args.overrides, random_init=args.random_init, pixels=args.pixels,
+                        progress=not args.quiet)
     print_probe_table(results)
 
 
 def _robustness(args: argparse.Namespace) -> None:
     from blockssl.eval.robustness import print_robustness_table, run_robustness
 
-    results = run_robustness(args.run_dir, args.overrides, baseline=args.baseline, progress=sys.stderr.isatty())
+    results = run_robustness(args.run_dir, args.overrides, baseline=args.baseline, progress=not args.quiet)
     print_robustness_table(results)
 
 
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="a YAML recipe (see configs/)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete the run already in `out` and start afresh")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (train.progress=false)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=10")
     p.set_defaults(func=_pretrain)
 
@@ -109,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also probe the same architecture at random initialisation, as a reference")
     p.add_argument("--pixels", action="store_true",
                    help="also probe raw pixels under the same protocol (fast protocol), as a reference")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="probe settings, e.g. probe.epochs=50")
     p.set_defaults(func=_probe)
 
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--baseline", metavar="RUN_DIR", help="normalise errors by this run's (CE, mCE, relative mCE); "
                    "'alexnet': by AlexNet's published ImageNet-C errors, as the original benchmark")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="robustness.* and data.* settings, e.g. robustness.source=folder robustness.root=DIR")
     p.set_defaults(func=_robustness)

@@ -156,10 +156,15 @@ class TrainConfig:
     compile: bool = False  # torch.compile each module in place (names and checkpoints unchanged)
     device: str = "auto"  # auto = cuda if available, else cpu
     log_every: int = 10  # steps between metrics.jsonl lines
+    # Where each logging step's metrics also go (blockssl.loggers), and blockssl probe's and robustness' results:
+    # jsonl = metrics.jsonl, always written (added when left out); tensorboard = event files in <out>/tensorboard
+    # (pip install 'blockssl[tensorboard]'); wandb = Weights & Biases under <out>/wandb, offline unless WANDB_MODE
+    # says otherwise or an API key is configured (pip install 'blockssl[wandb]')
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
     checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
     keep_checkpoints: int = 2  # newest step-N.pt files kept beside last.pt
     on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss or gradient: stop the run, or skip and count
-    progress: bool = True  # progress bar
+    progress: bool = True  # progress bar, on a terminal only (blockssl pretrain --quiet sets it false)
 
 
 @dataclass
@@ -613,6 +618,9 @@ def validate(cfg: Config, saved: bool = False) -> None:
     loss_blocks(cfg)
     execution_strategy(cfg)
     parse_stages(t.stages, n)
+    # metrics.jsonl is the run directory's record (the report reads it, resume truncates it): always written, so
+    # always listed, first, and each logger once.
+    t.loggers = ["jsonl", *dict.fromkeys(name for name in t.loggers if name != "jsonl")]
     if t.in_flight < 1:
         raise ConfigError(f"train.in_flight: {t.in_flight}; a stage needs at least 1 batch in flight")
     if cfg.loss.reference_allreduce and cfg.loss.name != "barlow_twins":
@@ -650,8 +658,8 @@ def parse_projector(spec: str) -> list[int]:
 # What may change on resume: how, where and how visibly the same update is computed (execution strategies give the
 # same update, tests/test_method.py and tests/test_pipeline.py).
 RESUMABLE_KEYS = ("data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers",
-                  "train.progress", "train.device", "train.log_every", "train.execution", "train.stages",
-                  "train.in_flight", "online_probe.enabled", "online_probe.every",
+                  "train.progress", "train.device", "train.log_every", "train.loggers", "train.execution",
+                  "train.stages", "train.in_flight", "online_probe.enabled", "online_probe.every",
                   "online_probe.lr", "online_probe.momentum", "online_probe.weight_decay")
 
 

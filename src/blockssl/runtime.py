@@ -1,16 +1,19 @@
 """What training, evaluation and export share without importing each other: the device, mixed precision, seeding,
-the code revision, and a run's model rebuilt from its last checkpoint."""
+progress bars, the code revision, and a run's model rebuilt from its last checkpoint."""
 
 from __future__ import annotations
 
 import random
 import subprocess
+import sys
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from blockssl import dist
 from blockssl.checkpoint import CheckpointError, load_checkpoint
@@ -37,6 +40,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True, main: bool | None = None,
+                 **options: Any) -> tqdm:
+    """A tqdm bar on stderr, drawn only where it helps: when ``enabled`` (``train.progress``, the CLI's ``--quiet``),
+    in the process that reports (``main``; default rank 0), and when stderr is a terminal (a log file would collect
+    every redraw). A hidden bar takes the same calls and does nothing, so callers never branch on it. ``options`` go to
+    tqdm (``total``, ``desc``, ``unit``, ``leave``, ...)."""
+    shown = enabled and (dist.is_main_process() if main is None else main) and sys.stderr.isatty()
+    return tqdm(iterable, disable=not shown, dynamic_ncols=True, **options)
 
 
 def git_revision() -> str:

@@ -378,9 +378,9 @@ def run_one(study: Study, variant: str, seed: int) -> Path:
             cfg = study.config(variant, seed)
             _timed(run_dir, "pretrain_s", lambda: pretrain(cfg, overwrite=True))
     if "probe" in missing or ("robustness" in missing and not (run_dir / "probes.pt").is_file()):
-        _timed(run_dir, "probe_s", lambda: run_probe(run_dir, study.probe))
+        _timed(run_dir, "probe_s", lambda: run_probe(run_dir, study.probe, progress=False))
     if "robustness" in missing:
-        _timed(run_dir, "robustness_s", lambda: run_robustness(run_dir, study.robustness))
+        _timed(run_dir, "robustness_s", lambda: run_robustness(run_dir, study.robustness, progress=False))
     return run_dir
 
 

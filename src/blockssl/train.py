@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from blockssl import dist
 from blockssl.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     atomic_save,
-    atomic_write_text,
     load_checkpoint,
     save_checkpoint,
 )
@@ -45,6 +45,7 @@ from blockssl.data.photometric import to_device
 from blockssl.diagnostics import add_diagnostics, snapshot
 from blockssl.eval.online import OnlineProbe
 from blockssl.execution import HEADER, STRATEGIES, Trainer, add_terms, build_optimizers, decode_terms, encode_record
+from blockssl.loggers import OPTIONAL, Logger, Loggers, check_installed, training_loggers
 from blockssl.memory import model_accounting
 from blockssl.method import BlockwiseSSL, build_model
 from blockssl.optim import lr_factor, set_lr
@@ -57,7 +58,14 @@ from blockssl.pipeline import (
     plan_layout,
     single_stage,
 )
-from blockssl.runtime import autocast_context, backbone_state_dict, git_revision, resolve_device, seed_everything
+from blockssl.runtime import (
+    autocast_context,
+    backbone_state_dict,
+    git_revision,
+    progress_bar,
+    resolve_device,
+    seed_everything,
+)
 
 # What a run directory holds (evaluation adds probe.json, robustness.*, report.md).
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "checkpoints", "backbone.pt")
@@ -94,7 +102,7 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool = False) -> Path:
     """Create the run directory, or check that resuming it is consistent. Raises before any compute."""
     out = Path(cfg.out)
     if overwrite and not resume:
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, *OPTIONAL):
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     saved = out / "config.yaml"
@@ -141,6 +149,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     then checkpoints and returns, as a preempted job does. Under ``train.execution=pipeline`` each process runs
     the blocks of its stage (``blockssl.pipeline``); the run directory is the same as any run's.
     """
+    check_installed(cfg.train.loggers)  # before any work
     started_group = dist.init_from_environment()
     main = dist.is_main_process()
     device = resolve_device(cfg.train.device)
@@ -203,8 +212,6 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
         counts = ckpt["counts"]
         if probe is not None and "online_probe" in ckpt:  # absent: the probe was switched on at this resume
             probe.load_checkpoint_state(ckpt["online_probe"], cfg.online_probe)
-        if writer:
-            _truncate_metrics(out / "metrics.jsonl", step)
     elif main:
         (out / "config.yaml").write_text(dump_config(cfg))
         run_info = {"command": command or sys.argv, "git_revision": git_revision(),
@@ -214,12 +221,15 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
         (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     dist.barrier()  # the run directory exists before any process writes to it
 
-    progress = _progress_bar(cfg, total_steps, step, writer)
+    # Only the writer logs; resumed, its loggers drop what was logged after the checkpoint.
+    loggers = training_loggers(cfg, out, step if ckpt is not None else None) if writer else Loggers()
+    progress = progress_bar(total=total_steps, initial=step, desc="pretrain", unit="step",
+                            enabled=cfg.train.progress, main=writer)
     meter = Throughput(cfg.train.batch_size)
     steps_this_call = 0
     tallies = torch.zeros(2, dtype=torch.float64, device=device)  # skipped updates, replaced images: not yet counted
     stop = 0  # why this call stops: 0 not yet, -1 stop_after reached, else the signal received
-    with StopSignals() as signals:
+    with StopSignals() as signals, loggers:
         for phase_index, phase in enumerate(phases):
             if step >= phase.end or stop:
                 continue
@@ -280,25 +290,23 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
                     saving = (step % every == 0 if every else step % steps_per_epoch == 0) or last or stop != 0
                     if writer:
                         tallies += record[HEADER.index("skipped"): HEADER.index("replaced") + 1]
-                        if progress is not None:
-                            progress.update(1)
+                        progress.update(1)
                         if logging or saving:  # read on the host only here
                             skipped, replaced_images = (int(v) for v in tallies.tolist())
                             tallies.zero_()
                             counts["nonfinite_skipped"] += skipped
                             counts["bad_images_replaced"] += replaced_images
                         if logging:
-                            _log(out / "metrics.jsonl", {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                                                         **decode_terms(record, num_blocks),
-                                                         "images_per_sec": meter.rate(), **counts}, progress)
+                            _log(loggers, {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                                           **decode_terms(record, num_blocks), "images_per_sec": meter.rate(),
+                                           **counts}, progress)
                     if saving:
                         _save(out, model, layout, optimizers, scaler, step, phase_index, counts, cfg, probe)
                     if last or stop:
                         break
     if link is not None:
         link.flush()
-    if progress is not None:
-        progress.close()
+    progress.close()
     if main and step >= total_steps:
         atomic_save(backbone_state_dict(model), out / "backbone.pt")
     dist.barrier()
@@ -326,18 +334,16 @@ class Throughput:
         return value
 
 
-def _log(path: Path, record: dict[str, float], progress: Any) -> None:
-    """Append to metrics.jsonl, show in the progress bar, and warn on collapsing blocks."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def _log(loggers: Logger, record: dict[str, float], progress: tqdm) -> None:
+    """Log (metrics.jsonl and the other loggers), show in the progress bar, and warn on collapsing blocks."""
+    loggers.log(record)
     for key, value in record.items():
         if key.startswith("std/") and value < COLLAPSE_STD:
             warnings.warn(f"{key.removeprefix('std/')}: embedding spread {value:.3g} at step {record['step']} "
                           "(1 = spread over the sphere, 0 = collapsed); check its loss and learning rate",
                           stacklevel=2)
-    if progress is not None:
-        progress.set_postfix({k.removeprefix("loss/"): f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")}
-                             | {"img/s": f"{record['images_per_sec']:.0f}"})
+    progress.set_postfix({k.removeprefix("loss/"): f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")}
+                         | {"img/s": f"{record['images_per_sec']:.0f}"})
 
 
 class StopSignals:
@@ -361,14 +367,6 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _progress_bar(cfg: Config, total: int, initial: int, main: bool) -> Any:
-    if not (cfg.train.progress and main):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
 
 
 def _save(out: Path, model: BlockwiseSSL, layout: Layout, optimizers: dict[int, torch.optim.Optimizer],
@@ -427,11 +425,3 @@ def _load_optimizers(optimizers: dict[int, torch.optim.Optimizer], saved: dict[s
                               "finish the run with the blockssl version that started it")
     for key, opt in optimizers.items():
         opt.load_state_dict(saved[str(key)])
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint a resumed run restarts from, so no step appears twice."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))

@@ -25,8 +25,9 @@ from blockssl.checkpoint import CheckpointError, atomic_save, atomic_write_text
 from blockssl.config import Config, ConfigError, ProbeConfig, apply_overrides
 from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.transforms import eval_transform, probe_train_transform
+from blockssl.loggers import Loggers, evaluation_loggers
 from blockssl.method import BlockwiseSSL, build_model
-from blockssl.runtime import autocast_context, checkpoint_model, resolve_device, seed_everything
+from blockssl.runtime import autocast_context, checkpoint_model, progress_bar, resolve_device, seed_everything
 
 
 class Transformed(Dataset):
@@ -43,18 +44,19 @@ class Transformed(Dataset):
 
 @torch.no_grad()
 def extract_features(model: BlockwiseSSL, dataset: Dataset, batch_size: int, num_workers: int = 0,
-                     device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], torch.Tensor]:
+                     device: torch.device | str = "cpu", progress: bool = False
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every block's head features for every image of ``dataset`` (in order) and the labels."""
-    feats, labels = extract_readouts(model, dataset, batch_size, num_workers, device)
+    feats, labels = extract_readouts(model, dataset, batch_size, num_workers, device, progress=progress)
     return feats["head"], labels
 
 
 @torch.no_grad()
 def extract_readouts(model: BlockwiseSSL, dataset: Dataset, batch_size: int, num_workers: int = 0,
-                     device: torch.device | str = "cpu", readouts: Sequence[str] = ("head",)
+                     device: torch.device | str = "cpu", readouts: Sequence[str] = ("head",), progress: bool = False
                      ) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
     """Every block's features under each readout (``BlockwiseSSL.readouts``) for every image of ``dataset`` (in
-    order), and the labels.
+    order), and the labels; ``progress``: a progress bar over the batches.
 
     Under torch.distributed each process reads every world_size-th image (no padding, so no image is counted
     twice or dropped) and the shards are gathered back into dataset order in every process.
@@ -64,7 +66,7 @@ def extract_readouts(model: BlockwiseSSL, dataset: Dataset, batch_size: int, num
     loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats: dict[str, list[list[torch.Tensor]]] = {r: [[] for _ in range(model.num_blocks)] for r in readouts}
     labels = []
-    for x, y in loader:
+    for x, y in progress_bar(loader, enabled=progress, desc="features", unit="batch", leave=False):
         for readout, blocks in model.readouts(x.to(device), readouts).items():
             for k, f in enumerate(blocks):
                 feats[readout][k].append(f.float().cpu())
@@ -187,32 +189,35 @@ def knn_predict(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Te
     return torch.cat(scores)
 
 
-def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "cpu"
+def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "cpu", progress: bool = False
                ) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
     """Fast protocol: cached features, each probe's hyperparameter chosen per block on a held-out split of the
     training set.
 
     Returns the results (linear probe and kNN per block, through the heads in ``blocks`` and, with the ``pool``
-    readout, by plain global pooling in ``pooled``) and the chosen probes of the head readout.
+    readout, by plain global pooling in ``pooled``) and the chosen probes of the head readout. ``progress``: progress
+    bars of the feature extraction, kNN and fits.
     """
     pc = cfg.probe
     snapshot = _weights_snapshot(model)
     train_set, test_set = _eval_sets(cfg)
     workers = min(cfg.data.num_workers, 4)
-    train_feats, train_labels = extract_readouts(model, train_set, pc.eval_batch_size, workers, device, pc.readouts)
-    test_feats, test_labels = extract_readouts(model, test_set, pc.eval_batch_size, workers, device, pc.readouts)
+    train_feats, train_labels = extract_readouts(model, train_set, pc.eval_batch_size, workers, device, pc.readouts,
+                                                 progress)
+    test_feats, test_labels = extract_readouts(model, test_set, pc.eval_batch_size, workers, device, pc.readouts,
+                                               progress)
     assert_unchanged(model, snapshot)
     names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
     results, chosen = fast_protocol(with_concat(train_feats["head"]), train_labels, with_concat(test_feats["head"]),
-                                    test_labels, names, train_set.base, cfg, seed)
+                                    test_labels, names, train_set.base, cfg, seed, progress)
     if "pool" in pc.readouts:
         results["pooled"] = fast_protocol(with_concat(train_feats["pool"]), train_labels,
                                           with_concat(test_feats["pool"]), test_labels, names, train_set.base, cfg,
-                                          seed)[0]["blocks"]
+                                          seed, progress)[0]["blocks"]
     return results, chosen
 
 
-def pixel_probe(cfg: Config, seed: int = 0) -> dict[str, Any]:
+def pixel_probe(cfg: Config, seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """The raw-pixel baseline of the fast protocol: the evaluation transform's normalised image, flattened, is the
     feature vector (``pixels``), probed exactly as a block's features are. One process."""
     if cfg.probe.protocol != "fast":
@@ -221,7 +226,7 @@ def pixel_probe(cfg: Config, seed: int = 0) -> dict[str, Any]:
     (train_pixels, train_labels), (test_pixels, test_labels) = (
         _pixels(d, cfg.probe.eval_batch_size) for d in (train_set, test_set))
     return fast_protocol([train_pixels], train_labels, [test_pixels], test_labels, ["pixels"], train_set.base, cfg,
-                         seed)[0]
+                         seed, progress)[0]
 
 
 def _eval_sets(cfg: Config) -> tuple[Transformed, Transformed]:
@@ -238,11 +243,11 @@ def _pixels(dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def fast_protocol(train_feats: list[torch.Tensor], train_labels: torch.Tensor, test_feats: list[torch.Tensor],
-                  test_labels: torch.Tensor, names: list[str], train_base: Dataset, cfg: Config, seed: int
-                  ) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
+                  test_labels: torch.Tensor, names: list[str], train_base: Dataset, cfg: Config, seed: int,
+                  progress: bool = False) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
     """Linear probes (the solver's hyperparameter chosen on held-out training images), kNN and label-fraction probes
     on cached features, one set per name; ``train_base`` is the training set the features came from (for label
-    subsets)."""
+    subsets). ``progress``: progress bars of the kNN and the probes' fits."""
     info = dataset_info(cfg.data)
     pc = cfg.probe
     g = torch.Generator().manual_seed(seed)
@@ -251,12 +256,14 @@ def fast_protocol(train_feats: list[torch.Tensor], train_labels: torch.Tensor, t
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
     val = ([f[val_idx] for f in train_feats], train_labels[val_idx])
     best: dict[str, dict[str, Any]] = {name: {} for name in names}
-    for name, f_train, f_test in zip(names, train_feats, test_feats, strict=True):
-        for k in pc.knn_k:
-            scores = knn_predict(f_train, train_labels, f_test, k, info.num_classes, pc.knn_temperature)
-            best[name][f"knn{k}_top1"] = topk_accuracy(scores, test_labels, (1,))["top1"]
+    with progress_bar(total=len(names) * len(pc.knn_k), enabled=progress, desc="kNN", leave=False) as bar:
+        for name, f_train, f_test in zip(names, train_feats, test_feats, strict=True):
+            for k in pc.knn_k:
+                scores = knn_predict(f_train, train_labels, f_test, k, info.num_classes, pc.knn_temperature)
+                best[name][f"knn{k}_top1"] = topk_accuracy(scores, test_labels, (1,))["top1"]
+                bar.update()
     fitted = select_linear_probes([f[fit_idx] for f in train_feats], train_labels[fit_idx], val, info.num_classes,
-                                  pc, seed, test=(test_feats, test_labels))
+                                  pc, seed, test=(test_feats, test_labels), progress=progress)
     chosen: dict[str, LinearProbe] = {}
     with torch.no_grad():
         for name, (probe, choice), ft in zip(names, fitted, test_feats, strict=True):
@@ -267,7 +274,7 @@ def fast_protocol(train_feats: list[torch.Tensor], train_labels: torch.Tensor, t
         # SGD: as many steps as with all labels (few labels, more epochs)
         sub_cfg = dataclasses.replace(pc, epochs=math.ceil(pc.epochs * len(fit_idx) / len(subset)))
         fitted = select_linear_probes([f[subset] for f in train_feats], train_labels[subset], val, info.num_classes,
-                                      sub_cfg, seed)
+                                      sub_cfg, seed, progress=progress, desc=f"linear probes, {fraction:.0%} labels")
         with torch.no_grad():
             for name, (probe, _), ft in zip(names, fitted, test_feats, strict=True):
                 best[name][f"labels{fraction * 100:g}pct_top1"] = topk_accuracy(probe(ft), test_labels, (1,))["top1"]
@@ -282,17 +289,20 @@ Choice = dict[str, Any]  # the chosen hyperparameter, its held-out top-1, the gr
 
 def select_linear_probes(fit: list[torch.Tensor], fit_labels: torch.Tensor,
                          val: tuple[list[torch.Tensor], torch.Tensor], num_classes: int, pc: ProbeConfig, seed: int,
-                         test: tuple[list[torch.Tensor], torch.Tensor] | None = None
-                         ) -> list[tuple[LinearProbe, Choice]]:
+                         test: tuple[list[torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
+                         desc: str = "linear probes") -> list[tuple[LinearProbe, Choice]]:
     """One probe per feature set, fitted on ``fit`` by ``pc.solver`` at every value of its grid (``weight_decays``
     for lbfgs, ``lrs`` for sgd) and chosen by top-1 on ``val`` (held-out training images). ``test``: also record the
-    SGD probes' test curves, for the optimistic best-epoch figure of the reference scripts."""
+    SGD probes' test curves, for the optimistic best-epoch figure of the reference scripts. ``progress``: a progress
+    bar (``desc``) over the lbfgs fits, or the SGD epochs."""
     key, grid = ("weight_decay", pc.weight_decays) if pc.solver == "lbfgs" else ("lr", pc.lrs)
     # Strongest regularisation first: each lbfgs fit starts from the previous one's solution, and a tie goes to it.
     order = sorted(grid, reverse=key == "weight_decay")
     scores: list[list[float]] = [[] for _ in fit]
     candidates: list[list[tuple[LinearProbe, dict[str, Any]]]] = [[] for _ in fit]
     previous: list[LinearProbe | None] = [None] * len(fit)
+    bar = progress_bar(total=len(order) * (len(fit) if pc.solver == "lbfgs" else pc.epochs), enabled=progress,
+                       desc=desc, unit="fit" if pc.solver == "lbfgs" else "epoch", leave=False)
     for value in order:
         if pc.solver == "lbfgs":
             fits = []
@@ -301,16 +311,17 @@ def select_linear_probes(fit: list[torch.Tensor], fit_labels: torch.Tensor,
                                                  init=previous[i])
                 previous[i] = probe
                 fits.append((probe, {"iterations": iterations}))
+                bar.update()
         else:
             curves: list[list[float]] = [[] for _ in fit]
-            on_epoch = None if test is None else _test_curves(curves, *test)
-            probes = train_linear_probes(fit, fit_labels, num_classes, pc, value, seed, on_epoch)
+            probes = train_linear_probes(fit, fit_labels, num_classes, pc, value, seed, _after_epoch(bar, curves, test))
             fits = [(probe, best_epoch(curve) if test is not None else {}) for probe, curve in
                     zip(probes, curves, strict=True)]
         with torch.no_grad():
             for i, (probe, extra) in enumerate(fits):
                 scores[i].append(topk_accuracy(probe(val[0][i]), val[1], (1,))["top1"])
                 candidates[i].append((probe, extra))
+    bar.close()
     chosen = []
     for score, cands in zip(scores, candidates, strict=True):
         i = max(range(len(order)), key=lambda j: (score[j], -j))  # the first best in grid order
@@ -322,13 +333,17 @@ def select_linear_probes(fit: list[torch.Tensor], fit_labels: torch.Tensor,
     return chosen
 
 
-def _test_curves(curves: list[list[float]], feats: list[torch.Tensor], labels: torch.Tensor
+def _after_epoch(bar: tqdm, curves: list[list[float]], test: tuple[list[torch.Tensor], torch.Tensor] | None
                  ) -> Callable[[list[LinearProbe]], None]:
+    """What follows each SGD epoch: with ``test`` features, every probe's test top-1 appended to its curve; the
+    progress bar moved on."""
     @torch.no_grad()
-    def record(probes: list[LinearProbe]) -> None:
-        for curve, probe, f in zip(curves, probes, feats, strict=True):
-            curve.append(topk_accuracy(probe(f), labels, (1,))["top1"])
-    return record
+    def after(probes: list[LinearProbe]) -> None:
+        if test is not None:
+            for curve, probe, f in zip(curves, probes, test[0], strict=True):
+                curve.append(topk_accuracy(probe(f), test[1], (1,))["top1"])
+        bar.update()
+    return after
 
 
 def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
@@ -369,7 +384,7 @@ def best_epoch(curve: list[float]) -> dict[str, Any]:
     return {"best_top1": curve[epoch], "best_epoch": epoch + 1, "curve_top1": curve}
 
 
-def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "cpu"
+def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "cpu", progress: bool = False
                 ) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
     """The paper's protocol, as the authors' ``evaluate.py`` (after Barlow Twins'): every probe trained in one pass
     per epoch through the frozen backbone on RandomResizedCrop + flip images (bilinear), on raw features, weights
@@ -379,7 +394,8 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
     and, beside it, the best (what the reference reports).
 
     Under torch.distributed the global batch is split across processes, the probes' gradients are averaged, and
-    test counts are summed exactly (each process evaluates every world_size-th test image).
+    test counts are summed exactly (each process evaluates every world_size-th test image). ``progress``: progress
+    bars over the epochs and each epoch's batches.
     """
     info = dataset_info(cfg.data)
     pc = cfg.probe
@@ -409,12 +425,12 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
                              num_workers=workers)
     curves: list[list[dict[str, float]]] = [[] for _ in probes]
     names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
-    bar = tqdm(range(pc.epochs), desc="paper probe", unit="epoch", disable=not dist.is_main_process())
+    bar = progress_bar(range(pc.epochs), enabled=progress, desc="paper probe", unit="epoch")
     for epoch in bar:
         sampler.set_epoch(epoch)
         for probe in probes:
             probe.train()
-        for x, y in loader:
+        for x, y in progress_bar(loader, enabled=progress, desc=f"epoch {epoch + 1}", unit="batch", leave=False):
             with torch.no_grad(), autocast:
                 feats = with_concat(model.features(x.to(device, non_blocking=True)))
             y = y.to(device, non_blocking=True)
@@ -487,11 +503,13 @@ def label_subset(dataset: Dataset, candidates: torch.Tensor, labels: torch.Tenso
 
 
 def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, random_init: bool = False,
-              pixels: bool = False) -> dict[str, Any]:
+              pixels: bool = False, progress: bool = True) -> dict[str, Any]:
     """Probe a run's last checkpoint and, as references, optionally the same architecture at random initialisation
-    (``random_init``) and raw pixels under the same protocol (``pixels``, fast protocol).
+    (``random_init``) and raw pixels under the same protocol (``pixels``, fast protocol). ``progress``: progress
+    bars (``blockssl.runtime.progress_bar``).
 
-    Writes ``probe.json`` (results) and ``probes.pt`` (the chosen probes) in the run directory; returns the results.
+    Writes ``probe.json`` (results) and ``probes.pt`` (the chosen probes) in the run directory, logs the accuracies
+    to the run's loggers (``probe_scalars``) at the checkpoint's step, and returns the results.
     """
     run_dir = Path(run_dir)
     dist.init_from_environment()
@@ -501,22 +519,44 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     if pixels and cfg.probe.protocol != "fast":
         raise ConfigError("--pixels: the raw-pixel probe follows the fast protocol only; drop --pixels or set "
                           "probe.protocol=fast")
+    loggers = evaluation_loggers(cfg, run_dir) if dist.is_main_process() else Loggers()  # a missing package fails now
     protocol = PROTOCOLS[cfg.probe.protocol]
-    run_results, probes = protocol(model, cfg, seed=cfg.seed, device=device)
+    run_results, probes = protocol(model, cfg, seed=cfg.seed, device=device, progress=progress)
     results: dict[str, Any] = {"checkpoint_step": step, "run": run_results}
     info = dataset_info(cfg.data)
     if random_init:
         seed_everything(cfg.seed)
         reference = build_model(cfg, info.channels, info.image_size).to(device)
-        results["random_init"] = protocol(reference, cfg, seed=cfg.seed, device=device)[0]
+        results["random_init"] = protocol(reference, cfg, seed=cfg.seed, device=device, progress=progress)[0]
     if not dist.is_main_process():
         return results
     if pixels:
-        results["pixels"] = pixel_probe(cfg, seed=cfg.seed)
+        results["pixels"] = pixel_probe(cfg, seed=cfg.seed, progress=progress)
     atomic_save({"num_classes": info.num_classes, "step": step,
                  "probes": {name: p.state_dict() for name, p in probes.items()}}, run_dir / "probes.pt")
     atomic_write_text(run_dir / "probe.json", json.dumps(results, indent=2) + "\n")
+    with loggers:
+        loggers.log({"step": step, **probe_scalars(results)})
     return results
+
+
+# probe.json's accuracies under the names they are logged with; kNN (knn{k}_top1) and label-fraction
+# (labels{p}pct_top1) accuracies keep theirs.
+LOGGED_ACCURACIES = {"top1": "linear_top1", "top5": "linear_top5", "best_top1": "linear_best_top1"}
+
+
+def probe_scalars(results: dict[str, Any]) -> dict[str, float]:
+    """``run_probe``'s accuracies as logger scalars: ``probe/{block}_linear_top1`` (and ``_linear_top5``,
+    ``_linear_best_top1`` for SGD), ``probe/{block}_knn{k}_top1``, ``probe/{block}_labels{p}pct_top1``; the pool
+    readout under ``probe/pooled/``, the random-init reference under ``probe/random_init/``, raw pixels as
+    ``probe/pixels_*``."""
+    run, rand = results["run"], results.get("random_init", {})
+    sections = [("probe/", run["blocks"]), ("probe/pooled/", run.get("pooled", {})),
+                ("probe/random_init/", rand.get("blocks", {})), ("probe/random_init/pooled/", rand.get("pooled", {})),
+                ("probe/", results.get("pixels", {}).get("blocks", {}))]
+    return {f"{prefix}{name}_{LOGGED_ACCURACIES.get(key, key)}": value
+            for prefix, rows in sections for name, row in rows.items() for key, value in row.items()
+            if key in LOGGED_ACCURACIES or key.startswith(("knn", "labels"))}
 
 
 def print_probe_table(results: dict[str, Any]) -> None:

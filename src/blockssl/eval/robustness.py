@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
 from blockssl import dist
 from blockssl.checkpoint import CheckpointError, atomic_write, atomic_write_text
@@ -56,8 +55,9 @@ from blockssl.eval.probe import (
     topk_accuracy,
     with_concat,
 )
+from blockssl.loggers import Loggers, evaluation_loggers
 from blockssl.method import BlockwiseSSL
-from blockssl.runtime import checkpoint_model, resolve_device
+from blockssl.runtime import checkpoint_model, progress_bar, resolve_device
 
 # The 15 ImageNet-C corruptions, in the benchmark's order (noise, blur, weather, digital).
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -153,12 +153,12 @@ def _numpy_global_rng_restored() -> Iterator[None]:
 
 
 def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int,
-                   indices: Sequence[int] | None = None) -> np.ndarray:
+                   indices: Sequence[int] | None = None, progress: bool = False) -> np.ndarray:
     """Corrupt uint8 images (N, H, W) or (N, H, W, 3) with the ImageNet-C code; the same seed gives the same output.
 
     Every image draws from its own seed, derived from ``seed``, the corruption, the severity and its index in the
     whole set (``indices``, default 0..N-1): any share of the images, in any process, comes out as it would in
-    the whole set.
+    the whole set. ``progress``: a progress bar over the images.
 
     Images smaller than 32 px are upsampled (bicubic) for the library and resized back; grayscale images are
     given to it as RGB and brought back by luma (ITU-R 601, PIL's "L"), which also averages per-channel noise
@@ -175,8 +175,10 @@ def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int
     indices = range(len(images)) if indices is None else indices
     # NumPy's global RNG is what the library draws from; impulse_noise and glass_blur ignore it and take an
     # explicit seed, drawn here from the seeded RNG so that they are reproducible too.
+    pairs = progress_bar(zip(indices, images, strict=True), enabled=progress, total=len(images),
+                         desc=f"{corruption} {severity}", unit="image", leave=False)
     with _numpy_global_rng_restored():
-        for i, (index, array) in enumerate(zip(indices, images, strict=True)):
+        for i, (index, array) in enumerate(pairs):
             np.random.seed(np.random.SeedSequence([seed, CORRUPTIONS.index(corruption), severity, index])
                            .generate_state(1)[0])
             image = Image.fromarray(array).convert("RGB")
@@ -225,10 +227,11 @@ class CorruptionCache:
     def path(self, corruption: str, severity: int) -> Path:
         return self.folder / corruption / f"{severity}.npz"
 
-    def get(self, corruption: str, severity: int) -> np.ndarray:
-        """The corrupted images, from the cache or generated: under torch.distributed each process corrupts every
-        world_size-th image, the shares are gathered, and rank 0 writes the file. Processes decide together (a
-        node-local cache may hold the file on one node only), so none waits alone in the gather."""
+    def get(self, corruption: str, severity: int, progress: bool = False) -> np.ndarray:
+        """The corrupted images, from the cache or generated (``progress``: with a progress bar): under
+        torch.distributed each process corrupts every world_size-th image, the shares are gathered, and rank 0 writes
+        the file. Processes decide together (a node-local cache may hold the file on one node only), so none waits
+        alone in the gather."""
         path = self.path(corruption, severity)
         cached = None
         if path.is_file():
@@ -239,7 +242,7 @@ class CorruptionCache:
         if cached is not None and not missing_somewhere:
             return cached
         shard = dist.shard_indices(len(self.images))
-        part = corrupt_images(self.images[shard.start::shard.step], corruption, severity, self.seed, shard)
+        part = corrupt_images(self.images[shard.start::shard.step], corruption, severity, self.seed, shard, progress)
         images = dist.gather_in_order(torch.from_numpy(part), shard, len(self.images)).numpy()
         if dist.is_main_process():
             atomic_write(path, lambda f: np.savez(f, images=images, labels=self.labels,
@@ -266,9 +269,9 @@ def _load_image(path: str, channels: int) -> Image.Image:
 
 @torch.no_grad()
 def probe_errors(model: BlockwiseSSL, probes: dict[str, LinearProbe], dataset: Dataset, batch_size: int,
-                 num_workers: int, device: torch.device | str) -> dict[str, float]:
+                 num_workers: int, device: torch.device | str, progress: bool = False) -> dict[str, float]:
     """Top-1 error (%) of every probe (block1..blockN, concat) on ``dataset`` (transformed images, labels)."""
-    feats, labels = extract_features(model, dataset, batch_size, num_workers, device)
+    feats, labels = extract_features(model, dataset, batch_size, num_workers, device, progress)
     return {name: 100.0 - topk_accuracy(probe(f), labels, (1,))["top1"]
             for (name, probe), f in zip(probes.items(), with_concat(feats), strict=True)}
 
@@ -288,9 +291,10 @@ def _check_settings(cfg: Config) -> None:
                                 "ImageNet-C tree <root>/<corruption>/<severity>/<class>/<image>")
 
 
-def _corrupted_sets(cfg: Config, run_dir: Path, clean: Dataset, indices: list[int]
+def _corrupted_sets(cfg: Config, run_dir: Path, clean: Dataset, indices: list[int], progress: bool = False
                     ) -> Iterator[tuple[str, int, Dataset]]:
-    """(corruption, severity, dataset of PIL images and labels) for every selected pair."""
+    """(corruption, severity, dataset of PIL images and labels) for every selected pair; ``progress``: progress bars
+    of the corruptions generated."""
     rc, info = cfg.robustness, dataset_info(cfg.data)
     if rc.source == "folder":
         from torchvision.datasets import ImageFolder
@@ -315,7 +319,7 @@ def _corrupted_sets(cfg: Config, run_dir: Path, clean: Dataset, indices: list[in
     cache = CorruptionCache(cache_root, cfg.data.name, images, labels, rc.seed)
     for c in rc.corruptions:
         for s in rc.severities:
-            yield c, s, ArrayImages(cache.get(c, s), labels)
+            yield c, s, ArrayImages(cache.get(c, s, progress), labels)
 
 
 def evaluate_run(run_dir: str | Path, model: BlockwiseSSL, cfg: Config, step: int, progress: bool = False
@@ -341,15 +345,15 @@ def evaluate_run(run_dir: str | Path, model: BlockwiseSSL, cfg: Config, step: in
     clean_set = build_dataset(cfg.data, "test")
     indices = _subset_indices(len(clean_set), rc.max_images, rc.seed)  # type: ignore[arg-type]
     clean = probe_errors(model, probes, Transformed(Subset(clean_set, indices), transform), rc.batch_size, workers,
-                         device)
+                         device, progress)
     errors: dict[str, Errors] = {name: {} for name in probes}
-    bar = tqdm(total=len(rc.corruptions) * len(rc.severities), desc="corruptions", disable=not progress)
+    bar = progress_bar(total=len(rc.corruptions) * len(rc.severities), enabled=progress, desc="corruptions")
     images = 0
-    for c, s, dataset in _corrupted_sets(cfg, run_dir, clean_set, indices):
+    for c, s, dataset in _corrupted_sets(cfg, run_dir, clean_set, indices, progress):
         bar.set_postfix_str(f"{c} {s}")
         images = len(dataset)  # type: ignore[arg-type]
         for name, e in probe_errors(model, probes, Transformed(dataset, corrupted_transform), rc.batch_size,
-                                    workers, device).items():
+                                    workers, device, progress).items():
             errors[name].setdefault(c, {})[s] = e
         bar.update(1)
     bar.close()
@@ -414,20 +418,22 @@ def int_keys(errors: dict[str, dict[Any, float]]) -> Errors:
 
 
 def run_robustness(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
-                   baseline: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Evaluate a run's probes under corruptions; write ``robustness.json`` and ``robustness.csv``; return the
-    results. With ``baseline`` (another run on the same dataset), also CE, mCE, relative CE and relative mCE
-    (Hendrycks & Dietterich 2019) normalised by its errors, block by block (``robustness.baseline_block=same``) or
-    all by one of its blocks."""
+                   baseline: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run's probes under corruptions; write ``robustness.json`` and ``robustness.csv``, log the summaries
+    to the run's loggers (``robustness_scalars``) at the checkpoint's step; return the results. With ``baseline``
+    (another run on the same dataset), also CE, mCE, relative CE and relative mCE (Hendrycks & Dietterich 2019)
+    normalised by its errors, block by block (``robustness.baseline_block=same``) or all by one of its blocks.
+    ``progress``: progress bars (``blockssl.runtime.progress_bar``)."""
     run_dir = Path(run_dir)
     dist.init_from_environment()
     model, cfg, step = checkpoint_model(run_dir)
     apply_overrides(cfg, overrides, ("robustness", "data"))
     names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
     alexnet = _alexnet_normaliser(cfg, names) if str(baseline) == ALEXNET else None  # checked before any work
+    loggers = evaluation_loggers(cfg, run_dir) if dist.is_main_process() else Loggers()  # a missing package fails now
     results = evaluate_run(run_dir, model, cfg, step, progress)
     if baseline is None:
-        return write_results(run_dir, results)
+        return _write_and_log(run_dir, results, loggers, step)
     errors = {n: r["errors"] for n, r in results["blocks"].items()}
     clean = {n: r["clean_error"] for n, r in results["blocks"].items()}
     if alexnet is not None:
@@ -438,7 +444,7 @@ def run_robustness(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
         results["baseline"] = {"run": ALEXNET, "block": ALEXNET, "source": "published AlexNet errors"}
         results["normalisation"] = ("CE, mCE, relative CE and relative mCE in % of AlexNet's published ImageNet-C "
                                     "errors, as Hendrycks & Dietterich (2019) define them")
-        return write_results(run_dir, results)
+        return _write_and_log(run_dir, results, loggers, step)
     base, how = _baseline(Path(baseline), cfg, overrides, results["settings"], progress)
     which = cfg.robustness.baseline_block
     pick = {n: (n if which == "same" else which) for n in results["blocks"]}
@@ -455,7 +461,28 @@ def run_robustness(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
     results["normalisation"] = ("CE, mCE, relative CE and relative mCE in % of the baseline run's, by the formulas "
                                 "of Hendrycks & Dietterich (2019), who normalise by AlexNet instead: the baseline "
                                 "scores 100")
-    return write_results(run_dir, results)
+    return _write_and_log(run_dir, results, loggers, step)
+
+
+def _write_and_log(run_dir: Path, results: dict[str, Any], loggers: Loggers, step: int) -> dict[str, Any]:
+    """``write_results``, then the summaries to the run's loggers at the step of the checkpoint evaluated."""
+    results = write_results(run_dir, results)
+    with loggers:
+        loggers.log({"step": step, **robustness_scalars(results)})
+    return results
+
+
+def robustness_scalars(results: dict[str, Any]) -> dict[str, float | None]:
+    """Robustness results as logger scalars, per block: ``robustness/{block}_clean_error``,
+    ``_mean_corruption_error`` and, with a baseline, ``_mce`` and ``_relative_mce``; the error under each
+    corruption, averaged over severities, as ``robustness/{block}/{corruption}_error`` (all in %). Undefined values
+    (None) are left to the loggers, which skip them."""
+    out: dict[str, float | None] = {}
+    for name, r in results["blocks"].items():
+        out |= {f"robustness/{name}_{key}": r[key]
+                for key in ("clean_error", "mean_corruption_error", "mce", "relative_mce") if key in r}
+        out |= {f"robustness/{name}/{c}_error": sum(per.values()) / len(per) for c, per in r["errors"].items()}
+    return out
 
 
 def to_json(value: Any) -> Any:
