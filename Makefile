@@ -6,9 +6,15 @@ RUN ?= runs/demo
 
 .PHONY: demo test lint bench data docs
 
+# The demo needs the package alone; tests and lint add the development tools (pytest, ruff, mypy, the optional
+# loggers they test) on first use.
 $(BIN)/blockssl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(BIN)/pytest: $(BIN)/blockssl pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -29,10 +35,10 @@ demo: $(BIN)/blockssl data
 	$(BIN)/blockssl probe $(RUN) --random-init --pixels "probe.readouts=[head]" \
 	  "probe.label_fractions=[]" "probe.knn_k=[20]"
 
-test: $(BIN)/blockssl
+test: $(BIN)/pytest
 	$(BIN)/python -m pytest tests
 
-lint: $(BIN)/blockssl
+lint: $(BIN)/pytest
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src
 

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import netrc
 import os
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -108,7 +109,7 @@ class WandbLogger:
 
         id_file = run_dir / "wandb" / "blockssl-run-id"
         if not id_file.is_file():
-            atomic_write_text(id_file, wandb.util.generate_id())
+            atomic_write_text(id_file, secrets.token_hex(8))  # a run id of wandb's alphabet, made once per run
         # WANDB_MODE decides when set (wandb reads it); otherwise no run waits on a login prompt.
         mode = None if os.environ.get("WANDB_MODE") else ("online" if _wandb_key_configured() else "offline")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "blockssl"), name=run_dir.resolve().name,
