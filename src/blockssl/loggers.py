@@ -20,7 +20,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from blockssl.checkpoint import atomic_write_text
 from blockssl.config import Config, ConfigError, to_dict
@@ -111,7 +111,9 @@ class WandbLogger:
         if not id_file.is_file():
             atomic_write_text(id_file, secrets.token_hex(8))  # a run id of wandb's alphabet, made once per run
         # WANDB_MODE decides when set (wandb reads it); otherwise no run waits on a login prompt.
-        mode = None if os.environ.get("WANDB_MODE") else ("online" if _wandb_key_configured() else "offline")
+        mode: Literal["online", "offline"] | None = None
+        if not os.environ.get("WANDB_MODE"):
+            mode = "online" if _wandb_key_configured() else "offline"
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "blockssl"), name=run_dir.resolve().name,
                               dir=str(run_dir), config=config, allow_val_change=True,  # resumable keys may change
                               id=id_file.read_text().strip(), resume="allow", mode=mode)
