@@ -28,6 +28,7 @@ def test_run_directory_holds_exactly_the_promised_files(tmp_path):
         assert all(key in row for row in rows), key
     info = json.loads((run / "run.json").read_text())
     assert {"command", "git_revision", "torch"} <= info.keys()
+    assert info["command"][0] == "blockssl"  # not the interpreter's absolute path to it (a committed run's record)
     assert resume_config(run).model.width == 0.125  # the saved config reads back
 
 

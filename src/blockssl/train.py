@@ -214,7 +214,9 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
             probe.load_checkpoint_state(ckpt["online_probe"], cfg.online_probe)
     elif main:
         (out / "config.yaml").write_text(dump_config(cfg))
-        run_info = {"command": command or sys.argv, "git_revision": git_revision(),
+        # The command as typed, its program named "blockssl": the interpreter's argv[0] is an absolute path
+        # (the console script's or __main__.py's), which would tie a committed run.json to one machine.
+        run_info = {"command": ["blockssl", *(command or sys.argv)[1:]], "git_revision": git_revision(),
                     "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
                     "world_size": dist.world_size(), "stages": [[k + 1 for k in g] for g in layout.stages],
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
