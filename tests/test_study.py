@@ -15,21 +15,17 @@ import pytest
 import yaml
 
 from blockssl import stats
-from blockssl import study as study_module
 from blockssl.checkpoint import load_checkpoint
 from blockssl.cli import main
 from blockssl.config import ConfigError, apply_overrides, load_config
 from blockssl.eval.probe import pixel_probe
-from blockssl.study import (
-    Study,
-    check_unchanged,
-    load_study,
-    run_commands,
-    run_one,
-    run_study,
-    submit_slurm,
-    write_results,
-)
+from blockssl.study import driver, render
+from blockssl.study.depth import depth_names
+from blockssl.study.driver import parse_only, run_commands, run_one, run_study, submit_slurm
+from blockssl.study.progress import format_status, status
+from blockssl.study.render import write_results
+from blockssl.study.results import summary as summarize
+from blockssl.study.spec import Study, check_unchanged, load_study
 from blockssl.train import pretrain
 from tests.conftest import TINY, assert_same_tensors, run_metrics
 
@@ -170,20 +166,20 @@ def test_an_interrupted_run_is_resumed_to_the_uninterrupted_result(tmp_path, cap
 
 
 def test_status_tells_done_started_and_waiting_runs(finished, tmp_path, capsys):
-    assert {r["state"] for r in study_module.status(load_study(finished))} == {"done"}
+    assert {r["state"] for r in status(load_study(finished))} == {"done"}
     assert main(["study", str(finished), "--status"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "4 of 4 runs done"
     study = load_study(_write_study(tmp_path, evaluate=["probe"]))
     pretrain(study.config("end_to_end", 0), stop_after=1)  # killed after its first step's checkpoint
     run_one(study, "blockwise", 0)
-    rows = {(r["variant"], r["seed"]): r for r in study_module.status(study)}
+    rows = {(r["variant"], r["seed"]): r for r in status(study)}
     assert rows[("end_to_end", 0)]["state"] == "started" and rows[("end_to_end", 0)]["step"] == 1
     assert rows[("blockwise", 0)]["state"] == "done" and rows[("blockwise", 0)]["seconds"] > 0
     assert rows[("blockwise", 1)]["state"] == "not started"
     (study.run_dir("blockwise", 0) / "probe.json").unlink()
-    assert study_module.status(study)[1]["state"] == "trained, to evaluate: probe"
+    assert status(study)[1]["state"] == "trained, to evaluate: probe"
     (study.run_dir("blockwise", 0) / "probe.json").write_text("{}")
-    text = study_module.format_status(study_module.status(study))
+    text = format_status(status(study))
     assert "end_to_end                  0         0  started (checkpoint at step 1)" in text
     # three runs left, each estimated at the only finished run's time
     seconds = rows[("blockwise", 0)]["seconds"]
@@ -249,7 +245,7 @@ def test_a_variant_may_run_on_fewer_seeds(tmp_path, monkeypatch):
     run_study(study)
     assert sorted(trained) == [("global", 0), ("global", 1), ("global", 2), ("none", 0), ("none", 2)]
     with pytest.raises(ConfigError, match=r"--only 'quiet/1'.*seed of \[0, 2\]"):
-        study_module.parse_only(study, "quiet/1")
+        parse_only(study, "quiet/1")
     check_unchanged(load_study(_write_study(tmp_path, **dict(spec, variant_seeds={"quiet": [0, 1, 2]}))))
     with pytest.raises(ConfigError, match="variant_seeds: "):
         check_unchanged(load_study(_write_study(tmp_path, **dict(spec, variant_seeds={"quiet": [0]}))))
@@ -277,7 +273,7 @@ def test_blocks_are_named_by_depth_so_groupings_compare_at_equal_depth(tmp_path)
                           ("stem+layer1+layer2,layer3+layer4", ["block2", "block4"]),
                           ("stem,layer1+layer2+layer3,layer4", ["stem", "block3", "block4"])):
         (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"blocks": blocks}}))
-        assert study_module.depth_names(tmp_path) == {f"block{k + 1}": n for k, n in enumerate(names)}
+        assert depth_names(tmp_path) == {f"block{k + 1}": n for k, n in enumerate(names)}
 
 
 def test_robustness_variants_may_grow_but_not_shrink(tmp_path):
@@ -296,7 +292,7 @@ def test_differences_are_paired_with_each_variants_own_baseline():
     rows = [dict(variant=v, seed=s, block="block4", metric="linear_top1", value=x)
             for v, xs in {"e2e": (70.0, 72.0), "e2e_simclr": (60.0, 61.0), "simclr": (63.0, 65.0)}.items()
             for s, x in enumerate(xs)]
-    stats = {r["variant"]: r for r in study_module.summary(rows, lambda v: {"simclr": "e2e_simclr"}.get(v, "e2e"))}
+    stats = {r["variant"]: r for r in summarize(rows, lambda v: {"simclr": "e2e_simclr"}.get(v, "e2e"))}
     assert stats["simclr"]["baseline"] == "e2e_simclr"
     assert stats["simclr"]["diff_mean"] == pytest.approx(3.5) and stats["simclr"]["diff_std"] == pytest.approx(
         statistics.stdev([3.0, 4.0]))
@@ -304,21 +300,21 @@ def test_differences_are_paired_with_each_variants_own_baseline():
     # the 95% interval of two paired differences: t(0.975, 1) = 12.706 standard errors
     half = 12.706 * statistics.stdev([3.0, 4.0]) / math.sqrt(2)
     assert stats["simclr"]["diff_ci95"] == pytest.approx(half)
-    cell = study_module._diff_cell(stats["simclr"]["diff_mean"], half, stats["simclr"]["diff_seeds"])
+    cell = render._diff_cell(stats["simclr"]["diff_mean"], half, stats["simclr"]["diff_seeds"])
     assert cell == f"+3.50 [{3.5 - half:.2f}, {3.5 + half:.2f}] (3.00, 4.00)"
     three = [dict(r, seed=2, value=r["value"] + (0.9 if r["variant"] == "simclr" else 0.0)) for r in rows
              if r["seed"] == 0]
-    resolved = next(r for r in study_module.summary(rows + three, lambda v: "e2e_simclr" if v == "simclr" else "e2e")
+    resolved = next(r for r in summarize(rows + three, lambda v: "e2e_simclr" if v == "simclr" else "e2e")
                     if r["variant"] == "simclr")
     half = 4.303 * statistics.stdev([3.0, 4.0, 3.9]) / math.sqrt(3)
     assert resolved["diff_ci95"] == pytest.approx(half)
     # exploratory: an interval that excludes zero is shown as it is, unstarred
-    assert study_module._diff_cell(resolved["diff_mean"], half, resolved["diff_seeds"]) == (
+    assert render._diff_cell(resolved["diff_mean"], half, resolved["diff_seeds"]) == (
         f"+3.63 [{3.63333 - half:.2f}, {3.63333 + half:.2f}] (3.00, 4.00, 3.90)")
     assert stats["e2e_simclr"]["diff_mean"] == pytest.approx(-10.5) and stats["e2e"]["diff_mean"] == 0
     # a baseline still missing a seed: the difference is paired over the seed both have
-    partial = study_module.summary([r for r in rows if (r["variant"], r["seed"]) != ("e2e_simclr", 1)],
-                                   lambda v: {"simclr": "e2e_simclr"}.get(v, "e2e"))
+    partial = summarize([r for r in rows if (r["variant"], r["seed"]) != ("e2e_simclr", 1)],
+                        lambda v: {"simclr": "e2e_simclr"}.get(v, "e2e"))
     simclr = next(r for r in partial if r["variant"] == "simclr")
     assert simclr["diff_seeds"] == {0: 3.0} and simclr["diff_mean"] == 3.0 and math.isnan(simclr["diff_std"])
 
@@ -414,7 +410,7 @@ def test_slurm_submission_runs_every_run_as_an_array_task(tmp_path, monkeypatch)
     """submitit's debug cluster runs the tasks in this process: the same runs as the driver would make."""
     study = load_study(_write_study(tmp_path, seeds=[0], evaluate=["probe"]))
     made = []
-    monkeypatch.setattr(study_module, "run_one", lambda s, v, seed: made.append((v, seed)) or run_one(s, v, seed))
+    monkeypatch.setattr(driver, "run_one", lambda s, v, seed: made.append((v, seed)) or run_one(s, v, seed))
     jobs = submit_slurm(study, {"timeout_min": 5}, cluster="debug")
     for job in jobs:
         job.result()

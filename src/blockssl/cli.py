@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="variants x seeds of a recipe, trained, evaluated and aggregated",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Run a study file (see blockssl/study.py and studies/): every (variant, seed) is a "
+                       description="Run a study file (see blockssl/study/ and studies/): every (variant, seed) is a "
                                    "run directory under its out; finished runs are skipped, interrupted ones resumed; "
                                    "then results.md, results.json and results.csv are written, e.g.\n"
                                    "  blockssl study studies/fashion_mnist.yaml\n"
