@@ -129,6 +129,9 @@ class TrainConfig:
     # measured step time, one per process) or groups of block numbers, e.g. "1+2,3+4"
     stages: str = "blocks"
     in_flight: int = 2  # pipeline: batches a stage may send ahead of the next stage taking them
+    # Seconds a collective or pipeline transfer may wait for another process before this one fails (torch's default:
+    # 30 min on gloo). Bounds how long a run's processes outlive one that hangs; one that dies is noticed at once.
+    dist_timeout_s: float = 600.0
     # Activation checkpointing: each backbone stage keeps only its input for backward and recomputes the rest there
     # (torch.utils.checkpoint; BatchNorm running statistics updated once). The cheapest cut of end-to-end memory.
     checkpoint_stages: bool = False
@@ -623,6 +626,9 @@ def validate(cfg: Config, saved: bool = False) -> None:
     t.loggers = ["jsonl", *dict.fromkeys(name for name in t.loggers if name != "jsonl")]
     if t.in_flight < 1:
         raise ConfigError(f"train.in_flight: {t.in_flight}; a stage needs at least 1 batch in flight")
+    if t.dist_timeout_s <= 0:
+        raise ConfigError(f"train.dist_timeout_s: {t.dist_timeout_s}; give the seconds a process may wait for the "
+                          "others, e.g. 600")
     if cfg.loss.reference_allreduce and cfg.loss.name != "barlow_twins":
         raise ConfigError(f"loss.reference_allreduce: only Barlow Twins' reference code sums with a raw all_reduce; "
                           f"the {cfg.loss.name} reference gradients are exact, set it to false")
@@ -659,7 +665,8 @@ def parse_projector(spec: str) -> list[int]:
 # same update, tests/test_method.py and tests/test_pipeline.py).
 RESUMABLE_KEYS = ("data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers",
                   "train.progress", "train.device", "train.log_every", "train.loggers", "train.execution",
-                  "train.stages", "train.in_flight", "online_probe.enabled", "online_probe.every",
+                  "train.stages", "train.in_flight", "train.dist_timeout_s", "online_probe.enabled",
+                  "online_probe.every",
                   "online_probe.lr", "online_probe.momentum", "online_probe.weight_decay")
 
 

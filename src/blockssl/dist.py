@@ -12,6 +12,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -95,11 +96,12 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
         return torch.cat(dist_fn.all_gather(x, group=_data_group or dist.group.WORLD), dim=0)
 
 
-def init_from_environment() -> bool:
+def init_from_environment(timeout_s: float | None = None) -> bool:
     """Join the process group described by torchrun's or SLURM's variables; returns whether one was started.
 
     One process (no WORLD_SIZE, or WORLD_SIZE=1, and not a multi-task SLURM step) is the plain local case. A
-    multi-process launch that is misconfigured raises: it never falls back silently to one process.
+    multi-process launch that is misconfigured raises: it never falls back silently to one process. ``timeout_s``
+    bounds every collective and transfer (``train.dist_timeout_s``; None = torch's default).
     """
     if is_distributed():
         return False
@@ -119,7 +121,7 @@ def init_from_environment() -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
     return True
 
 

@@ -40,7 +40,7 @@ from blockssl.config import (
     to_dict,
 )
 from blockssl.data.datasets import dataset_info
-from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader, two_view_dataset
+from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader, shutdown_workers, two_view_dataset
 from blockssl.data.photometric import to_device
 from blockssl.diagnostics import add_diagnostics, snapshot
 from blockssl.eval.online import OnlineProbe
@@ -150,7 +150,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     the blocks of its stage (``blockssl.pipeline``); the run directory is the same as any run's.
     """
     check_installed(cfg.train.loggers)  # before any work
-    started_group = dist.init_from_environment()
+    started_group = dist.init_from_environment(cfg.train.dist_timeout_s)
     main = dist.is_main_process()
     device = resolve_device(cfg.train.device)
     info = dataset_info(cfg.data)
@@ -231,81 +231,87 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     steps_this_call = 0
     tallies = torch.zeros(2, dtype=torch.float64, device=device)  # skipped updates, replaced images: not yet counted
     stop = 0  # why this call stops: 0 not yet, -1 stop_after reached, else the signal received
-    with StopSignals() as signals, loggers:
-        for phase_index, phase in enumerate(phases):
-            if step >= phase.end or stop:
-                continue
-            model.loss_blocks, model.frozen = phase.loss_blocks, phase.frozen
-            optimizers = build_optimizers(model, cfg.train, layout.blocks)
-            if ckpt is not None and ckpt["phase"] == phase_index:
-                _load_optimizers(optimizers, ckpt["optimizers"], out)
-            blocks = [k for k in layout.blocks if k <= model.last_loss_block]
-            trainer = Trainer(model, optimizers, scaler, autocast, cfg.seed, replica=layout.replica,
-                              skip_nonfinite=cfg.train.on_nonfinite == "skip", stage_blocks=blocks)
-            model.train()
-            phase_steps = phase.end - phase.start
-            warmup = round(cfg.train.warmup_epochs * steps_per_epoch * phase_steps / total_steps)
-            while step < phase.end and not stop:
-                epoch, step_in_epoch = divmod(step, steps_per_epoch)
-                sampler.start(epoch, step_in_epoch)
-                batches = iter(loader) if loader is not None else None
-                for _ in range(step_in_epoch, steps_per_epoch):
-                    if batches is not None:
-                        x1, x2, labels, replaced = next(batches)
-                        record = encode_record(num_blocks, device)
-                        record[HEADER.index("replaced")] = float(replaced.sum())
-                        assert views is not None
-                        x1 = to_device(views.transforms[0], x1, device, memory_format)  # colour ops done here when
-                        x2 = to_device(views.transforms[1], x2, device, memory_format)  # data.photometric=device
-                    else:
-                        assert link is not None
-                        msg = link.receive(num_blocks)
-                        x1, x2, labels, record = msg.h1, msg.h2, msg.labels, msg.record
-                    factor = lr_factor(step - phase.start, phase_steps, warmup, cfg.train.min_lr_ratio)
-                    lr = max((set_lr(opt, factor) for opt in optimizers.values()), default=0.0)
-                    probing = probe is not None and step % cfg.online_probe.every == 0
-                    last = step + 1 == phase.end
-                    logging = (step + 1) % cfg.train.log_every == 0 or last
-                    with model_accounting(model) if cfg.train.log_saved_memory and logging else nullcontext() as saved:
-                        result = step_fn(trainer, x1, x2, step, probing or logging)  # features: probe, RankMe
-                    if saved is not None:
-                        result.result.saved = saved.result().blocks()
-                    if logging:
-                        add_diagnostics(result.result, model, initial, blocks, result.features)
-                    if probe is not None and probing and not result.result.skipped and result.features:
-                        probe.step(result.features, labels, first=blocks[0])  # non-finite features would poison it
-                    step += 1
-                    steps_this_call += 1
-                    add_terms(record, result.result, probe.window_metrics() if probe is not None and logging else {})
-                    if layout.first:  # decides for the whole pipeline: later stages stop at the same step
-                        if dist.any_process(signals.requested):
-                            stop = signals.requested or int(signal.SIGTERM)  # or another replica was signalled
-                        elif stop_after is not None and steps_this_call >= stop_after:
-                            stop = -1
-                        record[HEADER.index("stop")] = stop
-                    else:  # read on the host, like the shape in the batch's header: 2 small reads per step
-                        stop = int(record[HEADER.index("stop")])
-                    if link is not None and not layout.last:
-                        link.send(Message(*result.outputs, labels.to(device, non_blocking=True), record))
-                    meter.tick()
-                    every = cfg.train.checkpoint_every
-                    saving = (step % every == 0 if every else step % steps_per_epoch == 0) or last or stop != 0
-                    if writer:
-                        tallies += record[HEADER.index("skipped"): HEADER.index("replaced") + 1]
-                        progress.update(1)
-                        if logging or saving:  # read on the host only here
-                            skipped, replaced_images = (int(v) for v in tallies.tolist())
-                            tallies.zero_()
-                            counts["nonfinite_skipped"] += skipped
-                            counts["bad_images_replaced"] += replaced_images
+    batches = None
+    try:
+        with StopSignals() as signals, loggers:
+            for phase_index, phase in enumerate(phases):
+                if step >= phase.end or stop:
+                    continue
+                model.loss_blocks, model.frozen = phase.loss_blocks, phase.frozen
+                optimizers = build_optimizers(model, cfg.train, layout.blocks)
+                if ckpt is not None and ckpt["phase"] == phase_index:
+                    _load_optimizers(optimizers, ckpt["optimizers"], out)
+                blocks = [k for k in layout.blocks if k <= model.last_loss_block]
+                trainer = Trainer(model, optimizers, scaler, autocast, cfg.seed, replica=layout.replica,
+                                  skip_nonfinite=cfg.train.on_nonfinite == "skip", stage_blocks=blocks)
+                model.train()
+                phase_steps = phase.end - phase.start
+                warmup = round(cfg.train.warmup_epochs * steps_per_epoch * phase_steps / total_steps)
+                while step < phase.end and not stop:
+                    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+                    sampler.start(epoch, step_in_epoch)
+                    batches = iter(loader) if loader is not None else None
+                    for _ in range(step_in_epoch, steps_per_epoch):
+                        if batches is not None:
+                            x1, x2, labels, replaced = next(batches)
+                            record = encode_record(num_blocks, device)
+                            record[HEADER.index("replaced")] = float(replaced.sum())
+                            assert views is not None
+                            x1 = to_device(views.transforms[0], x1, device, memory_format)  # colour ops done here when
+                            x2 = to_device(views.transforms[1], x2, device, memory_format)  # data.photometric=device
+                        else:
+                            assert link is not None
+                            msg = link.receive(num_blocks)
+                            x1, x2, labels, record = msg.h1, msg.h2, msg.labels, msg.record
+                        factor = lr_factor(step - phase.start, phase_steps, warmup, cfg.train.min_lr_ratio)
+                        lr = max((set_lr(opt, factor) for opt in optimizers.values()), default=0.0)
+                        probing = probe is not None and step % cfg.online_probe.every == 0
+                        last = step + 1 == phase.end
+                        logging = (step + 1) % cfg.train.log_every == 0 or last
+                        measure = cfg.train.log_saved_memory and logging
+                        with model_accounting(model) if measure else nullcontext() as saved:
+                            result = step_fn(trainer, x1, x2, step, probing or logging)  # features: probe, RankMe
+                        if saved is not None:
+                            result.result.saved = saved.result().blocks()
                         if logging:
-                            _log(loggers, {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                                           **decode_terms(record, num_blocks), "images_per_sec": meter.rate(),
-                                           **counts}, progress)
-                    if saving:
-                        _save(out, model, layout, optimizers, scaler, step, phase_index, counts, cfg, probe)
-                    if last or stop:
-                        break
+                            add_diagnostics(result.result, model, initial, blocks, result.features)
+                        if probe is not None and probing and not result.result.skipped and result.features:
+                            probe.step(result.features, labels, first=blocks[0])  # non-finite features would poison it
+                        step += 1
+                        steps_this_call += 1
+                        online = probe.window_metrics() if probe is not None and logging else {}
+                        add_terms(record, result.result, online)
+                        if layout.first:  # decides for the whole pipeline: later stages stop at the same step
+                            if dist.any_process(signals.requested):
+                                stop = signals.requested or int(signal.SIGTERM)  # or another replica was signalled
+                            elif stop_after is not None and steps_this_call >= stop_after:
+                                stop = -1
+                            record[HEADER.index("stop")] = stop
+                        else:  # read on the host, like the shape in the batch's header: 2 small reads per step
+                            stop = int(record[HEADER.index("stop")])
+                        if link is not None and not layout.last:
+                            link.send(Message(*result.outputs, labels.to(device, non_blocking=True), record))
+                        meter.tick()
+                        every = cfg.train.checkpoint_every
+                        saving = (step % every == 0 if every else step % steps_per_epoch == 0) or last or stop != 0
+                        if writer:
+                            tallies += record[HEADER.index("skipped"): HEADER.index("replaced") + 1]
+                            progress.update(1)
+                            if logging or saving:  # read on the host only here
+                                skipped, replaced_images = (int(v) for v in tallies.tolist())
+                                tallies.zero_()
+                                counts["nonfinite_skipped"] += skipped
+                                counts["bad_images_replaced"] += replaced_images
+                            if logging:
+                                _log(loggers, {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                                               **decode_terms(record, num_blocks), "images_per_sec": meter.rate(),
+                                               **counts}, progress)
+                        if saving:
+                            _save(out, model, layout, optimizers, scaler, step, phase_index, counts, cfg, probe)
+                        if last or stop:
+                            break
+    finally:  # also on an error: a loader worker left running would keep this process alive
+        shutdown_workers(batches)
     if link is not None:
         link.flush()
     progress.close()

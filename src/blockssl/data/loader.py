@@ -114,6 +114,16 @@ def pretrain_loader(views: TwoViews, sampler: EpochSampler, *, num_workers: int,
                       generator=torch.Generator(), worker_init_fn=_ignore_stop_signals if num_workers else None)
 
 
+def shutdown_workers(batches: Iterator[Any] | None) -> None:
+    """End a loader iterator's worker processes now (a no-op without workers). Called when training stops on an
+    error: the traceback keeps the iterator alive past the point where it would shut its workers down, and at exit
+    multiprocessing joins them after a SIGTERM that they ignore (``_ignore_stop_signals``), so the process, and the
+    run's other processes waiting for it, would never end."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch has no public close for a loader's iterator
+    if shutdown is not None:
+        shutdown()
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGTERM and SIGINT to the training process: a scheduler or Ctrl-C signals the whole process
     group, and a worker dying of it would make the loader raise before the training process checkpoints."""
