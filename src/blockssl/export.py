@@ -6,7 +6,7 @@ from pathlib import Path
 
 from blockssl.checkpoint import atomic_save
 from blockssl.config import dump_config
-from blockssl.runtime import backbone_state_dict, checkpoint_model
+from blockssl.runtime import backbone_state_dict, checkpoint_model, require_out_dir, require_run_dir
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
@@ -15,8 +15,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     With the standard stem, ``m = torchvision.models.<arch>(); m.fc = torch.nn.Identity();
     m.load_state_dict(torch.load("backbone.pt"))`` loads the backbone with strict key checking.
     """
+    run_dir = require_run_dir(run_dir, "blockssl export runs/demo exported/")
+    out = require_out_dir(out_dir, "OUT_DIR")
     model, cfg, _ = checkpoint_model(run_dir)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heads = {
         "blocks": model.block_stages,

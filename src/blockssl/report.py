@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from blockssl.config import Config, ConfigError, diff_configs, from_dict
 from blockssl.data.datasets import dataset_info
 from blockssl.eval.robustness import CORRUPTIONS, fmt_number
+from blockssl.runtime import require_out_dir, require_run_dir
 
 FIGURES = {"loss": "report_loss.png", "online": "report_online_probe.png", "weight_change": "report_weight_change.png",
            "rankme": "report_rankme.png", "probe": "report_probe.png", "severity": "report_robustness_severity.png",
@@ -83,8 +84,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def load_run(path: str | Path, name: str) -> RunData:
     path = Path(path)
-    if not (path / "config.yaml").is_file():
-        raise FileNotFoundError(f"{path}: no config.yaml; is it a blockssl run directory?")
     run = RunData(path, name, metrics=read_metrics(path / "metrics.jsonl"), probe=_read_json(path / "probe.json"),
                   robustness=_read_json(path / "robustness.json"))
     try:
@@ -426,9 +425,10 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     """Write ``report.md`` and its figures into ``out`` (default: the first run directory); return its path."""
     if not run_dirs:
         raise ValueError("give at least one run directory")
-    paths = [Path(p) for p in run_dirs]
+    # A run still training has config.yaml and metrics.jsonl, enough for a report.
+    paths = [require_run_dir(p, "blockssl report runs/demo runs/e2e", needs=()) for p in run_dirs]
+    out_dir = require_out_dir(out, "--out") if out is not None else paths[0]
     runs = [load_run(p, n) for p, n in zip(paths, _names(paths), strict=True)]
-    out_dir = Path(out) if out is not None else paths[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     made = {
         "loss": plot_losses(runs, out_dir / FIGURES["loss"]),

@@ -66,11 +66,45 @@ def backbone_state_dict(model: BlockwiseSSL) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
 
 
+CHECKPOINT = "checkpoints/last.pt"  # in a run directory
+# How a run directory comes to hold each file that a command reads from it: the fix when one is missing.
+MAKERS = {
+    CHECKPOINT: "its pretraining has not saved a checkpoint yet; let it run, or continue it with "
+                "`blockssl pretrain --resume {path}`",
+    "probes.pt": "run `blockssl probe {path}` first",
+}
+
+
+def require_run_dir(path: str | Path, example: str, needs: tuple[str, ...] = (CHECKPOINT,), option: str = "") -> Path:
+    """``path`` as a run directory of ``blockssl pretrain`` holding ``needs`` (files of ``MAKERS``), checked when a
+    command starts: a wrong path fails in an instant, not after minutes of evaluation. The error (a
+    ``CheckpointError``: the CLI prints it and exits with status 2) names the path, as ``option`` does when given,
+    and the command's own fix: ``example``, a call that would work."""
+    path = Path(path)
+    named = f"{option} {path}" if option else str(path)
+    if not (path / "config.yaml").is_file():
+        why = "no config.yaml in it" if path.is_dir() else "it is a file" if path.exists() else "it does not exist"
+        raise CheckpointError(f"{named} is not a blockssl run directory ({why}); pass the run directory of a "
+                              f"pretraining (the out= of `blockssl pretrain`), e.g. `{example}`")
+    for need in needs:
+        if not (path / need).is_file():
+            raise CheckpointError(f"{named} has no {need}: {MAKERS[need].format(path=path)}")
+    return path
+
+
+def require_out_dir(path: str | Path, option: str) -> Path:
+    """``path`` as a folder to write into, new or existing, checked when a command starts: not a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file; give a folder to write into (created if missing)")
+    return path
+
+
 def checkpoint_model(run_dir: str | Path, device: str = "cpu") -> tuple[BlockwiseSSL, Config, int]:
     """Rebuild a run's model from ``checkpoints/last.pt`` (for evaluation and export); also returns its config and
     the step it was saved at."""
     run_dir = Path(run_dir)
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)
+    ckpt = load_checkpoint(run_dir / CHECKPOINT, mmap=True)
     cfg = from_dict(ckpt["config"])
     info = dataset_info(cfg.data)
     model = build_model(cfg, info.channels, info.image_size)

@@ -213,7 +213,7 @@ def test_bad_settings_and_missing_probes_are_clear_errors(probed_run, tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'fog'"):
         run_robustness(probed_run, ["robustness.corruptions=[fgo]"])
     unprobed = pretrain(tiny_config(tmp_path / "unprobed", "train.epochs=1"))
-    with pytest.raises(FileNotFoundError, match="blockssl probe"):
+    with pytest.raises(CheckpointError, match=r"has no probes\.pt: run `blockssl probe"):
         run_robustness(unprobed, PICK)
     # Probes of an earlier checkpoint would read features they were not trained on.
     stopped = pretrain(tiny_config(tmp_path / "stopped", "train.epochs=2"), stop_after=4)

@@ -27,7 +27,14 @@ from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.transforms import eval_transform, probe_train_transform
 from blockssl.loggers import Loggers, evaluation_loggers
 from blockssl.method import BlockwiseSSL, build_model
-from blockssl.runtime import autocast_context, checkpoint_model, progress_bar, resolve_device, seed_everything
+from blockssl.runtime import (
+    autocast_context,
+    checkpoint_model,
+    progress_bar,
+    require_run_dir,
+    resolve_device,
+    seed_everything,
+)
 
 
 class Transformed(Dataset):
@@ -474,6 +481,11 @@ def _test_accuracy(model: BlockwiseSSL, probes: list[LinearProbe], loader: DataL
 PROTOCOLS = {"fast": fast_probe, "paper": paper_probe}
 
 
+def subset_list(subset_dir: str, fraction: float) -> Path:
+    """The file of ``probe.label_subset_dir`` that lists the images of a label ``fraction``."""
+    return Path(subset_dir) / f"{fraction * 100:g}percent.txt"
+
+
 def label_subset(dataset: Dataset, candidates: torch.Tensor, labels: torch.Tensor, fraction: float,
                  subset_dir: str, seed: int) -> torch.Tensor:
     """Indices of a semi-supervised label subset among ``candidates`` (the training images the probes may use).
@@ -483,7 +495,7 @@ def label_subset(dataset: Dataset, candidates: torch.Tensor, labels: torch.Tenso
     stratified sample: the same fraction of every class, at least one image each.
     """
     if subset_dir:
-        path = Path(subset_dir) / f"{fraction * 100:g}percent.txt"
+        path = subset_list(subset_dir, fraction)
         if not path.is_file() or not hasattr(dataset, "samples"):
             raise FileNotFoundError(f"{path}: label subset list not found (or the dataset is not an ImageFolder); "
                                     "leave probe.label_subset_dir empty for stratified subsets")
@@ -502,6 +514,23 @@ def label_subset(dataset: Dataset, candidates: torch.Tensor, labels: torch.Tenso
     return torch.cat(picked).sort().values
 
 
+def _check_settings(cfg: Config, pixels: bool) -> None:
+    """What the probe settings need, checked before any feature is extracted."""
+    pc = cfg.probe
+    if pixels and pc.protocol != "fast":
+        raise ConfigError("--pixels: the raw-pixel probe follows the fast protocol only; drop --pixels or set "
+                          "probe.protocol=fast")
+    if pc.protocol == "fast" and pc.label_subset_dir:  # read after the extraction and the full-label fits
+        if cfg.data.name != "imagefolder":
+            raise ConfigError(f"probe.label_subset_dir lists ImageNet file names, this run is on data.name="
+                              f"{cfg.data.name}; leave probe.label_subset_dir empty for stratified subsets")
+        for fraction in pc.label_fractions:
+            if not subset_list(pc.label_subset_dir, fraction).is_file():
+                raise FileNotFoundError(f"{subset_list(pc.label_subset_dir, fraction)}: label subset list not found "
+                                        f"for probe.label_fractions={pc.label_fractions}; leave "
+                                        "probe.label_subset_dir empty for stratified subsets")
+
+
 def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, random_init: bool = False,
               pixels: bool = False, progress: bool = True) -> dict[str, Any]:
     """Probe a run's last checkpoint and, as references, optionally the same architecture at random initialisation
@@ -511,14 +540,12 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     Writes ``probe.json`` (results) and ``probes.pt`` (the chosen probes) in the run directory, logs the accuracies
     to the run's loggers (``probe_scalars``) at the checkpoint's step, and returns the results.
     """
-    run_dir = Path(run_dir)
+    run_dir = require_run_dir(run_dir, "blockssl probe runs/demo")
     dist.init_from_environment()
     device = str(resolve_device("auto"))
     model, cfg, step = checkpoint_model(run_dir, device)
     apply_overrides(cfg, overrides, ("probe", "data"))
-    if pixels and cfg.probe.protocol != "fast":
-        raise ConfigError("--pixels: the raw-pixel probe follows the fast protocol only; drop --pixels or set "
-                          "probe.protocol=fast")
+    _check_settings(cfg, pixels)
     loggers = evaluation_loggers(cfg, run_dir) if dist.is_main_process() else Loggers()  # a missing package fails now
     protocol = PROTOCOLS[cfg.probe.protocol]
     run_results, probes = protocol(model, cfg, seed=cfg.seed, device=device, progress=progress)

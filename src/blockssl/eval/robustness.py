@@ -42,8 +42,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from blockssl import dist
-from blockssl.checkpoint import CheckpointError, atomic_write, atomic_write_text
-from blockssl.config import Config, ConfigError, apply_overrides
+from blockssl.checkpoint import CheckpointError, atomic_write, atomic_write_text, load_checkpoint
+from blockssl.config import Config, ConfigError, apply_overrides, from_dict, parse_blocks
 from blockssl.data.datasets import ArrayImages, build_dataset, dataset_info, load_rgb
 from blockssl.data.transforms import eval_transform, pregenerated_transform
 from blockssl.eval.probe import (
@@ -57,7 +57,7 @@ from blockssl.eval.probe import (
 )
 from blockssl.loggers import Loggers, evaluation_loggers
 from blockssl.method import BlockwiseSSL
-from blockssl.runtime import checkpoint_model, progress_bar, resolve_device
+from blockssl.runtime import CHECKPOINT, checkpoint_model, progress_bar, require_run_dir, resolve_device
 
 # The 15 ImageNet-C corruptions, in the benchmark's order (noise, blur, weather, digital).
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -328,7 +328,7 @@ def evaluate_run(run_dir: str | Path, model: BlockwiseSSL, cfg: Config, step: in
     ``probes.pt``) under ``cfg.robustness``, as results without a baseline; the backbone is checked unchanged
     afterwards."""
     run_dir = Path(run_dir)
-    _check_settings(cfg)
+    _check_settings(cfg)  # idempotent: run_robustness checked them already, other callers may not have
     probes = load_probes(run_dir, step)
     expected = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
     if list(probes) != expected:
@@ -390,11 +390,27 @@ def _baseline(baseline_dir: Path, cfg: Config, overrides: list[str] | tuple[str,
     base_model, base_cfg, base_step = checkpoint_model(baseline_dir)
     apply_overrides(base_cfg, overrides, ("robustness", "data"))
     base_cfg.robustness = cfg.robustness
+    results = evaluate_run(baseline_dir, base_model, base_cfg, base_step, progress)
+    return write_results(baseline_dir, results)["blocks"], f"evaluated with the same settings and saved to {path}"
+
+
+def _check_baseline(baseline_dir: Path, cfg: Config, overrides: list[str] | tuple[str, ...], names: list[str]
+                    ) -> None:
+    """Refuse, before any evaluation, a baseline run that cannot normalise this one (whose blocks are ``names``):
+    trained on another test set, without the block ``robustness.baseline_block`` names, or probed on an earlier
+    checkpoint than its last."""
+    ckpt = load_checkpoint(baseline_dir / CHECKPOINT, mmap=True)  # mapped: the config and step, not the weights
+    base_cfg = apply_overrides(from_dict(ckpt["config"]), overrides, ("robustness", "data"))
     if base_cfg.data.name != cfg.data.name:
         raise ConfigError(f"--baseline {baseline_dir} was trained on {base_cfg.data.name!r}, this run on "
                           f"{cfg.data.name!r}: corruption errors are comparable only on the same test set")
-    results = evaluate_run(baseline_dir, base_model, base_cfg, base_step, progress)
-    return write_results(baseline_dir, results)["blocks"], f"evaluated with the same settings and saved to {path}"
+    base_names = [f"block{k + 1}" for k in range(len(parse_blocks(base_cfg.model.blocks)))] + ["concat"]
+    which = cfg.robustness.baseline_block
+    missing = sorted({n if which == "same" else which for n in names} - set(base_names))
+    if missing:
+        raise ConfigError(f"robustness.baseline_block={which!r}: the baseline has no {', '.join(missing)}; it "
+                          f"has {', '.join(base_names)} (or use 'same')")
+    load_probes(baseline_dir, ckpt["step"])
 
 
 def _alexnet_normaliser(cfg: Config, blocks: list[str]) -> tuple[dict[str, Errors], dict[str, float]]:
@@ -424,12 +440,18 @@ def run_robustness(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
     (another run on the same dataset), also CE, mCE, relative CE and relative mCE (Hendrycks & Dietterich 2019)
     normalised by its errors, block by block (``robustness.baseline_block=same``) or all by one of its blocks.
     ``progress``: progress bars (``blockssl.runtime.progress_bar``)."""
-    run_dir = Path(run_dir)
+    run_dir = require_run_dir(run_dir, "blockssl robustness runs/demo", needs=(CHECKPOINT, "probes.pt"))
+    base_dir = None if baseline is None or str(baseline) == ALEXNET else require_run_dir(
+        baseline, f"blockssl robustness {run_dir} --baseline runs/e2e", needs=(CHECKPOINT, "probes.pt"),
+        option="--baseline")
     dist.init_from_environment()
     model, cfg, step = checkpoint_model(run_dir)
     apply_overrides(cfg, overrides, ("robustness", "data"))
+    _check_settings(cfg)
     names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
-    alexnet = _alexnet_normaliser(cfg, names) if str(baseline) == ALEXNET else None  # checked before any work
+    alexnet = _alexnet_normaliser(cfg, names) if str(baseline) == ALEXNET else None
+    if base_dir is not None:
+        _check_baseline(base_dir, cfg, overrides, names)
     loggers = evaluation_loggers(cfg, run_dir) if dist.is_main_process() else Loggers()  # a missing package fails now
     results = evaluate_run(run_dir, model, cfg, step, progress)
     if baseline is None:
@@ -448,10 +470,6 @@ def run_robustness(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
     base, how = _baseline(Path(baseline), cfg, overrides, results["settings"], progress)
     which = cfg.robustness.baseline_block
     pick = {n: (n if which == "same" else which) for n in results["blocks"]}
-    missing = sorted({b for b in pick.values() if b not in base})
-    if missing:
-        raise ConfigError(f"robustness.baseline_block={which!r}: the baseline has no {', '.join(missing)}; it "
-                          f"has {', '.join(base)} (or use 'same')")
     base_errors = {n: int_keys(base[b]["errors"]) for n, b in pick.items()}
     base_clean = {n: base[b]["clean_error"] for n, b in pick.items()}
     results["blocks"] = summarize(errors, clean, base_errors, base_clean)
