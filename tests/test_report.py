@@ -11,7 +11,8 @@ from PIL import Image
 from blockssl.cli import main
 from blockssl.eval.probe import run_probe
 from blockssl.eval.robustness import run_robustness
-from blockssl.report import FIGURES, read_metrics, throughput, write_report
+from blockssl.report import FIGURES, throughput, write_report
+from blockssl.reporting import read_metrics
 from blockssl.train import pretrain
 from tests.conftest import tiny_config
 

@@ -18,7 +18,6 @@ Figures use matplotlib's object-oriented API (``Figure``, Agg canvas): no pyplot
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from matplotlib.figure import Figure
 from blockssl.config import Config, ConfigError, diff_configs, from_dict
 from blockssl.data.datasets import dataset_info
 from blockssl.eval.robustness import CORRUPTIONS, fmt_number
+from blockssl.reporting import markdown_table, palette, read_json, read_metrics
 from blockssl.runtime import require_out_dir, require_run_dir
 
 FIGURES = {"loss": "report_loss.png", "online": "report_online_probe.png", "weight_change": "report_weight_change.png",
@@ -65,27 +65,10 @@ class RunData:
             return None
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a torn last line (a killed run) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def load_run(path: str | Path, name: str) -> RunData:
     path = Path(path)
-    run = RunData(path, name, metrics=read_metrics(path / "metrics.jsonl"), probe=_read_json(path / "probe.json"),
-                  robustness=_read_json(path / "robustness.json"))
+    run = RunData(path, name, metrics=read_metrics(path / "metrics.jsonl"), probe=read_json(path / "probe.json"),
+                  robustness=read_json(path / "robustness.json"))
     try:
         run.cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()) or {})
     except ConfigError as e:  # a run of an older version with keys that no longer exist
@@ -103,13 +86,6 @@ def _block_key(name: str) -> tuple[int, str]:
     """block1 < block2 < ... < block10 < concat (also for metric names such as ``loss/block2``)."""
     match = re.search(r"block(\d+)", name)
     return (int(match.group(1)), name) if match else (1 << 30, name)
-
-
-def _colors(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -132,7 +108,7 @@ def _block_curves(runs: list[RunData], path: Path, pattern: str, *, title: str, 
     rows = math.ceil(len(keys) / cols)
     fig = Figure(figsize=(3.6 * cols, 3.0 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    colors = _colors(len(runs))
+    colors = palette(len(runs))
     for ax, key in zip(axes, keys, strict=False):
         for run, color in zip(runs, colors, strict=True):
             points = [(rec["step"], rec[key]) for rec in run.metrics if key in rec and "step" in rec]
@@ -202,7 +178,7 @@ def plot_probes(runs: list[RunData], path: Path) -> bool:
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     width = 0.8 / len(probed)
     x = np.arange(len(blocks))
-    colors = _colors(len(runs))
+    colors = palette(len(runs))
     marked = False
     top = max((v.get(k, 0.0) for r in probed if r.probe for part in ("run", "random_init")
                for v in r.probe.get(part, {}).get("blocks", {}).values() for k, _ in metrics), default=100.0)
@@ -260,7 +236,7 @@ def plot_robustness_severity(runs: list[RunData], path: Path) -> bool:
         assert run.robustness is not None
         severities = sorted(run.robustness["settings"]["severities"])
         blocks = run.robustness["blocks"]
-        colors = _colors(len(blocks))
+        colors = palette(len(blocks))
         for (name, block), color in zip(blocks.items(), colors, strict=True):
             ys = [block["clean_error"], *_mean_over_corruptions(block, severities)]
             style = {"ls": "--", "lw": 2.0} if name == "concat" else {"lw": 1.5}
@@ -322,11 +298,6 @@ def plot_robustness_heatmap(runs: list[RunData], path: Path) -> bool:
 # Tables
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def throughput(metrics: list[dict[str, Any]]) -> float | None:
     """Mean ``images_per_sec`` over the logged steps."""
     values = [rec["images_per_sec"] for rec in metrics if "images_per_sec" in rec]
@@ -341,7 +312,8 @@ def _runs_table(runs: list[RunData]) -> list[str]:
         rows.append([r.name, f"`{r.path}`", c.train.scheme if c else "?", r.loss_name,
                      f"{c.model.arch} ×{c.model.width:g}" if c else "?", f"`{c.model.blocks}`" if c else "?",
                      c.data.name if c else "?", fmt_number(last.get("step")), fmt_number(throughput(r.metrics), 0)])
-    return _table(["run", "directory", "scheme", "loss", "model", "blocks", "data", "steps", "images/s (mean)"], rows)
+    return markdown_table(["run", "directory", "scheme", "loss", "model", "blocks", "data", "steps", "images/s (mean)"],
+                          rows)
 
 
 def _config_diffs(runs: list[RunData]) -> list[str]:
@@ -376,7 +348,7 @@ def _diagnostics_table(runs: list[RunData]) -> list[str]:
             row.append(f"{fmt_number(None if change is None else 100 * change, 2)} / "
                        f"{fmt_number(last_logged(r.metrics, f'rankme/{b}'))}")
         rows.append(row)
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _probe_table(runs: list[RunData]) -> list[str]:
@@ -395,7 +367,7 @@ def _probe_table(runs: list[RunData]) -> list[str]:
                 cell += f" (random init {fmt_number(rand.get('top1'))} / {fmt_number(rand.get('knn20_top1'))})"
             row.append(cell)
         rows.append(row)
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _robustness_table(runs: list[RunData]) -> list[str]:
@@ -415,7 +387,7 @@ def _robustness_table(runs: list[RunData]) -> list[str]:
         base = res.get("baseline")
         notes.append(f"- {name}: normalisation {res['normalisation']}"
                      + (f"; baseline `{base['run']}`, block {base['block']}" if base else ""))
-    return [*_table(header, rows), "", *notes]
+    return [*markdown_table(header, rows), "", *notes]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 from blockssl.checkpoint import atomic_write_text
 from blockssl.config import ConfigError, apply_overrides
+from blockssl.reporting import read_json
 from blockssl.study.progress import is_done, missing_evaluations
 from blockssl.study.render import write_results
 from blockssl.study.spec import PIXELS, TIMING, Study, check_unchanged
@@ -27,7 +28,7 @@ def _timed(run_dir: Path, stage: str, work: Callable[[], object]) -> None:
     finally:
         path = run_dir / TIMING
         if run_dir.is_dir():
-            timing = json.loads(path.read_text()) if path.is_file() else {}
+            timing = read_json(path) or {}
             timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - start
             atomic_write_text(path, json.dumps(timing, indent=2) + "\n")
 

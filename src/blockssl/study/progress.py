@@ -3,15 +3,16 @@ on it, and the time left."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from typing import Any
 
+from blockssl.reporting import read_json
 from blockssl.study.spec import TIMING, Study
 
 
 def missing_evaluations(study: Study, variant: str, seed: int) -> list[str]:
+    """The evaluations of the run whose result file (``probe.json``, ``robustness.json``) is not there yet."""
     wanted = {"probe": "probe.json", "robustness": "robustness.json"}
     return [e for e in study.evaluations(variant) if not (study.run_dir(variant, seed) / wanted[e]).is_file()]
 
@@ -30,7 +31,7 @@ def status(study: Study) -> list[dict[str, Any]]:
     rows = []
     for variant, seed in study.runs():
         run = study.run_dir(variant, seed)
-        timing = json.loads((run / TIMING).read_text()) if (run / TIMING).is_file() else {}
+        timing = read_json(run / TIMING) or {}
         step = None
         if is_done(study, variant, seed):
             state = "done"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from blockssl.checkpoint import atomic_write_text
+from blockssl.reporting import markdown_table, palette
 from blockssl.stats import ALPHA, paired
 from blockssl.study.depth import CONCAT, depth_key
 from blockssl.study.progress import is_done
@@ -68,13 +69,13 @@ def _primary_lines(primary: list[dict[str, Any]]) -> list[str]:
     lines = ["## Primary comparisons (declared before running; Holm-corrected)", ""]
     if not primary:
         return [*lines, "None declared (`primary:` in the study file, before its runs)."]
-    lines += ["| comparison | seeds | mean difference | 95% interval | p | Holm p | verdict |",
-              "|---|---|---|---|---|---|---|"]
+    rows = []
     for r in primary:
         interval = "-" if math.isnan(r["ci95_low"]) else f"[{r['ci95_low']:.2f}, {r['ci95_high']:.2f}]"
-        lines.append(f"| {r['variant']} - {r['baseline']}, {r['block']}, {r['metric']} | {r['n']} | "
-                     + ("-" if math.isnan(r["mean"]) else f"{r['mean']:+.2f}")
-                     + f" | {interval} | {_p(r['p'])} | {_p(r['p_holm'])} | {r['verdict']} |")
+        rows.append([f"{r['variant']} - {r['baseline']}, {r['block']}, {r['metric']}", str(r["n"]),
+                     "-" if math.isnan(r["mean"]) else f"{r['mean']:+.2f}", interval, _p(r["p"]), _p(r["p_holm"]),
+                     r["verdict"]])
+    lines += markdown_table(["comparison", "seeds", "mean difference", "95% interval", "p", "Holm p", "verdict"], rows)
     return [*lines, "", f"Differences paired by seed (variant - baseline). p: two-sided paired t-test over the seeds; "
             f"Holm p: Holm's step-down adjustment over the {len(primary)} declared comparisons. A comparison holds, in "
             f"the direction of its mean, where its Holm p is below {ALPHA} (family-wise error {ALPHA}); its interval "
@@ -92,9 +93,9 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
         variants = [v for v in study.variants if any((v, b, metric) in index for b in blocks)]
         if not variants:
             continue
-        header = ["| variant | " + " | ".join(blocks) + " |", "|---" * (len(blocks) + 1) + "|"]
-        tables += ["", f"## {title}", "", *header]
-        tables += [f"| {v} | " + " | ".join(_cell(index.get((v, b, metric))) for b in blocks) + " |" for v in variants]
+        header = ["variant", *blocks]
+        rows = [[v, *(_cell(index.get((v, b, metric))) for b in blocks)] for v in variants]
+        tables += ["", f"## {title}", "", *markdown_table(header, rows)]
         pixels = index.get((PIXELS, PIXELS, metric))
         if pixels is not None:
             tables += ["", f"Raw pixels under the same probe settings (no network): {_cell(pixels)}."]
@@ -104,24 +105,24 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
         explored += sum(cell != "-" for cell in cells.values())
         if compared:
             tables += ["", "Difference to the variant's baseline, paired by seed (exploratory): mean [95% interval] "
-                       "(per-seed differences).", "", *header]
-            tables += [f"| {v} - {study.baseline_of(v)} | " + " | ".join(cells[(v, b)] for b in blocks) + " |"
-                       for v in compared]
+                       "(per-seed differences).", "",
+                       *markdown_table(header, [[f"{v} - {study.baseline_of(v)}", *(cells[(v, b)] for b in blocks)]
+                                                for v in compared])]
     if budget:
         tables += ["", "## Gap against training budget (exploratory)", "",
                    "The paired difference (variant - baseline) of each pair of a `budget` series at the deepest block "
-                   "both have, against the pair's `train.epochs`: mean [95% interval] (per-seed differences).", "",
-                   "| series | train.epochs | comparison | block | linear top-1 | kNN top-1 |",
-                   "|---|---|---|---|---|---|"]
+                   "both have, against the pair's `train.epochs`: mean [95% interval] (per-seed differences).", ""]
         points = {(r["series"], r["variant"], r["baseline"], r["metric"]): r for r in budget}
+        rows = []
         for series, pairs in study.budget.items():
             for variant, baseline in pairs:
                 found = [points.get((series, variant, baseline, m)) for m in ("linear_top1", "knn_top1")]
                 if any(found):
                     first = next(r for r in found if r)
-                    tables.append(f"| {series} | {first['epochs']} | {variant} - {baseline} | {first['block']} | "
-                                  + " | ".join(_diff_cell(r["mean"], r["mean"] - r["ci95_low"], r["seeds"]) if r
-                                               else "-" for r in found) + " |")
+                    rows.append([series, str(first["epochs"]), f"{variant} - {baseline}", first["block"],
+                                 *(_diff_cell(r["mean"], r["mean"] - r["ci95_low"], r["seeds"]) if r else "-"
+                                   for r in found)])
+        tables += markdown_table(["series", "train.epochs", "comparison", "block", "linear top-1", "kNN top-1"], rows)
     lines = [f"# Study `{study.out}`", "",
              f"Base recipe `{study.base}`, overrides `{' '.join(study.overrides) or 'none'}`, seeds "
              f"{study.seeds}{_fewer_seeds(study)}; baseline variant `{study.baseline}`.", "",
@@ -134,16 +135,16 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
              "ResNet stage k (layer k), whatever the grouping, so groupings compare at equal depth.", "",
              f"Runs finished: {sum(is_done(study, v, seed) for v, seed in study.runs())} of "
              f"{len(list(study.runs()))}.", "",
-             "| variant | overrides | baseline |", "|---|---|---|"]
-    lines += [f"| {v} | `{' '.join(study.variants[v]) or '(base)'}` | "
-              f"{'-' if v == study.baseline else study.baseline_of(v)} |" for v in study.variants]
-    lines += tables
+             *markdown_table(["variant", "overrides", "baseline"],
+                             [[v, f"`{' '.join(study.variants[v]) or '(base)'}`",
+                               "-" if v == study.baseline else study.baseline_of(v)] for v in study.variants]),
+             *tables]
     times = [(v, index[(v, "", "train_time_s")]) for v in study.variants if (v, "", "train_time_s") in index]
     if times:
         lines += ["", "## Training time (s per run)", "",
                   "Wall-clock seconds of pretraining on the machine that ran it, summed over resumptions: it counts "
-                  "whatever else shared that machine.", "", "| variant | seconds |", "|---|---|"]
-        lines += [f"| {v} | {_pm(s['mean'], s['std'], 0)} |" for v, s in times]
+                  "whatever else shared that machine.", "",
+                  *markdown_table(["variant", "seconds"], [[v, _pm(s["mean"], s["std"], 0)] for v, s in times])]
     lines += ["", *[f"![{name}]({name})" for name in figures], ""]
     return "\n".join(lines)
 
@@ -203,7 +204,6 @@ def _differences_figure(study: Study, values: Values, out: Path) -> str | None:
     """Paired differences (variant - baseline) per block: the mean with its 95% interval and the per-seed
     differences, a row of panels per baseline (the variants compared with it, and the primaries against it), linear
     and kNN top-1 side by side; primary comparisons on a shaded band."""
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -224,7 +224,7 @@ def _differences_figure(study: Study, values: Values, out: Path) -> str | None:
     if not groups:
         return None
     primaries = {(c.variant, c.baseline, c.block, c.metric) for c in study.primary}
-    colors = {b: colormaps["tab10"](i % 10) for i, b in enumerate(blocks)}
+    colors = dict(zip(blocks, palette(len(blocks)), strict=True))
     spread = 0.8 / len(blocks)  # the blocks of one variant share its row
     fig = Figure(figsize=(6.0 * len(metrics) + 1.5, 1.2 + sum(0.5 * len(vs) + 0.8 for vs in groups.values())),
                  layout="constrained")
@@ -273,7 +273,6 @@ def _differences_figure(study: Study, values: Values, out: Path) -> str | None:
 def _budget_figure(budget: list[dict[str, Any]], out: Path) -> str | None:
     """Each budget series' paired difference at its deepest block against ``train.epochs``: mean and 95% interval,
     points per seed; linear and kNN top-1 side by side."""
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     metrics = [m for m in ("linear_top1", "knn_top1") if any(r["metric"] == m for r in budget)]
@@ -292,9 +291,8 @@ def _budget_figure(budget: list[dict[str, Any]], out: Path) -> str | None:
     fig = Figure(figsize=(4.8 * len(metrics), 3.8), layout="constrained")
     for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False).ravel(), metrics, strict=True):
         points = [r for r in budget if r["metric"] == metric]
-        for k, name in enumerate(series):
+        for k, (name, color) in enumerate(zip(series, palette(len(series)), strict=True)):
             mine = sorted((r for r in points if r["series"] == name), key=lambda r: r["epochs"])
-            color = colormaps["tab10"](k % 10)
             ax.errorbar([shifted(r["epochs"], k) for r in mine], [r["mean"] for r in mine],
                         yerr=[r["mean"] - r["ci95_low"] for r in mine], color=color, marker="o", capsize=3,
                         label=name)

@@ -4,12 +4,12 @@ series."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from blockssl.reporting import read_json, read_metrics
 from blockssl.stats import ALPHA, Paired, holm, mean_std, paired
 from blockssl.study.depth import CONCAT, depth_key, depth_names
 from blockssl.study.spec import PIXELS, TIMING, Comparison, Study
@@ -19,10 +19,6 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
     """One tidy row per (variant, seed, block, metric) of every evaluated run, blocks named by depth
     (``depth_names``); robustness normalised by the baseline variant's run of the same seed."""
     from blockssl.eval.robustness import int_keys, summarize
-
-    def load(run: Path, name: str) -> dict[str, Any] | None:
-        path = run / name
-        return json.loads(path.read_text()) if path.is_file() else None
 
     def probe_rows(variant: str, seed: int, probe: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
         out = []
@@ -41,13 +37,13 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for variant, seed in study.runs():
         run = study.run_dir(variant, seed)
-        probe = load(run, "probe.json")
+        probe = read_json(run / "probe.json")
         if probe is None:
             continue
         names = depth_names(run)
         rows += probe_rows(variant, seed, probe, names)
         base_run = study.run_dir(study.baseline, seed)
-        robust, base = load(run, "robustness.json"), load(base_run, "robustness.json")
+        robust, base = read_json(run / "robustness.json"), read_json(base_run / "robustness.json")
         if robust is not None and base is not None:
             # each block is normalised by the baseline's block of the same depth
             base_names = depth_names(base_run)
@@ -62,11 +58,11 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
                 rows += [dict(variant=variant, seed=seed, block=d, metric=m, value=s[m])
                          for m in ("mce", "relative_mce")]
         rows += diagnostic_rows(variant, seed, run, names)
-        timing = load(run, TIMING) or {}
+        timing = read_json(run / TIMING) or {}
         if "pretrain_s" in timing:
             rows.append(dict(variant=variant, seed=seed, block="", metric="train_time_s", value=timing["pretrain_s"]))
     for seed in study.seeds:
-        pixels = load(Path(study.out) / PIXELS / f"seed{seed}", "probe.json")
+        pixels = read_json(Path(study.out) / PIXELS / f"seed{seed}" / "probe.json")
         rows += probe_rows(PIXELS, seed, pixels, {}) if pixels is not None else []
     return rows
 
@@ -75,9 +71,8 @@ def diagnostic_rows(variant: str, seed: int, run: Path, names: dict[str, str]) -
     """The training diagnostics of the run's last logged line (``blockssl.diagnostics``): did each block's weights
     move (``weight_change``, in % of their initial norm) and do its features span many directions (``rankme``)?
     None for runs logged before they existed."""
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
+    records = read_metrics(run / "metrics.jsonl")
+    last = records[-1] if records else {}
     rows = []
     for key, value in last.items():
         metric, _, block = key.partition("/")
