@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], overrides: l
             out: str) -> None:
     from blockssl import dist
     from blockssl.data.datasets import dataset_info
-    from blockssl.execution import Trainer, build_optimizers, encode_record, lean_step
+    from blockssl.execution import StepTerms, Trainer, build_optimizers, lean_step
     from blockssl.method import build_model
     from blockssl.optim import set_lr
     from blockssl.pipeline import (
@@ -99,7 +99,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], overrides: l
         set_lr(opt, 0.1)
     trainer = Trainer(model, optimizers, torch.amp.GradScaler("cpu", enabled=False), nullcontext(), cfg.seed,
                       stage_blocks=layout.blocks)
-    link = Link(layout, cpu, cfg.train.in_flight) if layout.pipelined else None
+    link = Link(layout, cpu, cfg.train.in_flight, n) if layout.pipelined else None
     batch = cfg.train.batch_size
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(2, batch, info.channels, info.image_size, info.image_size, generator=g) for _ in range(4)]
@@ -118,7 +118,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], overrides: l
             x1, x2 = inputs[i % len(inputs)]
         else:
             assert link is not None
-            msg = link.receive(n)
+            msg = link.receive()
             x1, x2 = msg.h1, msg.h2
         t0 = time.perf_counter()
         step = lean_step(trainer, x1, x2, i)
@@ -126,7 +126,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], overrides: l
         if i == 0:
             output_bytes = [step.outputs[0][0].numel() * 4 * 2]  # both views of one image, float32
         if link is not None and not layout.last:
-            link.send(Message(*step.outputs, labels, encode_record(n)))
+            link.send(Message(*step.outputs, labels, StepTerms()))
     if link is not None:
         link.flush()
     wall = time.perf_counter() - start
@@ -172,7 +172,7 @@ def resnet50_figures(steps: int) -> dict[str, Any]:
     """Per-block and end-to-end step seconds of the paper's model at 224 px, batch 8, on this CPU, and the
     parameters each block (with head and projector) and the end-to-end model train."""
     from blockssl.config import load_config
-    from blockssl.execution import STRATEGIES, Trainer, build_optimizers
+    from blockssl.execution import Trainer, build_optimizers, reference_step
     from blockssl.method import build_model
     from blockssl.pipeline import measure_block_seconds
 
@@ -189,7 +189,7 @@ def resnet50_figures(steps: int) -> dict[str, Any]:
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        STRATEGIES["reference"](trainer, x, x, i)
+        reference_step(trainer, x, x, i)
         times.append(time.perf_counter() - t0)
     bw = build_model(cfg, 3, 224)
     params = [sum(p.numel() for m in bw.block_modules(k) for p in m.parameters()) for k in range(4)]

@@ -209,7 +209,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from blockssl.config import execution_strategy, load_config, loss_blocks
-    from blockssl.execution import STRATEGIES, Trainer, build_optimizers
+    from blockssl.execution import STEPS, Trainer, build_optimizers
     from blockssl.memory import model_accounting
     from blockssl.method import build_model
     from blockssl.optim import set_lr
@@ -225,7 +225,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                  f"train.device={spec['device']}", "train.progress=false"]
     recipe = ROOT.parent / spec["recipe"] if spec["recipe"] else None
     cfg = load_config(recipe, overrides)
-    strategy = STRATEGIES[execution_strategy(cfg)]
+    strategy = STEPS[execution_strategy(cfg)]
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
     x1 = torch.randn(batch, channels, size, size, device=device).to(memory_format=memory_format)
@@ -266,7 +266,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        loss = step.result.scalars()["loss"]
+        loss = step.terms.logged()["loss"]
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss {loss} at step {i}")
         losses.append(loss)

@@ -18,9 +18,12 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import blockssl.train as train
 from blockssl.cli import main
+from blockssl.strategy import Local, Stage
 
 
 class InjectedFault(RuntimeError):
@@ -28,7 +31,7 @@ class InjectedFault(RuntimeError):
 
 
 def inject(fault: str, at: int) -> None:
-    lr_factor, save = train.lr_factor, train._save
+    lr_factor = train.lr_factor
 
     def lr_factor_with_fault(step: int, *args: object) -> float:  # called once per step, with the step from 0
         if step + 1 == at:
@@ -40,14 +43,19 @@ def inject(fault: str, at: int) -> None:
                 os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
         return lr_factor(step, *args)  # type: ignore[arg-type]
 
-    def save_with_fault(out: object, model: object, layout: object, optimizers: object, scaler: object, step: int,
-                        *args: object, **kwargs: object) -> None:
-        if step == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        save(out, model, layout, optimizers, scaler, step, *args, **kwargs)  # type: ignore[arg-type]
+    def with_fault(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+        saves = []
+
+        def checkpoint_with_fault(*args: object) -> Any:  # a checkpoint after every step: the AT-th is step AT's
+            saves.append(1)
+            if len(saves) == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return checkpoint(*args)
+        return checkpoint_with_fault
 
     if fault == "save":
-        train._save = save_with_fault  # type: ignore[assignment]
+        for kind in (Local, Stage):
+            kind.checkpoint = with_fault(kind.checkpoint)  # type: ignore[method-assign]
     else:
         train.lr_factor = lr_factor_with_fault  # type: ignore[assignment]
 

@@ -24,6 +24,7 @@ from blockssl.config import (
     resume_config,
     to_dict,
 )
+from blockssl.models.backbone import stage_names
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -166,7 +167,7 @@ def test_parse_blocks(spec, blocks):
 )
 def test_bad_block_groupings(spec):
     with pytest.raises(ConfigError, match=r"model\.blocks"):
-        parse_blocks(spec)
+        parse_blocks(spec, stage_names("resnet50"))
     with pytest.raises(ConfigError, match=r"model\.blocks"):
         load_config(overrides=[f"model.blocks={spec}"])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blockssl.config import Config
-from blockssl.execution import STRATEGIES, StepResult, Trainer, build_optimizers
+from blockssl.execution import STEPS, StepTerms, Trainer, build_optimizers
 from blockssl.method import BlockOutput, BlockwiseSSL, build_model
 from blockssl.models.noise import noise_generator
 from tests.conftest import assert_same_tensors, tiny_config
@@ -78,14 +78,14 @@ def test_blocks_without_a_loss_are_read_by_global_average_pooling(tmp_path):
     torch.testing.assert_close(feats[0], pooled)
 
 
-def _run_steps(model: BlockwiseSSL, cfg: Config, execution: str, steps: int) -> list[StepResult]:
+def _run_steps(model: BlockwiseSSL, cfg: Config, execution: str, steps: int) -> list[StepTerms]:
     optimizers = build_optimizers(model, cfg.train)
     for opt in optimizers.values():
         for g in opt.param_groups:
             g["lr"] = g["base_lr"]
     trainer = Trainer(model, optimizers, torch.amp.GradScaler("cpu", enabled=False), nullcontext(), cfg.seed)
     model.train()
-    return [STRATEGIES[execution](trainer, *_views(), step).result for step in range(steps)]
+    return [STEPS[execution](trainer, *_views(), step).terms for step in range(steps)]
 
 
 @pytest.mark.parametrize("optimizer", ["lars", "sgd", "adamw"])
@@ -97,7 +97,7 @@ def test_lean_execution_equals_reference(tmp_path, optimizer):
     reference_terms = _run_steps(reference, cfg, "reference", steps=3)
     # Bit-identical: the same noise (keyed by block and step), and each block's gradient comes from its own loss.
     assert_same_tensors(model.state_dict(), reference.state_dict())
-    assert [t.scalars() for t in lean_terms] == [t.scalars() for t in reference_terms]
+    assert [t.logged() for t in lean_terms] == [t.logged() for t in reference_terms]
     # Every block learns (guards against gradients zeroed after the per-block backward).
     for k in range(model.num_blocks):
         moved = [not torch.equal(p, q) for p, q in zip(model.optimizer_parameters(k),

@@ -11,8 +11,8 @@ import torch
 
 from blockssl.checkpoint import load_checkpoint
 from blockssl.config import ConfigError, resume_config
-from blockssl.execution import StepResult, add_terms, decode_terms, encode_record
-from blockssl.pipeline import balanced_stages
+from blockssl.execution import StepTerms
+from blockssl.pipeline import _decode, _encode, balanced_stages
 from blockssl.train import pretrain
 from tests.conftest import DDP_RUN, assert_same_model, assert_same_tensors, run_metrics, spawn, tiny_config
 
@@ -79,17 +79,21 @@ def test_pipeline_needs_a_multiple_of_its_stages_in_processes(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the run directory exists
 
 
-def test_record_carries_every_blocks_terms_as_one_process_logs_them():
-    record = encode_record(4)
-    first, second = StepResult(skipped=1), StepResult()
-    first.losses[0], first.spreads[0] = torch.tensor(2.0), torch.tensor(0.5)
-    second.losses[2], second.spreads[2] = torch.tensor(float("nan")), torch.tensor(0.25)
-    second.saved[2] = 3 * 2**20  # measured at logging steps only (train.log_saved_memory)
-    first.weight_change[0], second.weight_change[2] = torch.tensor(0.04), torch.tensor(0.5)  # at logging steps
-    first.rankme[0], first.rankme[1] = torch.tensor(12.5), torch.tensor(3.0)  # a block without a loss has features
-    add_terms(record, first, {"online/block1_top1": 40.0, "online/block1_loss": 1.5})
-    add_terms(record, second, {})
-    terms = decode_terms(record, 4)
+def test_terms_cross_the_wire_and_merge_into_what_one_process_logs():
+    first, second = StepTerms(skipped=1, replaced=2), StepTerms()
+    first.block(0).loss, first.block(0).spread = torch.tensor(2.0), torch.tensor(0.5)
+    second.block(2).loss, second.block(2).spread = torch.tensor(float("nan")), torch.tensor(0.25)
+    second.block(2).saved_mb = 3.0  # measured at logging steps only (train.log_saved_memory)
+    first.block(0).weight_change, second.block(2).weight_change = torch.tensor(0.04), torch.tensor(0.5)
+    first.block(0).rankme, first.block(1).rankme = torch.tensor(12.5), torch.tensor(3.0)  # no loss, but features
+    first.block(0).online_top1, first.block(0).online_loss = 40.0, 1.5
+    loss_mask = 1  # block 1 carries a loss (sent in the header)
+    received = _decode(_encode(first, 4, torch.device("cpu")), loss_mask, 4)
+    terms_sent = received.merge(second)
+    assert int(terms_sent.skipped) == 1 and int(terms_sent.replaced) == 2
+    merged = first.merge(second)  # what one process holding every block logs
+    terms = terms_sent.logged()
+    assert terms == pytest.approx(merged.logged(), nan_ok=True) and list(terms) == list(merged.logged())
     assert list(terms)[:5] == ["loss", "loss/block1", "std/block1", "loss/block3", "std/block3"]
     assert terms["saved_mb/block3"] == 3.0 and "saved_mb/block1" not in terms
     assert [k for k in terms if k.startswith(("weight_change/", "rankme/"))] == [
@@ -97,7 +101,7 @@ def test_record_carries_every_blocks_terms_as_one_process_logs_them():
     assert terms["weight_change/block1"] == pytest.approx(0.04) and terms["rankme/block2"] == 3.0
     assert terms["loss/block1"] == 2.0 and terms["std/block3"] == 0.25 and terms["online/block1_top1"] == 40.0
     assert terms["loss/block3"] != terms["loss/block3"]  # a non-finite loss is logged, not dropped
-    assert "online/block3_top1" not in terms and record[1] == 1
+    assert "online/block3_top1" not in terms
 
 
 def test_balanced_stages_minimise_the_slowest_stage():
@@ -148,7 +152,7 @@ def _later_stage_without_data_worker(rank: int, world: int, out: str, overrides:
             raise AssertionError("a later pipeline stage built the pretraining set")
 
         monkeypatch = pytest.MonkeyPatch()
-        monkeypatch.setattr("blockssl.train.two_view_dataset", refuse)
+        monkeypatch.setattr("blockssl.strategy.two_view_dataset", refuse)
     pretrain(tiny_config(out, *overrides))
 
 

@@ -272,7 +272,7 @@ def test_blocks_are_named_by_depth_so_groupings_compare_at_equal_depth(tmp_path)
     for blocks, names in (("stem+layer1,layer2,layer3,layer4", ["block1", "block2", "block3", "block4"]),
                           ("stem+layer1+layer2,layer3+layer4", ["block2", "block4"]),
                           ("stem,layer1+layer2+layer3,layer4", ["stem", "block3", "block4"])):
-        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"blocks": blocks}}))
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "resnet18", "blocks": blocks}}))
         assert depth_names(tmp_path) == {f"block{k + 1}": n for k, n in enumerate(names)}
 
 

@@ -46,11 +46,12 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from blockssl.export import export_run
+    from blockssl.export import export_run, loads_into
 
     paths = export_run(args.run_dir, args.out)
     for p in paths:
         print(p)
+    print(f"{paths[0].name} loads into {loads_into(args.run_dir)}")
 
 
 def _study(args: argparse.Namespace) -> None:

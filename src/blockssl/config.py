@@ -19,10 +19,6 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
-Arch = Literal[
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d",
-]  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -60,11 +56,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Arch = "resnet50"
-    # Grouping of stages into blocks: blocks separated by ",", stages of one block joined by "+".
+    # A registered backbone (blockssl.models.backbone.FAMILIES): resnet18, resnet34, resnet50, resnet101, resnet152,
+    # wide_resnet50_2, wide_resnet101_2, resnext50_32x4d
+    arch: str = "resnet50"
+    # Grouping of the backbone's stages into blocks: blocks separated by ",", stages of one block joined by "+".
     # Paper default: 4 blocks (stem+layer1, layer2, layer3, layer4).
     blocks: str = "stem+layer1,layer2,layer3,layer4"
-    stem: Literal["auto", "imagenet", "small"] = "auto"  # small = 3x3 stride-1 conv, no max-pool
+    # ResNets: small = 3x3 stride-1 conv, no max-pool; auto = small up to 64 px images
+    stem: Literal["auto", "imagenet", "small"] = "auto"
     in_channels: int = 0  # 0 = the dataset's channels
     width: float = 1.0  # multiplier of every stage's width (CPU-scale models)
     zero_init_residual: bool = True
@@ -445,21 +444,17 @@ def describe_keys() -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Derived settings and cross-field checks
 
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
-
-
-def parse_blocks(spec: str) -> list[list[str]]:
-    """``"stem+layer1,layer2,layer3,layer4"`` -> ``[["stem", "layer1"], ["layer2"], ...]``, checked.
-
-    Every stage must appear exactly once and in network order, since block k+1 reads block k's output.
-    """
+def parse_blocks(spec: str, stages: tuple[str, ...] | None = None) -> list[list[str]]:
+    """``"stem+layer1,layer2,layer3,layer4"`` -> ``[["stem", "layer1"], ["layer2"], ...]``; with ``stages`` (the
+    backbone's, in order) checked: every stage exactly once and in network order, since block k+1 reads block k's
+    output."""
     blocks = [[s.strip() for s in group.split("+") if s.strip()] for group in spec.split(",")]
     flat = [s for b in blocks for s in b]
-    if any(not b for b in blocks) or flat != list(STAGES):
+    if any(not b for b in blocks) or (stages is not None and flat != list(stages)):
+        example = ",".join(stages or ("stem+layer1", "layer2", "layer3", "layer4"))
         raise ConfigError(
-            f"model.blocks: {spec!r} must list each stage of {'+'.join(STAGES)} exactly once, in order, "
-            "grouped into blocks by ',' (e.g. 'stem+layer1,layer2,layer3,layer4' or "
-            "'stem+layer1+layer2,layer3+layer4')")
+            f"model.blocks: {spec!r} must list each stage of {'+'.join(stages or ('...',))} exactly once, in order, "
+            f"grouped into blocks by ',' and '+' (e.g. {example!r})")
     return blocks
 
 
@@ -545,7 +540,13 @@ def check_lr_convention(cfg: Config) -> str | None:
 def validate(cfg: Config, saved: bool = False) -> None:
     """Cross-field checks, each naming the key and the fix. ``saved``: a run's own configuration, where checks added
     since it was made warn instead (its results were computed under it)."""
-    blocks = parse_blocks(cfg.model.blocks)
+    from blockssl.models.backbone import stage_names  # here: importing blockssl.config stays free of torch
+
+    try:
+        stages = stage_names(cfg.model.arch)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    blocks = parse_blocks(cfg.model.blocks, stages)
     n = len(blocks)
     t, m, d = cfg.train, cfg.model, cfg.data
     positive = {"train.epochs": t.epochs, "train.batch_size": t.batch_size, "model.head_dim": m.head_dim,

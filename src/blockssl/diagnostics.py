@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from blockssl.execution import StepResult
+from blockssl.execution import StepTerms
 from blockssl.method import BlockwiseSSL
 
 
@@ -60,11 +60,11 @@ def snapshot(model: BlockwiseSSL, blocks: Iterable[int]) -> dict[int, list[torch
     return {k: [w.detach().clone() for w in block_weights(model, k)] for k in blocks}
 
 
-def add_diagnostics(result: StepResult, model: BlockwiseSSL, initial: dict[int, list[torch.Tensor]],
+def add_diagnostics(terms: StepTerms, model: BlockwiseSSL, initial: dict[int, list[torch.Tensor]],
                     blocks: list[int], features: list[torch.Tensor]) -> None:
-    """Write into ``result`` the weight change of every block of ``initial`` and the RankMe of ``features``, the
+    """Write into ``terms`` the weight change of every block of ``initial`` and the RankMe of ``features``, the
     view-1 head features of ``blocks`` (the blocks run, in order): 0-d tensors on the device, read at logging."""
     for k, weights in initial.items():
-        result.weight_change[k] = relative_change(block_weights(model, k), weights)
+        terms.block(k).weight_change = relative_change(block_weights(model, k), weights)
     for k, feature in zip(blocks, features, strict=True):
-        result.rankme[k] = rankme(feature)
+        terms.block(k).rankme = rankme(feature)

@@ -10,7 +10,7 @@ The unit is :class:`Trainer`'s ``forward`` (block k on both views, noise, head, 
 - pipeline: lean over the blocks of this process's stage, its input received from the previous stage's process
   and its output sent on to the next one (``blockssl.pipeline``).
 
-Every strategy returns a :class:`Step`; none of them depends on where a block runs: each block's noise comes from
+Every step returns a :class:`Step`; none of them depends on where a block runs: each block's noise comes from
 a generator keyed by (seed, replica, block, step).
 """
 
@@ -35,96 +35,79 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclass
-class StepResult:
-    """One step's scalar terms per loss block (numbered from 0), as 0-d tensors on the device: reading them is a
-    host synchronisation, done at logging steps only."""
+class BlockTerms:
+    """One block's scalar terms of a step, 0-d tensors on the device: reading them is a host synchronisation, done
+    at logging steps only. ``None``, or NaN in terms received from another pipeline stage, where not measured."""
 
-    losses: dict[int, torch.Tensor] = field(default_factory=dict)
-    spreads: dict[int, torch.Tensor] = field(default_factory=dict)  # embedding spread, 1 = spread over the sphere
-    skipped: int = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite=skip)
-    saved: dict[int, int] = field(default_factory=dict)  # bytes saved for backward per block, when measured
+    loss: torch.Tensor | None = None  # detached; None for a block without a loss
+    spread: torch.Tensor | None = None  # embedding spread, 1 = spread over the sphere
+    online_top1: torch.Tensor | float | None = None  # online probe, metrics window ending at this (logging) step
+    online_loss: torch.Tensor | float | None = None
+    saved_mb: torch.Tensor | float | None = None  # MiB saved for backward, when measured
     # At logging steps (blockssl.diagnostics): ||W - W0|| / ||W0|| of the block's convolutions, and RankMe of its
     # view-1 head features.
-    weight_change: dict[int, torch.Tensor] = field(default_factory=dict)
-    rankme: dict[int, torch.Tensor] = field(default_factory=dict)
+    weight_change: torch.Tensor | None = None
+    rankme: torch.Tensor | None = None
+
+
+# The terms logged per block after its loss and spread, in order, under ``{name}/block{k}`` ("online" as
+# ``online/block{k}_top1`` and ``_loss``).
+MEASURES = ("online_top1", "online_loss", "saved_mb", "weight_change", "rankme")
+
+
+@dataclass
+class StepTerms:
+    """A step's terms: per block (numbered from 0), and the run's counts. A pipeline stage receives the terms of the
+    blocks before it with its batch, adds its own and sends them on; the last stage logs them all."""
+
+    blocks: dict[int, BlockTerms] = field(default_factory=dict)
+    skipped: int | torch.Tensor = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite=skip)
+    replaced: int | torch.Tensor = 0  # unreadable images replaced in this batch
+
+    def block(self, k: int) -> BlockTerms:
+        return self.blocks.setdefault(k, BlockTerms())
+
+    def merge(self, own: StepTerms) -> StepTerms:
+        """These terms (of the batch, or received from the previous stage) with this process's step's own."""
+        self.blocks.update(own.blocks)
+        self.skipped = self.skipped + own.skipped
+        return self
 
     def add(self, k: int, out: BlockOutput) -> None:
-        if out.loss is not None and out.spread is not None:
-            self.losses[k], self.spreads[k] = out.loss.detach(), out.spread
+        if out.loss is not None:
+            self.block(k).loss, self.block(k).spread = out.loss.detach(), out.spread
 
-    def scalars(self) -> dict[str, float]:
-        """``loss`` (the sum over blocks), ``loss/block{k}`` and ``std/block{k}`` (numbered from 1), as logged."""
-        num_blocks = max(self.losses, default=-1) + 1
-        record = encode_record(num_blocks)
-        add_terms(record, self, {})
-        return decode_terms(record, num_blocks)
-
-
-# The record of a step's terms, as logged, and as a pipeline hands it from stage to stage with its batch: a header,
-# then per block whether it has a loss, its loss and embedding spread, its online-probe top-1 and loss of the
-# metrics window ending at this step, the MiB it saved for backward, its weights' relative change from initialisation
-# and the RankMe of its features (NaN where a block has none).
-HEADER = ("stop", "skipped", "replaced")
-SLOTS = ("has_loss", "loss", "std", "online_top1", "online_loss", "saved_mb", "weight_change", "rankme")
-
-
-def encode_record(num_blocks: int, device: torch.device | None = None) -> torch.Tensor:
-    """An empty record, on the device of the terms written into it (no host synchronisation per step)."""
-    record = torch.full((len(HEADER) + len(SLOTS) * num_blocks,), math.nan, dtype=torch.float64, device=device)
-    record[: len(HEADER)] = 0
-    return record
-
-
-def _slot(k: int, name: str) -> int:
-    return len(HEADER) + len(SLOTS) * k + SLOTS.index(name)
-
-
-def add_terms(record: torch.Tensor, result: StepResult, online: dict[str, float]) -> None:
-    """Write this process's terms of the step (and online-probe window metrics, at logging steps) into ``record``."""
-    record[HEADER.index("skipped")] += result.skipped
-    for k, loss in result.losses.items():
-        record[_slot(k, "has_loss")] = 1
-        record[_slot(k, "loss")] = loss
-        record[_slot(k, "std")] = result.spreads[k]
-    for k, saved in result.saved.items():
-        record[_slot(k, "saved_mb")] = saved / 2**20
-    for k, change in result.weight_change.items():
-        record[_slot(k, "weight_change")] = change
-    for k, rank in result.rankme.items():
-        record[_slot(k, "rankme")] = rank
-    for key, value in online.items():  # online/block{k}_top1 and _loss
-        block, name = key.removeprefix("online/block").split("_")
-        record[_slot(int(block) - 1, f"online_{name}")] = value
-
-
-def decode_terms(record: torch.Tensor, num_blocks: int) -> dict[str, float]:
-    """The logged terms of a record: ``loss`` (summed over blocks), ``loss/block{k}``, ``std/block{k}``, then the
-    online-probe metrics, ``saved_mb/block{k}``, ``weight_change/block{k}`` and ``rankme/block{k}``, as a single
-    process logs them."""
-    values = record.tolist()
-    losses = [k for k in range(num_blocks) if values[_slot(k, "has_loss")] == 1]
-    terms = {"loss": sum(values[_slot(k, "loss")] for k in losses)}
-    for k in losses:
-        terms[f"loss/block{k + 1}"] = values[_slot(k, "loss")]
-        terms[f"std/block{k + 1}"] = values[_slot(k, "std")]
-    for k in range(num_blocks):
-        for name in ("top1", "loss"):
-            value = values[_slot(k, f"online_{name}")]
-            if not math.isnan(value):
-                terms[f"online/block{k + 1}_{name}"] = value
-    for name in ("saved_mb", "weight_change", "rankme"):  # where measured
-        for k in range(num_blocks):
-            if not math.isnan(value := values[_slot(k, name)]):
-                terms[f"{name}/block{k + 1}"] = value
-    return terms
+    def logged(self) -> dict[str, float]:
+        """``loss`` (the sum over blocks), ``loss/block{k}`` and ``std/block{k}`` (numbered from 1), then the online
+        probe's, ``saved_mb``, ``weight_change`` and ``rankme`` of each block where measured: what is logged. One
+        host transfer."""
+        order = sorted(self.blocks)
+        slots = [(k, name) for k in order for name in ("loss", "spread", *MEASURES)
+                 if getattr(self.blocks[k], name) is not None]
+        device = next((v.device for k, name in slots if torch.is_tensor(v := getattr(self.blocks[k], name))), None)
+        values = torch.stack([torch.as_tensor(getattr(self.blocks[k], name), dtype=torch.float64, device=device)
+                              for k, name in slots]).tolist() if slots else []
+        value = dict(zip(slots, values, strict=True))
+        losses = [k for k in order if self.blocks[k].loss is not None]
+        terms = {"loss": sum(value[k, "loss"] for k in losses)}
+        for k in losses:
+            terms[f"loss/block{k + 1}"] = value[k, "loss"]
+            terms[f"std/block{k + 1}"] = value[k, "spread"]
+        for group in (("online_top1", "online_loss"), ("saved_mb",), ("weight_change",), ("rankme",)):
+            for k in order:
+                for name in group:  # NaN: not measured (terms received from another stage)
+                    if (k, name) in value and not math.isnan(value[k, name]):
+                        key = f"online/block{k + 1}_{name[7:]}" if name.startswith("online") else f"{name}/block{k + 1}"
+                        terms[key] = value[k, name]
+        return terms
 
 
 @dataclass
 class Step:
-    """What a strategy's step returns: the scalar terms, the online-probe features of the blocks run (view 1,
-    detached, in block order), and the last block's detached outputs (what a pipeline stage sends on)."""
+    """What a step returns: the scalar terms, the online-probe features of the blocks run (view 1, detached, in
+    block order), and the last block's detached outputs (what a pipeline stage sends on)."""
 
-    result: StepResult
+    terms: StepTerms
     features: list[torch.Tensor]
     outputs: tuple[torch.Tensor, torch.Tensor]
 
@@ -204,19 +187,19 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return stepped
 
-    def lean_blocks(self, blocks: Iterable[int], h1: torch.Tensor, h2: torch.Tensor, step: int, result: StepResult,
+    def lean_blocks(self, blocks: Iterable[int], h1: torch.Tensor, h2: torch.Tensor, step: int, terms: StepTerms,
                     features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks in order, each updated before the next runs; returns the last one's detached outputs. Terms go
-        to ``result``, view-1 head features to ``features`` when given."""
+        to ``terms``, view-1 head features to ``features`` when given."""
         for k in blocks:
             out = self.forward(k, h1, h2, step, feature=features is not None)
             if out.loss is not None:
                 if self.loss_finite(k, out.loss, step):
                     self.backward(out.loss)
-                    result.skipped += not self.update(k, step)  # before block k+1: its gradients are freed
+                    terms.skipped += not self.update(k, step)  # before block k+1: its gradients are freed
                 else:
-                    result.skipped += 1
-            result.add(k, out)
+                    terms.skipped += 1
+            terms.add(k, out)
             if features is not None and out.feature is not None:
                 features.append(out.feature)
             h1, h2 = out.h1.detach(), out.h2.detach()
@@ -228,31 +211,31 @@ def reference_step(t: Trainer, x1: torch.Tensor, x2: torch.Tensor, step: int, fe
     generators = {k: g for k in t.blocks if (g := t.generator(k, step, x1.device)) is not None}
     with t.autocast:
         outs = t.model(x1, x2, generators=generators, features=features)
-    result = StepResult()
+    terms = StepTerms()
     losses = {k: out.loss for k, out in enumerate(outs) if out.loss is not None}
     if all([t.loss_finite(k, loss, step) for k, loss in losses.items()]):
         total = x1.new_zeros(())
         for loss in losses.values():
             total = total + loss
         t.backward(total)
-        result.skipped = sum(not t.update(k, step) for k in losses)
+        terms.skipped = sum(not t.update(k, step) for k in losses)
     else:
-        result.skipped = 1
+        terms.skipped = 1
     t.scaler.update()
     for k, out in enumerate(outs):
-        result.add(k, out)
-    return Step(result, [out.feature for out in outs if out.feature is not None],
+        terms.add(k, out)
+    return Step(terms, [out.feature for out in outs if out.feature is not None],
                 (outs[-1].h1.detach(), outs[-1].h2.detach()))
 
 
 def lean_step(t: Trainer, x1: torch.Tensor, x2: torch.Tensor, step: int, features: bool = False) -> Step:
     """Each of this process's blocks forward, backward and step in turn; a pipeline stage's step is this one, on
     the inputs its process received."""
-    result = StepResult()
+    terms = StepTerms()
     feats: list[torch.Tensor] | None = [] if features else None
-    outputs = t.lean_blocks(t.blocks, x1, x2, step, result, feats)
+    outputs = t.lean_blocks(t.blocks, x1, x2, step, terms, feats)
     t.scaler.update()
-    return Step(result, feats or [], outputs)
+    return Step(terms, feats or [], outputs)
 
 
-STRATEGIES = {"reference": reference_step, "lean": lean_step, "pipeline": lean_step}
+STEPS = {"reference": reference_step, "lean": lean_step}

@@ -1,19 +1,24 @@
-"""Export a run: a backbone state dict torchvision loads, and the per-block heads and projectors beside it."""
+"""Export a run: a backbone state dict its family's library loads (torchvision for ResNets), and the per-block heads
+and projectors beside it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from blockssl.checkpoint import atomic_save
 from blockssl.config import dump_config
+from blockssl.models.backbone import family_of
 from blockssl.runtime import backbone_state_dict, checkpoint_model, require_out_dir, require_run_dir
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Write ``backbone.pt``, ``heads.pt`` and ``config.yaml`` into ``out_dir`` from the run's last checkpoint.
 
-    With the standard stem, ``m = torchvision.models.<arch>(); m.fc = torch.nn.Identity();
-    m.load_state_dict(torch.load("backbone.pt"))`` loads the backbone with strict key checking.
+    The backbone loads into what its family names (``blockssl.models.backbone.Family.loads_into``, printed by
+    ``blockssl export``): for a ResNet with the standard stem, ``m = torchvision.models.<arch>();
+    m.fc = torch.nn.Identity(); m.load_state_dict(torch.load("backbone.pt"))``, with strict key checking.
     """
     run_dir = require_run_dir(run_dir, "blockssl export runs/demo exported/")
     out = require_out_dir(out_dir, "OUT_DIR")
@@ -29,3 +34,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     atomic_save(heads, paths[1])
     paths[2].write_text(dump_config(cfg))
     return paths
+
+
+def loads_into(run_dir: str | Path) -> str:
+    """What the exported ``backbone.pt`` of a run loads into."""
+    arch = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["model"]["arch"]
+    return family_of(arch).loads_into.format(arch=arch)

@@ -17,8 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from blockssl.config import Config, detach_inputs, loss_blocks, parse_blocks, parse_projector
 from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
-from blockssl.models.backbone import ResNet, group_stages
-from blockssl.models.heads import Head, projector
+from blockssl.models.backbone import Backbone, BackboneOptions, build_backbone, group_stages
+from blockssl.models.heads import Head, global_pool, projector
 from blockssl.models.noise import inject_noise
 
 READOUTS = ("head", "pool")  # how a block's output becomes the vector a probe reads (``BlockwiseSSL.readouts``)
@@ -59,7 +59,7 @@ class BlockwiseSSL(nn.Module):
 
     def __init__(
         self,
-        backbone: ResNet,
+        backbone: Backbone,
         blocks: list[list[str]],
         *,
         loss: nn.Module,
@@ -82,14 +82,15 @@ class BlockwiseSSL(nn.Module):
         self.block_stages = blocks
         _, infos = group_stages(backbone, blocks)
         self.block_channels = [i.channels for i in infos]
+        self.block_layouts = [i.layout for i in infos]
         n = len(blocks)
         head_dims = head_dims or [2048] * n
         # Projectors only where a loss may sit: at ImageNet scale each 8192-wide one holds about 150 M weights.
         projectors = projectors if projectors is not None else {k: [8192, 8192, 8192] for k in loss_blocks}
         # A block no loss ever trains (end-to-end's blocks 1 to N-1) is read by plain global average pooling: a
         # CbE head there would stay a random projection, and its probe would measure that, not the block.
-        heads = [Head(c, head if k in projectors else "gap", d, head_kernel, lean_chunk_bytes, head_grid)
-                 for k, (c, d) in enumerate(zip(self.block_channels, head_dims, strict=True))]
+        heads = [Head(info.channels, head if k in projectors else "gap", d, head_kernel, lean_chunk_bytes, head_grid,
+                      info.layout) for k, (info, d) in enumerate(zip(infos, head_dims, strict=True))]
         self.heads = nn.ModuleList(heads)
         self.feature_dims = [h.out_dim for h in heads]  # width of each block's features (what probes read)
         self.projectors = nn.ModuleDict({str(k): projector(heads[k].out_dim, p) for k, p in projectors.items()})
@@ -113,12 +114,20 @@ class BlockwiseSSL(nn.Module):
     def block_modules(self, k: int, compilable: bool = False) -> list[nn.Module]:
         """What block k owns: its stages, head and projector (what a pipeline stage keeps on its device).
 
-        ``compilable``: the modules to ``compile()`` in place instead: the backbone's residual stages (a block
-        is a view rebuilt on access, and the stem is several modules), head and projector."""
-        stages: list[nn.Module] = ([getattr(self.backbone, name) for name in self.block_stages[k] if name != "stem"]
-                                   if compilable else [self.blocks[k]])
+        ``compilable``: the modules to ``compile()`` in place instead: the backbone's stages made of one module (a
+        block is a view rebuilt on access; a stage of several, such as a ResNet's stem, kept flat for torchvision's
+        names, stays eager), head and projector."""
+        stages = [self.blocks[k]] if not compilable else [
+            m for name in self.block_stages[k] if len(ms := self.backbone.stage_modules(name)) == 1 for m in ms]
         head = [self.heads[k], *([self.projectors[str(k)]] if str(k) in self.projectors else [])]
         return [*stages, *head]
+
+    def block_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """The parameters and buffers of what block k owns (``block_modules``), under the model's names."""
+        owned = [*(m for stage in self.block_stages[k] for m in self.backbone.stage_modules(stage)), self.heads[k],
+                 *([self.projectors[str(k)]] if str(k) in self.projectors else [])]
+        prefixes = tuple(f"{name}." for name, module in self.named_modules() if any(module is m for m in owned))
+        return {name: t for name, t in self.state_dict().items() if name.startswith(prefixes)}
 
     @property
     def last_loss_block(self) -> int:
@@ -161,8 +170,9 @@ class BlockwiseSSL(nn.Module):
             # Each view runs separately, as in Barlow Twins: BatchNorm statistics are per view.
             h1, h2 = self._stages(block, h1), self._stages(block, h2)
             if trainable and self.training:
-                h1 = inject_noise(h1, self.noise, self.noise_std, self.noise_scale_grad, generator)
-                h2 = inject_noise(h2, self.noise, self.noise_std, self.noise_scale_grad, generator)
+                layout = self.block_layouts[k]
+                h1 = inject_noise(h1, self.noise, self.noise_std, self.noise_scale_grad, generator, layout)
+                h2 = inject_noise(h2, self.noise, self.noise_std, self.noise_scale_grad, generator, layout)
         if k not in self.loss_blocks:
             return BlockOutput(h1, h2, feature=self._probe_only_head(k, h1) if feature else None)
         proj, head = self.projectors[str(k)], self.heads[k]
@@ -218,10 +228,10 @@ class BlockwiseSSL(nn.Module):
         if unknown:
             raise ValueError(f"unknown readouts {sorted(unknown)}; choose from {', '.join(READOUTS)}")
         out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for block, head in zip(self.blocks, self.heads, strict=True):
+        for block, head, layout in zip(self.blocks, self.heads, self.block_layouts, strict=True):
             x = block(x)
             for name, feats in out.items():
-                feats.append(head(x) if name == "head" else x.mean(dim=(2, 3)))
+                feats.append(head(x) if name == "head" else global_pool(x, layout))
         return out
 
 
@@ -245,9 +255,8 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
 def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
     """The model of a configuration; ``in_channels`` and ``image_size`` come from the dataset."""
     m = cfg.model
-    stem = m.stem if m.stem != "auto" else ("small" if image_size <= 64 else "imagenet")
-    backbone = ResNet(m.arch, in_channels=m.in_channels or in_channels, stem=stem, width=m.width,
-                      zero_init_residual=m.zero_init_residual)
+    backbone = build_backbone(m.arch, BackboneOptions(m.in_channels or in_channels, image_size, m.stem, m.width,
+                                                      m.zero_init_residual))
     blocks = parse_blocks(m.blocks)
     n = len(blocks)
     specs = m.block_projectors or [m.projector] * n

@@ -16,10 +16,11 @@ the lean run of the same configuration give the same parameters.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ import torch.distributed as tdist
 from blockssl import dist
 from blockssl.config import Config, ConfigError, parse_stages
 from blockssl.data.datasets import dataset_info
-from blockssl.execution import HEADER, SLOTS, StepResult, Trainer, build_optimizers
+from blockssl.execution import BlockTerms, StepTerms, Trainer, build_optimizers
 from blockssl.method import build_model
 from blockssl.runtime import autocast_context
 
@@ -129,7 +130,7 @@ def measure_block_seconds(cfg: Config, device: torch.device, steps: int = 3) -> 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            h1, h2 = trainer.lean_blocks([k], h1, h2, step, StepResult())
+            h1, h2 = trainer.lean_blocks([k], h1, h2, step, StepTerms())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds[k] += (time.perf_counter() - start) * (step > 0)
@@ -143,22 +144,49 @@ class Message:
     h1: torch.Tensor
     h2: torch.Tensor
     labels: torch.Tensor
-    record: torch.Tensor  # float64, layout of ``blockssl.execution.encode_record``
+    terms: StepTerms  # of the blocks up to the sender's last
+    stop: int = 0  # the first stage's decision for the whole pipeline (``blockssl.strategy``)
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# On the wire a message is a header (int64: stop, which blocks carry a loss, the activations' dtype, rank and shape),
+# both views, the labels, and the float64 terms: skipped and replaced, then per block the fields of BlockTerms
+# (NaN where absent). The header is read on the host (the shape is needed to receive): the other terms stay on the
+# device until a logging step reads them.
+_HEADER = 10
+_FIELDS = [f.name for f in fields(BlockTerms)]
+
+
+def _encode(terms: StepTerms, num_blocks: int, device: torch.device) -> torch.Tensor:
+    wire = torch.full((2 + len(_FIELDS) * num_blocks,), math.nan, dtype=torch.float64, device=device)
+    wire[0], wire[1] = terms.skipped, terms.replaced
+    for k, block in terms.blocks.items():
+        for i, name in enumerate(_FIELDS):
+            if (value := getattr(block, name)) is not None:
+                wire[2 + len(_FIELDS) * k + i] = value
+    return wire
+
+
+def _decode(wire: torch.Tensor, loss_mask: int, num_blocks: int) -> StepTerms:
+    terms = StepTerms(skipped=wire[0], replaced=wire[1])
+    for k in range(num_blocks):
+        values: dict[str, torch.Tensor | None] = {name: wire[2 + len(_FIELDS) * k + i]
+                                                  for i, name in enumerate(_FIELDS)}
+        if not loss_mask >> k & 1:
+            values["loss"] = values["spread"] = None
+        terms.blocks[k] = BlockTerms(**values)
+    return terms
 
 
 class Link:
     """Point-to-point transfers to the next stage and from the previous one, for one replica chain.
 
     Sends are asynchronous; at most ``in_flight`` batches are left unfinished before a send waits for the oldest.
-    Each batch is a header (shape and dtype of the activations), both views, the labels and the record. Tensors
-    travel from the device they live on (NCCL sends device tensors; gloo, the CPU ones here).
+    Tensors travel from the device they live on (NCCL sends device tensors; gloo, the CPU ones here).
     """
 
-    def __init__(self, layout: Layout, device: torch.device, in_flight: int) -> None:
-        self.layout, self.device, self.in_flight = layout, device, in_flight
+    def __init__(self, layout: Layout, device: torch.device, in_flight: int, num_blocks: int) -> None:
+        self.layout, self.device, self.in_flight, self.num_blocks = layout, device, in_flight, num_blocks
         self.pending: deque[tuple[list[Any], list[torch.Tensor]]] = deque()
         self.bytes_sent = 0
         self.wait_s = 0.0  # time spent waiting for the previous stage (the bubble) and for full send slots
@@ -166,9 +194,11 @@ class Link:
 
     def send(self, msg: Message) -> None:
         h = msg.h1
-        header = torch.tensor([h.dim(), *h.shape, _DTYPES.index(h.dtype)], dtype=torch.int64)
-        pad = torch.zeros(8 - header.numel(), dtype=torch.int64)
-        tensors = [torch.cat([header, pad]), msg.h1.contiguous(), msg.h2.contiguous(), msg.labels, msg.record]
+        loss_mask = sum(1 << k for k, b in msg.terms.blocks.items() if b.loss is not None)
+        header = torch.tensor([msg.stop, loss_mask, _DTYPES.index(h.dtype), h.dim(), *h.shape], dtype=torch.int64)
+        pad = torch.zeros(_HEADER - header.numel(), dtype=torch.int64)
+        tensors = [torch.cat([header, pad]), msg.h1.contiguous(), msg.h2.contiguous(), msg.labels,
+                   _encode(msg.terms, self.num_blocks, h.device)]
         tensors = [t.to(self.wire, non_blocking=True) for t in tensors]
         dst = self.layout.rank(self.layout.stage + 1)
         works = [tdist.isend(t, dst) for t in tensors]
@@ -180,21 +210,22 @@ class Link:
                 work.wait()
             self.wait_s += time.perf_counter() - start
 
-    def receive(self, num_blocks: int) -> Message:
+    def receive(self) -> Message:
         src = self.layout.rank(self.layout.stage - 1)
         start = time.perf_counter()
-        header = torch.empty(8, dtype=torch.int64, device=self.wire)
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.wire)
         tdist.recv(header, src)
-        values = header.tolist()
-        shape, dtype = values[1:1 + values[0]], _DTYPES[values[1 + values[0]]]
+        stop, loss_mask, dtype_index, ndim, *rest = header.tolist()
+        shape, dtype = rest[:ndim], _DTYPES[dtype_index]
         h1 = torch.empty(shape, dtype=dtype, device=self.wire)
         h2 = torch.empty(shape, dtype=dtype, device=self.wire)
         labels = torch.empty(shape[0], dtype=torch.int64, device=self.wire)
-        record = torch.empty(len(HEADER) + len(SLOTS) * num_blocks, dtype=torch.float64, device=self.wire)
-        for t in (h1, h2, labels, record):
+        wire = torch.empty(2 + len(_FIELDS) * self.num_blocks, dtype=torch.float64, device=self.wire)
+        for t in (h1, h2, labels, wire):
             tdist.recv(t, src)
         self.wait_s += time.perf_counter() - start
-        return Message(*(t.to(self.device, non_blocking=True) for t in (h1, h2, labels, record)))
+        h1, h2, labels, wire = (t.to(self.device, non_blocking=True) for t in (h1, h2, labels, wire))
+        return Message(h1, h2, labels, _decode(wire, loss_mask, self.num_blocks), stop)
 
     def flush(self) -> None:
         while self.pending:

@@ -1,20 +1,18 @@
-"""Pretraining: one loop in a fixed order (batch, lr, step of the execution strategy, online probe, log, save).
+"""Pretraining: one loop in a fixed order (batch, lr, step, diagnostics, online probe, log, save).
 
-How a step runs the blocks (reference, lean, pipeline) is ``blockssl.execution``; a pipeline's stages and
-what they send each other, ``blockssl.pipeline``.
+How a step runs the blocks (reference, lean) is ``blockssl.execution``; where a process's batches come from and
+its outputs go (its loader, or a pipeline's neighbouring stages), ``blockssl.strategy``; what a run directory holds,
+``blockssl.rundir``.
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import shutil
 import signal
-import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,53 +20,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from blockssl import dist
-from blockssl.checkpoint import (
-    FORMAT_VERSION,
-    CheckpointError,
-    atomic_save,
-    load_checkpoint,
-    save_checkpoint,
-)
-from blockssl.config import (
-    Config,
-    ConfigError,
-    dump_config,
-    execution_strategy,
-    loss_blocks,
-    parse_blocks,
-    to_dict,
-)
+from blockssl import dist, rundir
+from blockssl.checkpoint import CheckpointError, load_checkpoint
+from blockssl.config import Config, execution_strategy, loss_blocks, parse_blocks
 from blockssl.data.datasets import dataset_info
-from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader, shutdown_workers, two_view_dataset
-from blockssl.data.photometric import to_device
 from blockssl.diagnostics import add_diagnostics, snapshot
 from blockssl.eval.online import OnlineProbe
-from blockssl.execution import HEADER, STRATEGIES, Trainer, add_terms, build_optimizers, decode_terms, encode_record
-from blockssl.loggers import OPTIONAL, Logger, Loggers, check_installed, training_loggers
+from blockssl.execution import Step, StepTerms, Trainer, build_optimizers
+from blockssl.loggers import Logger, Loggers, check_installed, training_loggers
 from blockssl.memory import model_accounting
 from blockssl.method import BlockwiseSSL, build_model
 from blockssl.optim import lr_factor, set_lr
-from blockssl.pipeline import (
-    Layout,
-    Link,
-    Message,
-    init_groups,
-    measure_block_seconds,
-    plan_layout,
-    single_stage,
-)
-from blockssl.runtime import (
-    autocast_context,
-    backbone_state_dict,
-    git_revision,
-    progress_bar,
-    resolve_device,
-    seed_everything,
-)
-
-# What a run directory holds (evaluation adds probe.json, robustness.*, report.md).
-RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "checkpoints", "backbone.pt")
+from blockssl.pipeline import Layout, init_groups, measure_block_seconds, plan_layout, single_stage
+from blockssl.runtime import autocast_context, progress_bar, resolve_device, seed_everything
+from blockssl.strategy import Batch, Local, build_strategy
 
 
 class Preempted(RuntimeError):
@@ -98,49 +63,6 @@ def plan_phases(cfg: Config, num_blocks: int, total_steps: int) -> list[Phase]:
     return [Phase(loss_blocks(cfg), {b - 1 for b in cfg.train.frozen_blocks}, 0, total_steps)]
 
 
-def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool = False) -> Path:
-    """Create the run directory, or check that resuming it is consistent. Raises before any compute."""
-    out = Path(cfg.out)
-    if overwrite and not resume:
-        for name in (*RUN_FILES, *OPTIONAL):
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    saved = out / "config.yaml"
-    if resume:
-        if not saved.is_file():
-            raise ConfigError(f"--resume {out}: no config.yaml there; is it a blockssl run directory?")
-        return out
-    if saved.is_file():
-        raise ConfigError(f"out={out} already holds a run; continue it with `blockssl pretrain --resume {out}`, "
-                          "choose another out=, or pass --overwrite to delete it")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _pretraining_set(cfg: Config, layout: Layout) -> tuple[TwoViews | None, int]:
-    """The two-view pretraining set where images are read (every process but a pipeline's later stages), and its
-    length everywhere. Later stages receive activations: they take the length (for the steps per epoch) from rank 0,
-    a first-stage process, rather than scan the dataset (ImageNet's 1.28 M files) for it. What the first stage
-    raises, every process raises, instead of waiting for a broadcast that never comes."""
-    if not layout.pipelined:
-        everywhere = two_view_dataset(cfg)
-        return everywhere, len(everywhere)
-    views: TwoViews | None = None
-    error: Exception | None = None
-    if layout.first:
-        try:
-            views = two_view_dataset(cfg)
-        except Exception as e:  # re-raised below, once every process knows
-            error = e
-    size, failure = dist.broadcast_object((len(views) if views is not None else 0,
-                                           None if error is None else f"{type(error).__name__}: {error}"))
-    if error is not None:
-        raise error
-    if failure is not None:
-        raise RuntimeError(f"the first pipeline stage could not read the pretraining set: {failure}")
-    return views, size
-
-
 def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
              command: list[str] | None = None) -> Path:
     """Train ``cfg`` into ``cfg.out``; returns the run directory.
@@ -151,172 +73,63 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     """
     check_installed(cfg.train.loggers)  # before any work
     started_group = dist.init_from_environment(cfg.train.dist_timeout_s)
-    main = dist.is_main_process()
     device = resolve_device(cfg.train.device)
-    info = dataset_info(cfg.data)
-    strategy = execution_strategy(cfg)
-    num_blocks = len(parse_blocks(cfg.model.blocks))
-    layout = (plan_layout(cfg, num_blocks, dist.world_size(), dist.rank(), lambda: measure_block_seconds(cfg, device))
-              if strategy == "pipeline" else single_stage(num_blocks, dist.world_size(), dist.rank()))
-    init_groups(layout)
-    out = prepare_run_dir(cfg, resume, overwrite) if main else Path(cfg.out)
+    layout = _layout(cfg, device)
+    out = rundir.prepare(cfg, resume, overwrite) if dist.is_main_process() else Path(cfg.out)
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None  # fail before any work
-    views, size = _pretraining_set(cfg, layout)
+    strategy = build_strategy(cfg, layout, device, len(parse_blocks(cfg.model.blocks)))
     seed_everything(cfg.seed)  # the same initial weights in every process
-    sampler = EpochSampler(size, cfg.train.batch_size, cfg.seed, layout.replica, layout.replicas)
-    loader = pretrain_loader(views, sampler, num_workers=cfg.data.num_workers,
-                             pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                             persistent_workers=cfg.data.persistent_workers) if views is not None else None
-    model = build_model(cfg, info.channels, info.image_size)
-    if cfg.train.sync_bn:
-        model = dist.convert_sync_batchnorm(model, device)
-    # A pipeline stage holds only its own blocks, heads and projectors on its device; the rest stays on the CPU.
-    modules = [m for k in layout.blocks for m in model.block_modules(k)] + [model.loss] if layout.pipelined \
-        else [model]
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    for m in modules:
-        m.to(device)
-        dist.broadcast_state(m)
-        m.to(memory_format=memory_format)
-    # What weight_change/block{k} is measured from: the seed's initialisation, also when resuming (taken before the
-    # checkpoint is loaded).
-    initial = snapshot(model, layout.blocks)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-    if cfg.train.compile:  # in place, stage by stage: parameter names and checkpoints are unchanged
-        for k in layout.blocks:
-            for module in model.block_modules(k, compilable=True):
-                module.compile()
-
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    phases = plan_phases(cfg, model.num_blocks, total_steps)
-    step_fn = STRATEGIES[strategy]
-    autocast = autocast_context(cfg.train.amp, device)
+    model = build_model(cfg, dataset_info(cfg.data).channels, dataset_info(cfg.data).image_size)
+    model, initial = _place(model, cfg, layout, device)
+    per_epoch = strategy.sampler.steps_per_epoch
+    total = min(cfg.train.epochs * per_epoch, cfg.train.max_steps or cfg.train.epochs * per_epoch)
+    phases = plan_phases(cfg, model.num_blocks, total)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     # Online linear evaluation: its own parameters and optimizer, fed detached features; each stage trains the
     # classifiers of its blocks.
-    probe = (OnlineProbe(model.feature_dims, info.num_classes, cfg.online_probe).to(device)
+    probe = (OnlineProbe(model.feature_dims, dataset_info(cfg.data).num_classes, cfg.online_probe).to(device)
              if cfg.online_probe.enabled else None)
-    writer = layout.last and layout.replica == 0  # the process that logs: it sees every block's terms
-    link = Link(layout, device, cfg.train.in_flight) if layout.pipelined else None
-
-    step = 0
-    counts = {"nonfinite_skipped": 0, "bad_images_replaced": 0}  # cumulative over the run, kept in checkpoints
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        counts = ckpt["counts"]
-        if probe is not None and "online_probe" in ckpt:  # absent: the probe was switched on at this resume
-            probe.load_checkpoint_state(ckpt["online_probe"], cfg.online_probe)
-    elif main:
-        (out / "config.yaml").write_text(dump_config(cfg))
-        # The command as typed, its program named "blockssl": the interpreter's argv[0] is an absolute path
-        # (the console script's or __main__.py's), which would tie a committed run.json to one machine.
-        run_info = {"command": ["blockssl", *(command or sys.argv)[1:]], "git_revision": git_revision(),
-                    "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-                    "world_size": dist.world_size(), "stages": [[k + 1 for k in g] for g in layout.stages],
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    step, counts = _restore(ckpt, model, scaler, probe, cfg)
+    if ckpt is None and dist.is_main_process():
+        rundir.write_start(out, cfg, layout.stages, command)
     dist.barrier()  # the run directory exists before any process writes to it
-
     # Only the writer logs; resumed, its loggers drop what was logged after the checkpoint.
-    loggers = training_loggers(cfg, out, step if ckpt is not None else None) if writer else Loggers()
-    progress = progress_bar(total=total_steps, initial=step, desc="pretrain", unit="step",
-                            enabled=cfg.train.progress, main=writer)
-    meter = Throughput(cfg.train.batch_size)
-    steps_this_call = 0
-    tallies = torch.zeros(2, dtype=torch.float64, device=device)  # skipped updates, replaced images: not yet counted
-    stop = 0  # why this call stops: 0 not yet, -1 stop_after reached, else the signal received
-    batches = None
-    try:
-        with StopSignals() as signals, loggers:
-            for phase_index, phase in enumerate(phases):
-                if step >= phase.end or stop:
-                    continue
-                model.loss_blocks, model.frozen = phase.loss_blocks, phase.frozen
-                optimizers = build_optimizers(model, cfg.train, layout.blocks)
-                if ckpt is not None and ckpt["phase"] == phase_index:
-                    _load_optimizers(optimizers, ckpt["optimizers"], out)
-                blocks = [k for k in layout.blocks if k <= model.last_loss_block]
-                trainer = Trainer(model, optimizers, scaler, autocast, cfg.seed, replica=layout.replica,
-                                  skip_nonfinite=cfg.train.on_nonfinite == "skip", stage_blocks=blocks)
-                model.train()
-                phase_steps = phase.end - phase.start
-                warmup = round(cfg.train.warmup_epochs * steps_per_epoch * phase_steps / total_steps)
-                while step < phase.end and not stop:
-                    epoch, step_in_epoch = divmod(step, steps_per_epoch)
-                    sampler.start(epoch, step_in_epoch)
-                    batches = iter(loader) if loader is not None else None
-                    for _ in range(step_in_epoch, steps_per_epoch):
-                        if batches is not None:
-                            x1, x2, labels, replaced = next(batches)
-                            record = encode_record(num_blocks, device)
-                            record[HEADER.index("replaced")] = float(replaced.sum())
-                            assert views is not None
-                            x1 = to_device(views.transforms[0], x1, device, memory_format)  # colour ops done here when
-                            x2 = to_device(views.transforms[1], x2, device, memory_format)  # data.photometric=device
-                        else:
-                            assert link is not None
-                            msg = link.receive(num_blocks)
-                            x1, x2, labels, record = msg.h1, msg.h2, msg.labels, msg.record
-                        factor = lr_factor(step - phase.start, phase_steps, warmup, cfg.train.min_lr_ratio)
-                        lr = max((set_lr(opt, factor) for opt in optimizers.values()), default=0.0)
-                        probing = probe is not None and step % cfg.online_probe.every == 0
-                        last = step + 1 == phase.end
-                        logging = (step + 1) % cfg.train.log_every == 0 or last
-                        measure = cfg.train.log_saved_memory and logging
-                        with model_accounting(model) if measure else nullcontext() as saved:
-                            result = step_fn(trainer, x1, x2, step, probing or logging)  # features: probe, RankMe
-                        if saved is not None:
-                            result.result.saved = saved.result().blocks()
-                        if logging:
-                            add_diagnostics(result.result, model, initial, blocks, result.features)
-                        if probe is not None and probing and not result.result.skipped and result.features:
-                            probe.step(result.features, labels, first=blocks[0])  # non-finite features would poison it
-                        step += 1
-                        steps_this_call += 1
-                        online = probe.window_metrics() if probe is not None and logging else {}
-                        add_terms(record, result.result, online)
-                        if layout.first:  # decides for the whole pipeline: later stages stop at the same step
-                            if dist.any_process(signals.requested):
-                                stop = signals.requested or int(signal.SIGTERM)  # or another replica was signalled
-                            elif stop_after is not None and steps_this_call >= stop_after:
-                                stop = -1
-                            record[HEADER.index("stop")] = stop
-                        else:  # read on the host, like the shape in the batch's header: 2 small reads per step
-                            stop = int(record[HEADER.index("stop")])
-                        if link is not None and not layout.last:
-                            link.send(Message(*result.outputs, labels.to(device, non_blocking=True), record))
-                        meter.tick()
-                        every = cfg.train.checkpoint_every
-                        saving = (step % every == 0 if every else step % steps_per_epoch == 0) or last or stop != 0
-                        if writer:
-                            tallies += record[HEADER.index("skipped"): HEADER.index("replaced") + 1]
-                            progress.update(1)
-                            if logging or saving:  # read on the host only here
-                                skipped, replaced_images = (int(v) for v in tallies.tolist())
-                                tallies.zero_()
-                                counts["nonfinite_skipped"] += skipped
-                                counts["bad_images_replaced"] += replaced_images
-                            if logging:
-                                _log(loggers, {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                                               **decode_terms(record, num_blocks), "images_per_sec": meter.rate(),
-                                               **counts}, progress)
-                        if saving:
-                            _save(out, model, layout, optimizers, scaler, step, phase_index, counts, cfg, probe)
-                        if last or stop:
-                            break
-    finally:  # also on an error: a loader worker left running would keep this process alive
-        shutdown_workers(batches)
-    if link is not None:
-        link.flush()
+    loggers = training_loggers(cfg, out, step if ckpt is not None else None) if strategy.writes else Loggers()
+    progress = progress_bar(total=total, initial=step, desc="pretrain", unit="step", enabled=cfg.train.progress,
+                            main=strategy.writes)
+    meter, tally = Throughput(cfg.train.batch_size), Tally(device)
+    start, stop, saved = step, 0, None  # stop: why this call stops (0 not yet, -1 stop_after reached, else a signal)
+    with StopSignals() as signals, loggers, closing(strategy):
+        for index, phase, trainer, batch in _schedule(phases, step, strategy, lambda i, p: _trainer(
+                model, cfg, layout, p, scaler, device, ckpt if ckpt is not None and ckpt["phase"] == i else None)):
+            lr = _set_lr(trainer, phase, step, total, per_epoch, cfg)
+            probing = probe is not None and step % cfg.online_probe.every == 0
+            logging = (step + 1) % cfg.train.log_every == 0 or step + 1 == phase.end
+            result = _step(strategy, trainer, batch, step, probing, logging, cfg, initial, probe)
+            step += 1
+            terms = batch.terms.merge(result.terms)
+            if logging and probe is not None:
+                for k, (top1, loss) in probe.window_metrics().items():
+                    terms.block(k).online_top1, terms.block(k).online_loss = top1, loss
+            stop = strategy.stop(batch, signals.requested, stop_after is not None and step - start >= stop_after)
+            strategy.send(result, batch, terms, stop)
+            meter.tick()
+            every = cfg.train.checkpoint_every
+            saving = (step % every == 0 if every else step % per_epoch == 0) or step == phase.end or stop != 0
+            if strategy.writes:
+                _record(terms, tally, counts, logging, saving, loggers, progress, step, step / per_epoch, lr, meter)
+            if saving:
+                saved = strategy.checkpoint(model, trainer.optimizers, probe, counts) or saved
+                if saved is not None:
+                    rundir.save(out, cfg, step=step, phase=index, model=saved.model, optimizers=saved.optimizers,
+                                scaler=scaler.state_dict(), counts=saved.counts or counts,
+                                online_probe=saved.online_probe)
+            if stop:
+                break
+    strategy.finish()
     progress.close()
-    if main and step >= total_steps:
-        atomic_save(backbone_state_dict(model), out / "backbone.pt")
+    if dist.is_main_process() and step >= total:  # saved: the merged checkpoint, also of a pipeline's later stages
+        rundir.write_backbone(out, saved.model if saved is not None else model.state_dict())
     dist.barrier()
     if started_group:
         torch.distributed.destroy_process_group()
@@ -324,6 +137,138 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
         raise Preempted(f"stopped by signal {stop} at step {step}; checkpoint saved. Continue with: "
                         f"blockssl pretrain --resume {out}")
     return out
+
+
+def _layout(cfg: Config, device: torch.device) -> Layout:
+    """This process's place: a pipeline stage (and its data-parallel group), or one replica of every block."""
+    num_blocks = len(parse_blocks(cfg.model.blocks))
+    layout = (plan_layout(cfg, num_blocks, dist.world_size(), dist.rank(), lambda: measure_block_seconds(cfg, device))
+              if execution_strategy(cfg) == "pipeline" else single_stage(num_blocks, dist.world_size(), dist.rank()))
+    init_groups(layout)
+    return layout
+
+
+def _place(model: BlockwiseSSL, cfg: Config, layout: Layout, device: torch.device
+           ) -> tuple[BlockwiseSSL, dict[int, list[torch.Tensor]]]:
+    """The model on its device, the same in every process, compiled when asked; and the initial weights that
+    ``weight_change`` is measured from (the seed's, also when resuming: taken before a checkpoint is loaded)."""
+    if cfg.train.sync_bn:
+        model = dist.convert_sync_batchnorm(model, device)
+    # A pipeline stage holds only its own blocks, heads and projectors on its device; the rest stays on the CPU.
+    modules = [m for k in layout.blocks for m in model.block_modules(k)] + [model.loss] if layout.pipelined \
+        else [model]
+    for m in modules:
+        m.to(device)
+        dist.broadcast_state(m)
+        m.to(memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    initial = snapshot(model, layout.blocks)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    if cfg.train.compile:  # in place, stage by stage: parameter names and checkpoints are unchanged
+        for k in layout.blocks:
+            for module in model.block_modules(k, compilable=True):
+                module.compile()
+    return model, initial
+
+
+def _restore(ckpt: dict[str, Any] | None, model: BlockwiseSSL, scaler: torch.amp.GradScaler,
+             probe: OnlineProbe | None, cfg: Config) -> tuple[int, dict[str, int]]:
+    """The step to start from and the run's counts (cumulative, kept in checkpoints), with the checkpoint's
+    weights, gradient scaler and online probe loaded when resuming."""
+    if ckpt is None:
+        return 0, {"nonfinite_skipped": 0, "bad_images_replaced": 0}
+    model.load_state_dict(ckpt["model"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if probe is not None and "online_probe" in ckpt:  # absent: the probe was switched on at this resume
+        probe.load_checkpoint_state(ckpt["online_probe"], cfg.online_probe)
+    return ckpt["step"], ckpt["counts"]
+
+
+def _schedule(phases: list[Phase], step: int, strategy: Local, trainer: Callable[[int, Phase], Trainer]
+              ) -> Iterator[tuple[int, Phase, Trainer, Batch]]:
+    """Every remaining step's phase index, phase, trainer (built when its phase starts) and batch."""
+    for index, phase in enumerate(phases):
+        if phase.end > step:
+            phase_trainer = trainer(index, phase)
+            for batch in strategy.batches(max(step, phase.start), phase.end):
+                yield index, phase, phase_trainer, batch
+
+
+def _trainer(model: BlockwiseSSL, cfg: Config, layout: Layout, phase: Phase, scaler: torch.amp.GradScaler,
+             device: torch.device, ckpt: dict[str, Any] | None) -> Trainer:
+    """The phase's trainable blocks, its optimizers (restored from ``ckpt``, a checkpoint of this phase) and the
+    per-block unit of work of this process's blocks."""
+    model.loss_blocks, model.frozen = phase.loss_blocks, phase.frozen
+    optimizers = build_optimizers(model, cfg.train, layout.blocks)
+    if ckpt is not None:
+        _load_optimizers(optimizers, ckpt["optimizers"], Path(cfg.out))
+    model.train()
+    return Trainer(model, optimizers, scaler, autocast_context(cfg.train.amp, device), cfg.seed,
+                   replica=layout.replica, skip_nonfinite=cfg.train.on_nonfinite == "skip",
+                   stage_blocks=[k for k in layout.blocks if k <= model.last_loss_block])
+
+
+def _set_lr(trainer: Trainer, phase: Phase, step: int, total: int, per_epoch: int, cfg: Config) -> float:
+    """Warm-up and cosine over the phase, a pure function of the step; returns the peak group's lr."""
+    length = phase.end - phase.start
+    warmup = round(cfg.train.warmup_epochs * per_epoch * length / total)
+    factor = lr_factor(step - phase.start, length, warmup, cfg.train.min_lr_ratio)
+    return max((set_lr(o, factor) for o in trainer.optimizers.values()), default=0.0)
+
+
+def _step(strategy: Local, trainer: Trainer, batch: Batch, step: int, probing: bool, logging: bool, cfg: Config,
+          initial: dict[int, list[torch.Tensor]], probe: OnlineProbe | None) -> Step:
+    """One step of this process's blocks; at logging steps with their diagnostics (and saved bytes when asked),
+    and the online probe's update on the features where it probes."""
+    with model_accounting(trainer.model) if cfg.train.log_saved_memory and logging else nullcontext() as saved:
+        result = strategy.step(trainer, batch, step, probing or logging)  # features: online probe, RankMe
+    if saved is not None:
+        for k, size in saved.result().blocks().items():
+            result.terms.block(k).saved_mb = size / 2**20
+    if logging:
+        add_diagnostics(result.terms, trainer.model, initial, trainer.blocks, result.features)
+    if probe is not None and probing and not result.terms.skipped and result.features:
+        probe.step(result.features, batch.labels, first=trainer.blocks[0])  # non-finite features would poison it
+    return result
+
+
+class Tally:
+    """Skipped updates and replaced images not yet counted, summed on the device: read on the host only when
+    logging or saving."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def add(self, terms: StepTerms) -> None:
+        self.sums[0] += terms.skipped
+        self.sums[1] += terms.replaced
+
+    def read(self) -> tuple[int, int]:
+        skipped, replaced = (int(v) for v in self.sums.tolist())
+        self.sums.zero_()
+        return skipped, replaced
+
+
+def _record(terms: StepTerms, tally: Tally, counts: dict[str, int], logging: bool, saving: bool, loggers: Logger,
+            progress: tqdm, step: int, epoch: float, lr: float, meter: Throughput) -> None:
+    """The writer's bookkeeping of a step: counts, progress, and at logging steps the metrics line."""
+    tally.add(terms)
+    progress.update(1)
+    if logging or saving:
+        skipped, replaced = tally.read()
+        counts["nonfinite_skipped"] += skipped
+        counts["bad_images_replaced"] += replaced
+    if logging:
+        _log(loggers, {"step": step, "epoch": epoch, "lr": lr, **terms.logged(),
+                       "images_per_sec": meter.rate(), **counts}, progress)
+
+
+@contextmanager
+def closing(strategy: Local) -> Iterator[Local]:
+    try:
+        yield strategy
+    finally:
+        strategy.close()
 
 
 class Throughput:
@@ -375,53 +320,6 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _save(out: Path, model: BlockwiseSSL, layout: Layout, optimizers: dict[int, torch.optim.Optimizer],
-          scaler: torch.amp.GradScaler, step: int, phase: int, counts: dict[str, int], cfg: Config,
-          probe: OnlineProbe | None = None) -> None:
-    """Rank 0 writes one checkpoint, a normal one whatever the execution: a pipeline's stages send it their own
-    blocks' weights, optimizers and probe classifiers (and the last stage its counts), and it merges them.
-
-    No random state is saved: the noise of every step is keyed by (seed, replica, block, step)."""
-    optimizer_states = {str(k): o.state_dict() for k, o in optimizers.items()}
-    probe_state = probe.checkpoint_state() if probe is not None else None
-    if layout.pipelined:
-        owned = {id(t) for k in layout.blocks for m in model.block_modules(k)
-                 for t in [*m.parameters(), *m.buffers()]}
-        part = None if layout.replica else _to_cpu({
-            "blocks": layout.blocks, "optimizers": optimizer_states, "probe": probe_state,
-            "model": {n: t for n, t in model.state_dict(keep_vars=True).items() if id(t) in owned},
-            "counts": dict(counts) if layout.last else None})
-        parts = [p for p in dist.gather_to_main(part) or [] if p is not None]
-        if not dist.is_main_process():
-            return
-        model.load_state_dict({k: t for p in parts for k, t in p["model"].items()}, strict=False)
-        optimizer_states = {k: v for p in parts for k, v in p["optimizers"].items()}
-        if probe_state is not None:
-            probe_state = OnlineProbe.merge_checkpoint_states([(p["blocks"], p["probe"]) for p in parts])
-        counts = parts[-1]["counts"]
-    elif not dist.is_main_process():
-        return
-    state = {
-        "format_version": FORMAT_VERSION, "config": to_dict(cfg), "step": step, "phase": phase,
-        "model": model.state_dict(), "optimizers": optimizer_states, "scaler": scaler.state_dict(),
-        "counts": dict(counts),
-    }
-    if probe_state is not None:
-        state["online_probe"] = probe_state
-    save_checkpoint(state, out / "checkpoints", step, cfg.train.keep_checkpoints)
-
-
-def _to_cpu(obj: Any) -> Any:
-    """Tensors of nested dicts and lists moved to the CPU (NCCL cannot gather pickled device tensors)."""
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _load_optimizers(optimizers: dict[int, torch.optim.Optimizer], saved: dict[str, Any], out: Path) -> None:

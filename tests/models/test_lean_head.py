@@ -137,7 +137,7 @@ def test_model_with_lean_heads_trains_like_the_plain_heads_in_float64(tmp_path):
             set_lr(opt, 1.0)
         trainer = Trainer(model, optimizers, torch.amp.GradScaler("cpu", enabled=False), nullcontext(), cfg.seed)
         model.train()
-        losses = [lean_step(trainer, *v, step).result.scalars()["loss"] for step, v in enumerate(views)]
+        losses = [lean_step(trainer, *v, step).terms.logged()["loss"] for step, v in enumerate(views)]
         runs.append((model.state_dict(), losses))
     (lean_state, lean_losses), (plain_state, plain_losses) = runs
     assert lean_losses == pytest.approx(plain_losses, rel=1e-10)

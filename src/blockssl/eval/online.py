@@ -104,41 +104,40 @@ class OnlineProbe(nn.Module):
         return {f"online/block{first + i + 1}_{name}": v[i] for name, v in values.items()
                 for i in range(len(logits))}
 
-    def window_metrics(self) -> dict[str, float]:
-        """Top-1 (percent) and mean loss per block over every labelled image since the last call, summed over
-        processes; then the window restarts. Blocks that saw no labelled image are left out.
+    def window_metrics(self) -> dict[int, tuple[float, float]]:
+        """Top-1 (percent) and mean loss per block (numbered from 0) over every labelled image since the last call,
+        summed over processes; then the window restarts. Blocks that saw no labelled image are left out.
 
         Collective under torch.distributed: every process calls it at the same step (the logging step)."""
         sums = dist.all_reduce_sum(torch.stack([self.correct, self.seen, self.loss_sum]))
         correct, seen, loss = sums.cpu().tolist()
         for buffer in (self.correct, self.seen, self.loss_sum):
             buffer.zero_()
-        out: dict[str, float] = {}
-        for k, n in enumerate(seen):
-            if n > 0:
-                out[f"online/block{k + 1}_top1"] = 100.0 * correct[k] / n
-                out[f"online/block{k + 1}_loss"] = loss[k] / n
-        return out
+        return {k: (100.0 * correct[k] / n, loss[k] / n) for k, n in enumerate(seen) if n > 0}
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """Classifiers, BatchNorm statistics, metric window and optimizer state, for the training checkpoint."""
-        return {"module": self.state_dict(), "optimizer": self.optimizer.state_dict()}
+    def checkpoint_state(self, blocks: list[int] | None = None) -> dict[str, Any]:
+        """Classifiers, BatchNorm statistics, metric window and optimizer state, for the training checkpoint; with
+        ``blocks``, marked as a pipeline stage's part, trusted for those blocks only (``merge_checkpoint_states``)."""
+        state = {"module": self.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return state if blocks is None else {**state, "blocks": list(blocks)}
 
-    @staticmethod
-    def merge_checkpoint_states(parts: list[tuple[list[int], dict[str, Any]]]) -> dict[str, Any]:
-        """One ``checkpoint_state`` from pipeline stages' probes, each trusted for its own blocks only."""
-        merged = copy.deepcopy(parts[0][1])
+    def merge_checkpoint_states(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """One ``checkpoint_state`` from pipeline stages' parts, each block's classifier, statistics, window and
+        optimizer state taken from the part of the stage that trains it, matched by name."""
+        names = [name for name, _ in self.named_parameters()]  # the optimizer's parameter order
+        merged = copy.deepcopy({k: v for k, v in parts[0].items() if k != "blocks"})
         module, state = merged["module"], merged["optimizer"]["state"]
-        for blocks, part in parts[1:]:
-            for k in blocks:
-                for key, value in part["module"].items():
-                    if key.startswith((f"norms.{k}.", f"classifiers.{k}.")):
-                        module[key] = value
-                    elif key in ("correct", "seen", "loss_sum"):
-                        module[key][k] = value[k]
-                for index in (2 * k, 2 * k + 1):  # classifier k's weight and bias (the norms have no parameters)
-                    if index in part["optimizer"]["state"]:
-                        state[index] = part["optimizer"]["state"][index]
+        for part in parts[1:]:
+            blocks = part["blocks"]
+            own = tuple(f"{kind}.{k}." for k in blocks for kind in ("norms", "classifiers"))
+            for key, value in part["module"].items():
+                if key.startswith(own):
+                    module[key] = value
+                elif key in ("correct", "seen", "loss_sum"):  # the metric window, one entry per block
+                    module[key][blocks] = value[blocks]
+            for index, name in enumerate(names):
+                if name.startswith(own) and index in part["optimizer"]["state"]:
+                    state[index] = part["optimizer"]["state"][index]
         return merged
 
     def load_checkpoint_state(self, state: dict[str, Any], cfg: OnlineProbeConfig) -> None:

@@ -1,4 +1,13 @@
-"""torchvision ResNets described as stages with metadata, so blocks can be any grouping of stages.
+"""Backbones as stages with metadata, so blocks can be any grouping of stages, and the registry of backbone families.
+
+The protocol a backbone follows (``Backbone``): ``stage_info``, one ``StageInfo`` per stage in network order (its
+name, output channels, reduction from the input image, output layout ``NCHW`` for feature maps or ``NLC`` for
+tokens); ``stage(name)``, the module that computes a stage; ``stage_modules(name)``, the registered modules it is
+made of. Heads, noise, configuration checks, study naming and export read this metadata and the family's entry in
+``FAMILIES``; nothing outside this module names a family's stages. A new family is a module with its backbone and
+one ``register_family`` call.
+
+torchvision ResNets:
 
 The module keeps torchvision's attribute names (``conv1, bn1, relu, maxpool, layer1..layer4``), so with the
 standard stem and width its ``state_dict`` loads into ``torchvision.models.<arch>()`` (which adds ``fc``).
@@ -6,7 +15,9 @@ standard stem and width its ``state_dict`` loads into ``torchvision.models.<arch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -25,13 +36,83 @@ ARCHS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int],
 }
 
 
+Layout = Literal["NCHW", "NLC"]  # feature maps (batch, channels, height, width) or tokens (batch, tokens, channels)
+
+
 @dataclass(frozen=True)
 class StageInfo:
     """What a head needs to know about a stage's output."""
 
     name: str
     channels: int
-    reduction: int  # total stride from the input image
+    reduction: int  # total stride from the input image (a ViT's patch size)
+    layout: Layout = "NCHW"
+
+
+class Backbone(Protocol):
+    """What blockssl needs of a backbone (an ``nn.Module``): its stages in order and the modules computing them."""
+
+    stage_info: tuple[StageInfo, ...]
+
+    def stage(self, name: str) -> nn.Module: ...
+
+    def stage_modules(self, name: str) -> list[nn.Module]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class BackboneOptions:
+    """The ``model.*`` settings a family's builder may read (each family documents which it uses)."""
+
+    in_channels: int
+    image_size: int
+    stem: str = "auto"
+    width: float = 1.0
+    zero_init_residual: bool = True
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registered backbone family: its architectures, each one's stage names (known without building it, for
+    configuration checks), its builder, and what its exported ``backbone.pt`` loads into."""
+
+    archs: tuple[str, ...]
+    stages: Callable[[str], tuple[str, ...]]
+    build: Callable[[str, BackboneOptions], nn.Module]
+    loads_into: str  # e.g. "torchvision.models.{arch}()"
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(name: str, family: Family) -> None:
+    """Add a family; its architecture names must be new."""
+    taken = {a for f in FAMILIES.values() for a in f.archs} & set(family.archs)
+    if taken:
+        raise ValueError(f"backbone family {name!r}: architectures {sorted(taken)} are already registered")
+    FAMILIES[name] = family
+
+
+def family_of(arch: str) -> Family:
+    """The family of ``arch``; an unknown name is an error that lists every registered architecture."""
+    for family in FAMILIES.values():
+        if arch in family.archs:
+            return family
+    known = ", ".join(a for f in FAMILIES.values() for a in f.archs)
+    raise KeyError(f"unknown model.arch {arch!r}; choose one of {known}")
+
+
+def stage_names(arch: str) -> tuple[str, ...]:
+    """The stages of ``arch`` in network order (what ``model.blocks`` groups)."""
+    return family_of(arch).stages(arch)
+
+
+def build_backbone(arch: str, options: BackboneOptions) -> Backbone:
+    backbone: Backbone = family_of(arch).build(arch, options)  # type: ignore[assignment]
+    return backbone
 
 
 class ResNet(nn.Module):
@@ -129,7 +210,21 @@ class ResNet(nn.Module):
         return x
 
 
-def group_stages(backbone: ResNet, blocks: list[list[str]]) -> tuple[list[nn.Sequential], list[StageInfo]]:
+RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def _build_resnet(arch: str, options: BackboneOptions) -> nn.Module:
+    """``model.stem=auto``: the small stem up to 64 px images (CIFAR, STL-10 crops, Fashion-MNIST), else ImageNet's."""
+    stem = options.stem if options.stem != "auto" else ("small" if options.image_size <= 64 else "imagenet")
+    return ResNet(arch, in_channels=options.in_channels, stem=stem, width=options.width,
+                  zero_init_residual=options.zero_init_residual)
+
+
+register_family("resnet", Family(tuple(ARCHS), lambda arch: RESNET_STAGES, _build_resnet,
+                                 "torchvision.models.{arch}() with fc = Identity (the standard stem)"))
+
+
+def group_stages(backbone: Backbone, blocks: list[list[str]]) -> tuple[list[nn.Sequential], list[StageInfo]]:
     """Blocks as ``nn.Sequential`` views over the backbone's stages, and each block's output metadata.
 
     The views share parameters with ``backbone``; register them under a name that ``state_dict`` skips or the

@@ -8,6 +8,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from blockssl.models.backbone import Layout
 from blockssl.models.lean_head import lean_cbe
 
 
@@ -23,12 +24,18 @@ class Head(nn.Module):
     ``lean_chunk_bytes > 0`` computes ``cbe`` chunk by chunk without storing its full-resolution maps
     (``blockssl.models.lean_head``): the same function, parameters and state dict. It applies to ``cbe`` only:
     ``cbe_pooled`` stores grid² locations per image, too little for recomputation to pay.
+
+    On tokens (``layout="NLC"``, a transformer block's output) ``gap`` is the mean over tokens and ``cbe`` the
+    same expansion per token (a linear map, BatchNorm over every token of the batch, ReLU) before it.
     """
 
     def __init__(self, in_channels: int, kind: str = "cbe", dim: int = 2048, kernel: int = 1,
-                 lean_chunk_bytes: int = 0, grid: int = 2) -> None:
+                 lean_chunk_bytes: int = 0, grid: int = 2, layout: Layout = "NCHW") -> None:
         super().__init__()
-        self.lean_chunk_bytes = lean_chunk_bytes if kind == "cbe" else 0
+        if layout == "NLC" and kind == "cbe_pooled":
+            raise ValueError("model.head=cbe_pooled pools a feature map to a grid; for token outputs use cbe or gap")
+        self.layout = layout
+        self.lean_chunk_bytes = lean_chunk_bytes if kind == "cbe" and layout == "NCHW" else 0
         self.pool: nn.Module = nn.AdaptiveAvgPool2d(grid) if kind == "cbe_pooled" else nn.Identity()
         if kind == "gap":
             self.expand: nn.Module = nn.Identity()
@@ -38,7 +45,8 @@ class Head(nn.Module):
                 nn.Conv2d(in_channels, dim, kernel, padding=kernel // 2, bias=False),
                 nn.BatchNorm2d(dim),
                 nn.ReLU(inplace=True),
-            )
+            ) if layout == "NCHW" else nn.Sequential(nn.Linear(in_channels, dim, bias=False), TokenBatchNorm(dim),
+                                                     nn.ReLU(inplace=True))
             self.out_dim = dim
         else:
             raise ValueError(f"unknown head {kind!r}; choose gap, cbe or cbe_pooled")
@@ -48,7 +56,19 @@ class Head(nn.Module):
             expand = cast(nn.Sequential, self.expand)
             conv, bn = cast(nn.Conv2d, expand[0]), cast(nn.BatchNorm2d, expand[1])
             return lean_cbe(x, conv, bn, self.lean_chunk_bytes)
-        return self.expand(self.pool(x)).mean(dim=(2, 3))
+        return global_pool(self.expand(self.pool(x)), self.layout)
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over every token of the batch, per channel, for (N, L, C) tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.flatten(0, 1)).view_as(x)
+
+
+def global_pool(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A block output's mean over locations: (N, C, H, W) feature maps or (N, L, C) tokens -> (N, C)."""
+    return x.mean(dim=(2, 3)) if layout == "NCHW" else x.mean(dim=1)
 
 
 def projector(in_dim: int, dims: list[int]) -> nn.Module:

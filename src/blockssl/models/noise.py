@@ -9,11 +9,17 @@ import numpy as np
 import torch
 
 NOISE_TYPES = ("none", "global", "channel", "spatial")
-_DIMS: dict[str, tuple[int, ...]] = {"global": (0, 1, 2, 3), "channel": (2, 3), "spatial": (1,)}
+# The dimensions each kind's std is taken over, per layout: feature maps (N, C, H, W) and tokens (N, L, C), where
+# "channel" is per sample and channel over the tokens and "spatial" per sample and token over the channels.
+_DIMS: dict[str, dict[str, tuple[int, ...]]] = {
+    "NCHW": {"global": (0, 1, 2, 3), "channel": (2, 3), "spatial": (1,)},
+    "NLC": {"global": (0, 1, 2), "channel": (1,), "spatial": (2,)},
+}
 
 
-def noise_scale(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """The standard deviation ``s(x)`` the noise is scaled by, broadcastable to ``x`` (N, C, H, W).
+def noise_scale(x: torch.Tensor, kind: str, layout: str = "NCHW") -> torch.Tensor:
+    """The standard deviation ``s(x)`` the noise is scaled by, broadcastable to ``x`` (N, C, H, W), or (N, L, C)
+    tokens with ``layout="NLC"`` (channel: per channel over the tokens; spatial: per token over the channels).
 
     global: one std over the whole tensor (the paper's best, +0.33 points at sigma 0.25; the reference's ``all``);
     channel: per sample and channel over (H, W) (the reference's ``hw``);
@@ -23,10 +29,15 @@ def noise_scale(x: torch.Tensor, kind: str) -> torch.Tensor:
     The unbiased std, as ``torch.std`` in the reference code; over a single element (channel noise on a 1x1 map)
     it would be NaN, so the population std (0) is used there.
     """
-    if kind not in _DIMS:
-        raise ValueError(f"unknown noise type {kind!r}; choose one of {', '.join(NOISE_TYPES)}")
-    dims = _DIMS[kind]
+    dims = noise_dims(kind, layout)
     return x.std(dim=dims, keepdim=True, correction=_correction(x, dims))
+
+
+def noise_dims(kind: str, layout: str = "NCHW") -> tuple[int, ...]:
+    """The dimensions ``kind``'s std is taken over, for feature maps (NCHW) or tokens (NLC)."""
+    if kind not in _DIMS[layout]:
+        raise ValueError(f"unknown noise type {kind!r}; choose one of {', '.join(NOISE_TYPES)}")
+    return _DIMS[layout][kind]
 
 
 def _correction(x: torch.Tensor, dims: tuple[int, ...]) -> int:
@@ -44,7 +55,7 @@ def noise_generator(seed: int, replica: int, block: int, step: int, device: torc
 
 
 def inject_noise(x: torch.Tensor, kind: str, sigma: float, scale_grad: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, layout: str = "NCHW") -> torch.Tensor:
     """Additive Gaussian noise relative to the activation's own scale, drawn from ``generator`` (default: the
     global one).
 
@@ -58,7 +69,8 @@ def inject_noise(x: torch.Tensor, kind: str, sigma: float, scale_grad: bool = Tr
     if generator is None:
         generator = torch.default_generator if x.device.type == "cpu" else torch.cuda.default_generators[
             x.device.index if x.device.index is not None else torch.cuda.current_device()]
-    out: torch.Tensor = _RedrawnNoise.apply(x, kind, sigma, scale_grad and torch.is_grad_enabled(), generator)
+    out: torch.Tensor = _RedrawnNoise.apply(x, noise_dims(kind, layout), sigma, scale_grad and torch.is_grad_enabled(),
+                                            generator)
     return out
 
 
@@ -67,11 +79,11 @@ class _RedrawnNoise(torch.autograd.Function):
     scale's shape, the std's) with the noise drawn again from the generator state it was first drawn from."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, kind: str, sigma: float, scale_grad: bool,
+    def forward(ctx: Any, x: torch.Tensor, dims: tuple[int, ...], sigma: float, scale_grad: bool,
                 generator: torch.Generator) -> torch.Tensor:
-        ctx.kind, ctx.sigma, ctx.scale_grad, ctx.state = kind, sigma, scale_grad, generator.get_state()
+        ctx.dims, ctx.sigma, ctx.scale_grad, ctx.state = dims, sigma, scale_grad, generator.get_state()
         ctx.generator_device = generator.device  # x's, except on meta (blockssl.cost): it has no generator of its own
-        scale = noise_scale(x, kind)
+        scale = x.std(dim=dims, keepdim=True, correction=_correction(x, dims))
         ctx.save_for_backward(x if scale_grad else None, scale)
         return x + sigma * scale * _draw(x.shape, x.dtype, x.device, generator)
 
@@ -85,7 +97,7 @@ class _RedrawnNoise(torch.autograd.Function):
         noise = _draw(x.shape, x.dtype, x.device, replay)
         grad_scale = (grad * noise).sum_to_size(scale.shape) * ctx.sigma
         # torch's std backward (FunctionsManual.cpp: std_backward, var_backward), operation for operation
-        dims = _DIMS[ctx.kind]
+        dims = ctx.dims
         count = math.prod(x.shape[d] for d in dims)
         grad_var = (grad_scale / (scale * 2)).masked_fill_(scale == 0, 0)
         through_scale = (2.0 / (count - _correction(x, dims))) * grad_var * (x - x.mean(dims, keepdim=True))

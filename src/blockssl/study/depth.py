@@ -1,5 +1,6 @@
-"""Blocks named by depth: ``blockN`` is the block that ends at ResNet stage N (layer N), whatever the grouping of
-the stages, so that groupings compare at equal depth."""
+"""Blocks named by depth: ``blockN`` is the block that ends at the backbone's stage N (counting its first stage, a
+ResNet's stem, as 0: ``layerN`` of a ResNet), whatever the grouping of the stages, so that groupings compare at
+equal depth."""
 
 from __future__ import annotations
 
@@ -8,22 +9,26 @@ from pathlib import Path
 
 import yaml
 
-from blockssl.config import parse_blocks
+from blockssl.config import ModelConfig, parse_blocks
+from blockssl.models.backbone import stage_names
 
 CONCAT = "concat"  # the probe of all blocks concatenated: a block of every run, at no depth
 
 
-def block_names(blocks: str) -> dict[str, str]:
-    """The block names (``block1``, ...) of a grouping ``model.blocks`` -> the name of the paper's block that ends
-    at the same stage (``block2`` for a block ending at layer2; ``stem`` for one ending there): another grouping of
-    the stages then compares with the four paper blocks at equal depth."""
-    return {f"block{k + 1}": "stem" if g[-1] == "stem" else f"block{g[-1].removeprefix('layer')}"
-            for k, g in enumerate(parse_blocks(blocks))}
+def block_names(blocks: str, arch: str = "resnet50") -> dict[str, str]:
+    """The block names (``block1``, ...) of a grouping ``model.blocks`` of ``arch``'s stages -> the name of the
+    block that ends at the same stage in the one-stage-per-block grouping (``block2`` for a ResNet block ending at
+    layer2; the first stage's own name, ``stem``, for one ending there): another grouping of the stages then
+    compares with the paper's four blocks at equal depth."""
+    stages = stage_names(arch)
+    depth = {name: f"block{i}" if i else name for i, name in enumerate(stages)}
+    return {f"block{k + 1}": depth[g[-1]] for k, g in enumerate(parse_blocks(blocks, stages))}
 
 
 def depth_names(run: Path) -> dict[str, str]:
     """``block_names`` of a run directory's saved grouping."""
-    return block_names(yaml.safe_load((run / "config.yaml").read_text())["model"]["blocks"])
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    return block_names(model["blocks"], model.get("arch", ModelConfig.arch))  # absent: the default, as loaded
 
 
 def depth_key(block: str) -> float:

@@ -132,7 +132,7 @@ def _check_comparisons(path: Path, study: Study, configs: dict[str, Config]) -> 
         if c.metric not in metrics:
             raise ConfigError(f"{where}: metric {c.metric!r} is not one both variants are evaluated for; choose one "
                               f"of {', '.join(metrics) or 'none (the study evaluates nothing)'}")
-        theirs = [block_names(configs[v].model.blocks).values() for v in (c.variant, c.baseline)]
+        theirs = [block_names(configs[v].model.blocks, configs[v].model.arch).values() for v in (c.variant, c.baseline)]
         blocks = [b for b in theirs[0] if b in theirs[1]] + [CONCAT]
         if c.block not in blocks:
             raise ConfigError(f"{where}: block {c.block!r} is not a block of both variants (blocks are named by the "
