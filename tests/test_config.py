@@ -13,18 +13,15 @@ from blockssl.config import (
     Config,
     ConfigError,
     describe_keys,
-    detach_inputs,
     dump_config,
-    execution_strategy,
     from_dict,
     load_config,
-    loss_blocks,
     parse_blocks,
-    parse_stages,
     resume_config,
     to_dict,
 )
 from blockssl.models.backbone import stage_names
+from blockssl.plan import detach_inputs, execution_strategy, loss_blocks, parse_stages
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

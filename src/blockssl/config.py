@@ -458,67 +458,6 @@ def parse_blocks(spec: str, stages: tuple[str, ...] | None = None) -> list[list[
     return blocks
 
 
-def loss_blocks(cfg: Config) -> list[int]:
-    """0-based indices of the blocks that carry a loss."""
-    n = len(parse_blocks(cfg.model.blocks))
-    spec = cfg.train.loss_blocks.strip()
-    if spec == "auto":
-        spec = "last" if cfg.train.scheme == "end_to_end" else "all"
-    if spec == "all":
-        chosen = list(range(n))
-    elif spec == "last":
-        chosen = [n - 1]
-    else:
-        try:
-            chosen = sorted({int(s) - 1 for s in spec.split(",")})
-        except ValueError:
-            raise ConfigError(f"train.loss_blocks: {spec!r}; use auto, all, last or block numbers like 1,2,4") from None
-    frozen = {b - 1 for b in cfg.train.frozen_blocks}
-    chosen = [k for k in chosen if k not in frozen]
-    if not chosen or any(not 0 <= k < n for k in chosen):
-        raise ConfigError(f"train.loss_blocks: {cfg.train.loss_blocks!r} selects no valid trainable block of 1..{n}")
-    return chosen
-
-
-def detach_inputs(cfg: Config) -> bool:
-    """The stop-gradient switch: on for blockwise schemes, off for end-to-end, unless set explicitly."""
-    if cfg.train.detach == "auto":
-        return cfg.train.scheme != "end_to_end"
-    return cfg.train.detach == "true"
-
-
-def execution_strategy(cfg: Config) -> str:
-    """The execution strategy, ``reference``, ``lean`` or ``pipeline``: per-block backward and step (lean, pipeline)
-    is the same update as the reference only when no gradient crosses blocks."""
-    t = cfg.train
-    if t.execution in ("lean", "pipeline") and not detach_inputs(cfg):
-        raise ConfigError(f"train.execution={t.execution} needs detached block inputs (train.detach=true or a "
-                          "blockwise scheme): with gradients crossing blocks, one block's step would change "
-                          "another's gradient; use train.execution=reference or auto")
-    if t.execution == "pipeline" and t.scheme == "sequential":
-        raise ConfigError("train.execution=pipeline: the sequential scheme trains one block at a time, so stages "
-                          "would wait for each other; use train.scheme=simultaneous or another execution")
-    if t.execution == "auto":
-        return "lean" if detach_inputs(cfg) else "reference"
-    return t.execution
-
-
-def parse_stages(spec: str, num_blocks: int) -> list[list[int]] | None:
-    """``train.stages`` -> the 0-based blocks of each pipeline stage; None for ``auto`` (decided by measurement)."""
-    if spec == "auto":
-        return None
-    if spec == "blocks":
-        return [[k] for k in range(num_blocks)]
-    try:
-        stages = [[int(b) - 1 for b in group.split("+")] for group in spec.split(",")]
-    except ValueError:
-        stages = []
-    if [k for stage in stages for k in stage] != list(range(num_blocks)):
-        raise ConfigError(f"train.stages: {spec!r} must group the blocks 1..{num_blocks} in order, each once, into "
-                          "stages separated by ',' (e.g. '1+2,3+4'), or be 'blocks' (one per stage) or 'auto'")
-    return stages
-
-
 def check_lr_convention(cfg: Config) -> str | None:
     """The problem, if any, of a Barlow Twins loss scale combined with a separately pre-scaled bias lr.
 
@@ -541,6 +480,7 @@ def validate(cfg: Config, saved: bool = False) -> None:
     """Cross-field checks, each naming the key and the fix. ``saved``: a run's own configuration, where checks added
     since it was made warn instead (its results were computed under it)."""
     from blockssl.models.backbone import stage_names  # here: importing blockssl.config stays free of torch
+    from blockssl.plan import plan  # which reads this module's schema
 
     try:
         stages = stage_names(cfg.model.arch)
@@ -619,9 +559,7 @@ def validate(cfg: Config, saved: bool = False) -> None:
                           "blocks itself; use scheme=simultaneous with frozen_blocks")
     if t.scheme == "sequential" and t.loss_blocks not in ("auto", "all"):
         raise ConfigError("train.loss_blocks: the sequential scheme trains each block in turn; leave it auto")
-    loss_blocks(cfg)
-    execution_strategy(cfg)
-    parse_stages(t.stages, n)
+    plan(cfg)  # the scheme's switches consistent: loss blocks, detach, execution, stages
     # metrics.jsonl is the run directory's record (the report reads it, resume truncates it): always written, so
     # always listed, first, and each logger once.
     t.loggers = ["jsonl", *dict.fromkeys(name for name in t.loggers if name != "jsonl")]

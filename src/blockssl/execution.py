@@ -27,6 +27,7 @@ from blockssl import dist
 from blockssl.config import TrainConfig
 from blockssl.method import BlockOutput, BlockwiseSSL
 from blockssl.models.noise import noise_generator
+from blockssl.names import block_name
 from blockssl.optim import build_optimizer
 
 
@@ -91,13 +92,14 @@ class StepTerms:
         losses = [k for k in order if self.blocks[k].loss is not None]
         terms = {"loss": sum(value[k, "loss"] for k in losses)}
         for k in losses:
-            terms[f"loss/block{k + 1}"] = value[k, "loss"]
-            terms[f"std/block{k + 1}"] = value[k, "spread"]
+            terms[f"loss/{block_name(k)}"] = value[k, "loss"]
+            terms[f"std/{block_name(k)}"] = value[k, "spread"]
         for group in (("online_top1", "online_loss"), ("saved_mb",), ("weight_change",), ("rankme",)):
             for k in order:
                 for name in group:  # NaN: not measured (terms received from another stage)
                     if (k, name) in value and not math.isnan(value[k, name]):
-                        key = f"online/block{k + 1}_{name[7:]}" if name.startswith("online") else f"{name}/block{k + 1}"
+                        key = (f"online/{block_name(k)}_{name[7:]}" if name.startswith("online")
+                               else f"{name}/{block_name(k)}")
                         terms[key] = value[k, name]
         return terms
 
@@ -148,7 +150,7 @@ class Trainer:
             return self.model.run_block(k, h1, h2, generator=self.generator(k, step, h1.device), feature=feature)
 
     def generator(self, k: int, step: int, device: torch.device) -> torch.Generator | None:
-        if self.model.noise == "none" or self.model.noise_std == 0:
+        if not self.model.noise.active:
             return None
         return noise_generator(self.seed, self.replica, k, step, device)
 
@@ -163,7 +165,7 @@ class Trainer:
                                  "train.on_nonfinite=skip")
 
     def loss_finite(self, k: int, loss: torch.Tensor, step: int) -> bool:
-        return self.finite(loss, f"block {k + 1} loss ({type(self.model.loss).__name__})", step)
+        return self.finite(loss, f"block {k + 1} loss ({type(self.model.losses[str(k)]).__name__})", step)
 
     def backward(self, loss: torch.Tensor) -> None:
         with torch.autocast(loss.device.type, enabled=False):  # backward outside autocast

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from blockssl.method import BlockwiseSSL
+from blockssl.names import block_name
 
 PARTS = ("backbone", "noise", "head", "projector", "loss")
 
@@ -150,13 +151,13 @@ def model_accounting(model: BlockwiseSSL) -> SavedTensorAccounting:
 
 def model_scopes(model: BlockwiseSSL) -> tuple[list[tuple[nn.Module, Name]], Name]:
     """The modules of each ``block{k}/{part}`` of ``model`` (``PARTS``), and the name of what runs outside them. The
-    loss module is shared by the blocks, and the noise is no module: both belong to the block whose module ran last."""
+    noise is no module: it belongs to the block whose module ran last."""
     current = [0]
 
     def part(k: int, name: str) -> Callable[[], str]:
         def enter() -> str:
             current[0] = k
-            return f"block{k + 1}/{name}"
+            return f"{block_name(k)}/{name}"
         return enter
 
     scopes: list[tuple[nn.Module, Name]] = []
@@ -166,8 +167,8 @@ def model_scopes(model: BlockwiseSSL) -> tuple[list[tuple[nn.Module, Name]], Nam
         scopes.append((model.heads[k], part(k, "head")))
         if str(k) in model.projectors:
             scopes.append((model.projectors[str(k)], part(k, "projector")))
-    scopes.append((model.loss, lambda: f"block{current[0] + 1}/loss"))
-    return scopes, lambda: f"block{current[0] + 1}/noise"
+            scopes.append((model.losses[str(k)], part(k, "loss")))
+    return scopes, lambda: f"{block_name(current[0])}/noise"
 
 
 def resolve_name(name: Name) -> str:

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from blockssl.config import Config, detach_inputs, loss_blocks, parse_blocks, parse_projector
+from blockssl.config import Config, parse_blocks, parse_projector
 from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
 from blockssl.models.backbone import Backbone, BackboneOptions, build_backbone, group_stages
 from blockssl.models.heads import Head, global_pool, projector
-from blockssl.models.noise import inject_noise
+from blockssl.models.noise import Noise
+from blockssl.plan import plan
 
 READOUTS = ("head", "pool")  # how a block's output becomes the vector a probe reads (``BlockwiseSSL.readouts``)
 
@@ -62,41 +63,29 @@ class BlockwiseSSL(nn.Module):
         backbone: Backbone,
         blocks: list[list[str]],
         *,
-        loss: nn.Module,
+        heads: list[Head],
+        projectors: dict[int, nn.Module],
+        losses: dict[int, nn.Module],
         loss_blocks: list[int],
         detach: bool = True,
-        head: str = "cbe",
-        head_dims: list[int] | None = None,
-        head_kernel: int = 1,
-        head_grid: int = 2,
-        lean_chunk_bytes: int = 0,
-        projectors: dict[int, list[int]] | None = None,
-        noise: str = "none",
-        noise_std: float = 0.0,
-        noise_scale_grad: bool = True,
+        noise: Noise | None = None,
         frozen: set[int] | None = None,
         checkpoint_stages: bool = False,
     ) -> None:
+        """``blocks``: the backbone's stage names grouped into blocks; ``heads``: one per block; ``projectors`` and
+        ``losses``: one per block a loss may train (``build_model`` makes them from a configuration)."""
         super().__init__()
         self.backbone = backbone
         self.block_stages = blocks
         _, infos = group_stages(backbone, blocks)
         self.block_channels = [i.channels for i in infos]
         self.block_layouts = [i.layout for i in infos]
-        n = len(blocks)
-        head_dims = head_dims or [2048] * n
-        # Projectors only where a loss may sit: at ImageNet scale each 8192-wide one holds about 150 M weights.
-        projectors = projectors if projectors is not None else {k: [8192, 8192, 8192] for k in loss_blocks}
-        # A block no loss ever trains (end-to-end's blocks 1 to N-1) is read by plain global average pooling: a
-        # CbE head there would stay a random projection, and its probe would measure that, not the block.
-        heads = [Head(info.channels, head if k in projectors else "gap", d, head_kernel, lean_chunk_bytes, head_grid,
-                      info.layout) for k, (info, d) in enumerate(zip(infos, head_dims, strict=True))]
         self.heads = nn.ModuleList(heads)
         self.feature_dims = [h.out_dim for h in heads]  # width of each block's features (what probes read)
-        self.projectors = nn.ModuleDict({str(k): projector(heads[k].out_dim, p) for k, p in projectors.items()})
-        self.loss = loss
+        self.projectors = nn.ModuleDict({str(k): p for k, p in projectors.items()})
+        self.losses = nn.ModuleDict({str(k): loss for k, loss in losses.items()})
         self.detach = detach
-        self.noise, self.noise_std, self.noise_scale_grad = noise, noise_std, noise_scale_grad
+        self.noise = noise or Noise()  # none
         self.frozen: set[int] = set(frozen or ())
         self.loss_blocks = list(loss_blocks)
         self.checkpoint_stages = checkpoint_stages
@@ -112,20 +101,25 @@ class BlockwiseSSL(nn.Module):
         return len(self.block_stages)
 
     def block_modules(self, k: int, compilable: bool = False) -> list[nn.Module]:
-        """What block k owns: its stages, head and projector (what a pipeline stage keeps on its device).
+        """What block k owns: its stages, head, projector and loss (what a pipeline stage keeps on its device).
 
         ``compilable``: the modules to ``compile()`` in place instead: the backbone's stages made of one module (a
         block is a view rebuilt on access; a stage of several, such as a ResNet's stem, kept flat for torchvision's
         names, stays eager), head and projector."""
         stages = [self.blocks[k]] if not compilable else [
             m for name in self.block_stages[k] if len(ms := self.backbone.stage_modules(name)) == 1 for m in ms]
-        head = [self.heads[k], *([self.projectors[str(k)]] if str(k) in self.projectors else [])]
-        return [*stages, *head]
+        return [*stages, *self._head_modules(k, loss=not compilable)]
+
+    def _head_modules(self, k: int, loss: bool = True) -> list[nn.Module]:
+        """Block k's head, and its projector and loss where a loss may train it."""
+        if str(k) not in self.projectors:
+            return [self.heads[k]]
+        return [self.heads[k], self.projectors[str(k)], *([self.losses[str(k)]] if loss else [])]
 
     def block_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """The parameters and buffers of what block k owns (``block_modules``), under the model's names."""
-        owned = [*(m for stage in self.block_stages[k] for m in self.backbone.stage_modules(stage)), self.heads[k],
-                 *([self.projectors[str(k)]] if str(k) in self.projectors else [])]
+        owned = [*(m for stage in self.block_stages[k] for m in self.backbone.stage_modules(stage)),
+                 *self._head_modules(k)]
         prefixes = tuple(f"{name}." for name, module in self.named_modules() if any(module is m for m in owned))
         return {name: t for name, t in self.state_dict().items() if name.startswith(prefixes)}
 
@@ -170,9 +164,8 @@ class BlockwiseSSL(nn.Module):
             # Each view runs separately, as in Barlow Twins: BatchNorm statistics are per view.
             h1, h2 = self._stages(block, h1), self._stages(block, h2)
             if trainable and self.training:
-                layout = self.block_layouts[k]
-                h1 = inject_noise(h1, self.noise, self.noise_std, self.noise_scale_grad, generator, layout)
-                h2 = inject_noise(h2, self.noise, self.noise_std, self.noise_scale_grad, generator, layout)
+                h1 = self.noise(h1, generator, self.block_layouts[k])
+                h2 = self.noise(h2, generator, self.block_layouts[k])
         if k not in self.loss_blocks:
             return BlockOutput(h1, h2, feature=self._probe_only_head(k, h1) if feature else None)
         proj, head = self.projectors[str(k)], self.heads[k]
@@ -181,7 +174,7 @@ class BlockwiseSSL(nn.Module):
         # Collapse monitor: per-feature std of the normalised embeddings x sqrt(dim): about 1 for points spread
         # over the sphere, 0 when every image maps to the same vector.
         zn = nn.functional.normalize(z1.detach().float(), dim=1)
-        return BlockOutput(h1, h2, loss=self.loss(z1, z2), spread=zn.std(0).mean() * zn.shape[1] ** 0.5,
+        return BlockOutput(h1, h2, loss=self.losses[str(k)](z1, z2), spread=zn.std(0).mean() * zn.shape[1] ** 0.5,
                            feature=e1.detach() if feature else None)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, *, generators: Mapping[int, torch.Generator] | None = None,
@@ -253,29 +246,35 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
 
 
 def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
-    """The model of a configuration; ``in_channels`` and ``image_size`` come from the dataset."""
+    """The model of a configuration, ``in_channels`` and ``image_size`` from the dataset: the one place where the
+    configuration's names become modules (built in a fixed order: backbone, heads, projectors, losses, so a seed
+    gives the same weights)."""
     m = cfg.model
     backbone = build_backbone(m.arch, BackboneOptions(m.in_channels or in_channels, image_size, m.stem, m.width,
                                                       m.zero_init_residual))
     blocks = parse_blocks(m.blocks)
     n = len(blocks)
+    scheme = plan(cfg)
+    # Projectors and losses only where a loss may sit: at ImageNet scale each 8192-wide projector holds about 150 M
+    # weights.
+    trained = scheme.trained
+    head_dims = m.block_head_dims or [m.head_dim] * n
+    lean_chunk_bytes = m.lean_head_chunk_mb * 2**20 if m.lean_head else 0
+    # A block no loss ever trains (end-to-end's blocks 1 to N-1) is read by plain global average pooling: a CbE head
+    # there would stay a random projection, and its probe would measure that, not the block.
+    heads = [Head(info.channels, m.head if k in trained else "gap", head_dims[k], m.head_kernel, lean_chunk_bytes,
+                  m.head_grid, info.layout) for k, info in enumerate(group_stages(backbone, blocks)[1])]
     specs = m.block_projectors or [m.projector] * n
-    trained = range(n) if cfg.train.scheme == "sequential" else loss_blocks(cfg)
+    projectors = {k: projector(heads[k].out_dim, parse_projector(specs[k])) for k in trained}
     return BlockwiseSSL(
         backbone,
         blocks,
-        loss=build_loss(cfg),
-        loss_blocks=loss_blocks(cfg),
-        detach=detach_inputs(cfg),
-        head=m.head,
-        head_dims=m.block_head_dims or [m.head_dim] * n,
-        head_kernel=m.head_kernel,
-        head_grid=m.head_grid,
-        lean_chunk_bytes=m.lean_head_chunk_mb * 2**20 if m.lean_head else 0,
-        projectors={k: parse_projector(specs[k]) for k in trained},
-        noise=cfg.noise.type,
-        noise_std=cfg.noise.std,
-        noise_scale_grad=cfg.noise.scale_grad,
-        frozen={b - 1 for b in cfg.train.frozen_blocks},
+        heads=heads,
+        projectors=projectors,
+        losses={k: build_loss(cfg) for k in trained},
+        loss_blocks=scheme.loss_blocks,
+        detach=scheme.detach,
+        noise=Noise(cfg.noise.type, cfg.noise.std, cfg.noise.scale_grad),
+        frozen=scheme.frozen,
         checkpoint_stages=cfg.train.checkpoint_stages,
     )

@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from blockssl import dist
-from blockssl.config import Config, execution_strategy
+from blockssl.config import Config
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader, shutdown_workers, two_view_dataset
 from blockssl.data.photometric import to_device
 from blockssl.eval.online import OnlineProbe
 from blockssl.execution import STEPS, Step, StepTerms, Trainer, lean_step
 from blockssl.method import BlockwiseSSL
 from blockssl.pipeline import Layout, Link, Message
+from blockssl.plan import plan
 
 Batch = Message  # a step's inputs: both views, labels, the terms so far and the pipeline's stop decision
 
@@ -52,7 +53,7 @@ class Local:
                                       pin_memory=cfg.data.pin_memory and device.type == "cuda",
                                       persistent_workers=cfg.data.persistent_workers) if views is not None else None
         self.iterator: Iterator[Any] | None = None
-        self.execution = STEPS.get(execution_strategy(cfg), lean_step)
+        self.execution = STEPS.get(plan(cfg).execution, lean_step)
 
     @property
     def writes(self) -> bool:

@@ -13,7 +13,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from blockssl import dist, rundir
 from blockssl.checkpoint import CheckpointError, load_checkpoint
-from blockssl.config import Config, execution_strategy, loss_blocks, parse_blocks
+from blockssl.config import Config, parse_blocks
 from blockssl.data.datasets import dataset_info
 from blockssl.diagnostics import add_diagnostics, snapshot
 from blockssl.eval.online import OnlineProbe
@@ -32,6 +31,7 @@ from blockssl.memory import model_accounting
 from blockssl.method import BlockwiseSSL, build_model
 from blockssl.optim import lr_factor, set_lr
 from blockssl.pipeline import Layout, init_groups, measure_block_seconds, plan_layout, single_stage
+from blockssl.plan import Phase, plan
 from blockssl.runtime import autocast_context, progress_bar, resolve_device, seed_everything
 from blockssl.strategy import Batch, Local, build_strategy
 
@@ -43,24 +43,6 @@ class Preempted(RuntimeError):
 # Embedding spread ("std/block" in metrics, 1 = spread like uniform points on the sphere) below which a block
 # is reported as collapsing.
 COLLAPSE_STD = 0.05
-
-
-@dataclass
-class Phase:
-    """A stretch of steps with fixed trainable blocks: one for every scheme but sequential, which has one per block."""
-
-    loss_blocks: list[int]
-    frozen: set[int]
-    start: int
-    end: int
-
-
-def plan_phases(cfg: Config, num_blocks: int, total_steps: int) -> list[Phase]:
-    """The sequential scheme gives each block an equal share of the steps, earlier blocks frozen."""
-    if cfg.train.scheme == "sequential":
-        bounds = [total_steps * k // num_blocks for k in range(num_blocks + 1)]
-        return [Phase([k], set(range(k)), bounds[k], bounds[k + 1]) for k in range(num_blocks)]
-    return [Phase(loss_blocks(cfg), {b - 1 for b in cfg.train.frozen_blocks}, 0, total_steps)]
 
 
 def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
@@ -83,7 +65,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     model, initial = _place(model, cfg, layout, device)
     per_epoch = strategy.sampler.steps_per_epoch
     total = min(cfg.train.epochs * per_epoch, cfg.train.max_steps or cfg.train.epochs * per_epoch)
-    phases = plan_phases(cfg, model.num_blocks, total)
+    phases = plan(cfg).phases(total)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     # Online linear evaluation: its own parameters and optimizer, fed detached features; each stage trains the
     # classifiers of its blocks.
@@ -143,7 +125,7 @@ def _layout(cfg: Config, device: torch.device) -> Layout:
     """This process's place: a pipeline stage (and its data-parallel group), or one replica of every block."""
     num_blocks = len(parse_blocks(cfg.model.blocks))
     layout = (plan_layout(cfg, num_blocks, dist.world_size(), dist.rank(), lambda: measure_block_seconds(cfg, device))
-              if execution_strategy(cfg) == "pipeline" else single_stage(num_blocks, dist.world_size(), dist.rank()))
+              if plan(cfg).execution == "pipeline" else single_stage(num_blocks, dist.world_size(), dist.rank()))
     init_groups(layout)
     return layout
 
@@ -155,8 +137,7 @@ def _place(model: BlockwiseSSL, cfg: Config, layout: Layout, device: torch.devic
     if cfg.train.sync_bn:
         model = dist.convert_sync_batchnorm(model, device)
     # A pipeline stage holds only its own blocks, heads and projectors on its device; the rest stays on the CPU.
-    modules = [m for k in layout.blocks for m in model.block_modules(k)] + [model.loss] if layout.pipelined \
-        else [model]
+    modules = [m for k in layout.blocks for m in model.block_modules(k)] if layout.pipelined else [model]
     for m in modules:
         m.to(device)
         dist.broadcast_state(m)

@@ -78,7 +78,8 @@ MIXER = ["model.arch=tinymixer", "model.blocks=embed+mix1,mix2", "model.head=cbe
 
 
 def test_an_unknown_architecture_lists_the_registered_ones(tmp_path, mixer):
-    with pytest.raises(ConfigError, match=r"unknown model.arch 'resnet51'; choose one of resnet18, .*tinymixer"):
+    known = r"unknown model.arch 'resnet51' \(did you mean 'resnet50'\?\); choose one of resnet18, .*tinymixer"
+    with pytest.raises(ConfigError, match=known):
         tiny_config(tmp_path, "model.arch=resnet51")
     with pytest.raises(ConfigError, match=r"each stage of embed\+mix1\+mix2 exactly once"):
         tiny_config(tmp_path, *MIXER, "model.blocks=mix1,embed+mix2")

@@ -27,6 +27,7 @@ from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.transforms import eval_transform, probe_train_transform
 from blockssl.loggers import Loggers, evaluation_loggers
 from blockssl.method import BlockwiseSSL, build_model
+from blockssl.names import probe_names
 from blockssl.runtime import (
     autocast_context,
     checkpoint_model,
@@ -214,7 +215,7 @@ def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "c
     test_feats, test_labels = extract_readouts(model, test_set, pc.eval_batch_size, workers, device, pc.readouts,
                                                progress)
     assert_unchanged(model, snapshot)
-    names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
+    names = probe_names(model.num_blocks)
     results, chosen = fast_protocol(with_concat(train_feats["head"]), train_labels, with_concat(test_feats["head"]),
                                     test_labels, names, train_set.base, cfg, seed, progress)
     if "pool" in pc.readouts:
@@ -431,7 +432,7 @@ def paper_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "
     test_loader = DataLoader(Subset(test_set, dist.shard_indices(len(test_set))), batch_size=pc.eval_batch_size,
                              num_workers=workers)
     curves: list[list[dict[str, float]]] = [[] for _ in probes]
-    names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
+    names = probe_names(model.num_blocks)
     bar = progress_bar(range(pc.epochs), enabled=progress, desc="paper probe", unit="epoch")
     for epoch in bar:
         sampler.set_epoch(epoch)

@@ -57,6 +57,7 @@ from blockssl.eval.probe import (
 )
 from blockssl.loggers import Loggers, evaluation_loggers
 from blockssl.method import BlockwiseSSL
+from blockssl.names import probe_names
 from blockssl.runtime import CHECKPOINT, checkpoint_model, progress_bar, require_run_dir, resolve_device
 
 # The 15 ImageNet-C corruptions, in the benchmark's order (noise, blur, weather, digital).
@@ -330,7 +331,7 @@ def evaluate_run(run_dir: str | Path, model: BlockwiseSSL, cfg: Config, step: in
     run_dir = Path(run_dir)
     _check_settings(cfg)  # idempotent: run_robustness checked them already, other callers may not have
     probes = load_probes(run_dir, step)
-    expected = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
+    expected = probe_names(model.num_blocks)
     if list(probes) != expected:
         raise CheckpointError(f"{run_dir}/probes.pt holds probes {list(probes)}, the model needs {expected}: "
                               f"run `blockssl probe {run_dir}` again")
@@ -404,7 +405,7 @@ def _check_baseline(baseline_dir: Path, cfg: Config, overrides: list[str] | tupl
     if base_cfg.data.name != cfg.data.name:
         raise ConfigError(f"--baseline {baseline_dir} was trained on {base_cfg.data.name!r}, this run on "
                           f"{cfg.data.name!r}: corruption errors are comparable only on the same test set")
-    base_names = [f"block{k + 1}" for k in range(len(parse_blocks(base_cfg.model.blocks)))] + ["concat"]
+    base_names = probe_names(len(parse_blocks(base_cfg.model.blocks)))
     which = cfg.robustness.baseline_block
     missing = sorted({n if which == "same" else which for n in names} - set(base_names))
     if missing:
@@ -448,7 +449,7 @@ def run_robustness(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
     model, cfg, step = checkpoint_model(run_dir)
     apply_overrides(cfg, overrides, ("robustness", "data"))
     _check_settings(cfg)
-    names = [f"block{k + 1}" for k in range(model.num_blocks)] + ["concat"]
+    names = probe_names(model.num_blocks)
     alexnet = _alexnet_normaliser(cfg, names) if str(baseline) == ALEXNET else None
     if base_dir is not None:
         _check_baseline(base_dir, cfg, overrides, names)

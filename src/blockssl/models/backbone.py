@@ -15,6 +15,7 @@ standard stem and width its ``state_dict`` loads into ``torchvision.models.<arch
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -101,8 +102,10 @@ def family_of(arch: str) -> Family:
     for family in FAMILIES.values():
         if arch in family.archs:
             return family
-    known = ", ".join(a for f in FAMILIES.values() for a in f.archs)
-    raise KeyError(f"unknown model.arch {arch!r}; choose one of {known}")
+    known = [a for f in FAMILIES.values() for a in f.archs]
+    close = difflib.get_close_matches(arch, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise KeyError(f"unknown model.arch {arch!r}{hint}; choose one of {', '.join(known)}")
 
 
 def stage_names(arch: str) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,24 @@ def noise_generator(seed: int, replica: int, block: int, step: int, device: torc
     """
     state = np.random.SeedSequence([seed % 2**64, replica, block, step]).generate_state(2, np.uint32)
     return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Noise injection at block outputs as configured: ``kind`` (``noise.type``), sigma (``noise.std``) and whether
+    the gradient flows through s(x) (``noise.scale_grad``)."""
+
+    kind: str = "none"
+    std: float = 0.0
+    scale_grad: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none" and self.std != 0
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, layout: str = "NCHW"
+                 ) -> torch.Tensor:
+        return inject_noise(x, self.kind, self.std, self.scale_grad, generator, layout)
 
 
 def inject_noise(x: torch.Tensor, kind: str, sigma: float, scale_grad: bool = True,

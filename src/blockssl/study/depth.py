@@ -11,8 +11,7 @@ import yaml
 
 from blockssl.config import ModelConfig, parse_blocks
 from blockssl.models.backbone import stage_names
-
-CONCAT = "concat"  # the probe of all blocks concatenated: a block of every run, at no depth
+from blockssl.names import block_name
 
 
 def block_names(blocks: str, arch: str = "resnet50") -> dict[str, str]:
@@ -22,7 +21,7 @@ def block_names(blocks: str, arch: str = "resnet50") -> dict[str, str]:
     compares with the paper's four blocks at equal depth."""
     stages = stage_names(arch)
     depth = {name: f"block{i}" if i else name for i, name in enumerate(stages)}
-    return {f"block{k + 1}": depth[g[-1]] for k, g in enumerate(parse_blocks(blocks, stages))}
+    return {block_name(k): depth[g[-1]] for k, g in enumerate(parse_blocks(blocks, stages))}
 
 
 def depth_names(run: Path) -> dict[str, str]:

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from blockssl.checkpoint import atomic_write_text
+from blockssl.names import CONCAT
 from blockssl.reporting import markdown_table, palette
 from blockssl.stats import ALPHA, paired
-from blockssl.study.depth import CONCAT, depth_key
+from blockssl.study.depth import depth_key
 from blockssl.study.progress import is_done
 from blockssl.study.results import (
     Values,

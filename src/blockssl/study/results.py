@@ -9,9 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from blockssl.names import CONCAT
 from blockssl.reporting import read_json, read_metrics
 from blockssl.stats import ALPHA, Paired, holm, mean_std, paired
-from blockssl.study.depth import CONCAT, depth_key, depth_names
+from blockssl.study.depth import depth_key, depth_names
 from blockssl.study.spec import PIXELS, TIMING, Comparison, Study
 
 

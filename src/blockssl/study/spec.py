@@ -12,7 +12,8 @@ import yaml
 
 from blockssl.checkpoint import atomic_write_text
 from blockssl.config import Config, ConfigError, diff_configs, from_dict, load_config
-from blockssl.study.depth import CONCAT, block_names
+from blockssl.names import CONCAT
+from blockssl.study.depth import block_names
 
 EVALUATIONS = ("probe", "robustness")
 PIXELS = "pixels"  # the raw-pixel probe: its folder under out, its row in the results
