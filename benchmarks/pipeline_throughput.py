@@ -3,6 +3,8 @@
     python benchmarks/pipeline_throughput.py            # the default recipe (configs/fashion_mnist.yaml)
     python benchmarks/pipeline_throughput.py --quick    # a smoke test on tiny inputs
     python benchmarks/pipeline_throughput.py --paper    # also ResNet-50 at 224 px for the 16-device prediction
+    python benchmarks/pipeline_throughput.py --paper --set model.head=cbe_pooled \
+        --output benchmarks/results/pipeline_throughput_cbe_pooled.json           # both under another head
 
 Settings, each in fresh processes (gloo on the CPU, one thread per stage process): one process with 1 and with 2
 threads (lean execution), and 2 pipeline stages with the even grouping ``1+2,3+4`` and with ``auto`` (balanced by
@@ -18,8 +20,9 @@ max(sum of its t_k, bytes sent / link bandwidth), the pipeline's as that of its 
 asynchronous, so communication overlaps compute). It is checked against the 2-stage measurements here and
 applied to K = 2 and 4 stages. ``--paper`` measures ResNet-50's per-block and end-to-end step times on this CPU
 (batch 8) and predicts, relative to one device training end to end, the throughput of the paper's 16 devices as
-4 stages x 4 replicas against 16-way data-parallel end-to-end training, with per-device parameter memory.
-Writes ``benchmarks/results/pipeline_throughput.json``.
+4 stages x 4 replicas against 16-way data-parallel end-to-end training, with per-device parameter memory. ``--set
+KEY=VALUE`` changes the recipe and the ResNet-50 model alike (a head, projectors); the end-to-end model is
+``blockssl.cost.end_to_end_config`` of the ResNet-50 one. Writes ``benchmarks/results/pipeline_throughput.json``.
 """
 
 from __future__ import annotations
@@ -168,10 +171,11 @@ def predict(block_seconds: list[float], batch: int, stages: list[list[int]],
     return batch / max(per_batch)
 
 
-def resnet50_figures(steps: int) -> dict[str, Any]:
-    """Per-block and end-to-end step seconds of the paper's model at 224 px, batch 8, on this CPU, and the
-    parameters each block (with head and projector) and the end-to-end model train."""
+def resnet50_figures(steps: int, overrides: list[str]) -> dict[str, Any]:
+    """Per-block and end-to-end step seconds of the paper's model at 224 px, batch 8, on this CPU, with
+    ``overrides``, and the parameters each block (with head and projector) and the end-to-end model train."""
     from blockssl.config import load_config
+    from blockssl.cost import end_to_end_config
     from blockssl.execution import Trainer, build_optimizers, reference_step
     from blockssl.method import build_model
     from blockssl.pipeline import measure_block_seconds
@@ -179,9 +183,9 @@ def resnet50_figures(steps: int) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
     base = ["model.arch=resnet50", "model.width=1", "model.head_dim=2048", "model.projector=8192-8192-8192",
             "data.name=synthetic", "data.image_size=224", "train.batch_size=8", "train.device=cpu"]
-    cfg = load_config(None, base)
+    cfg = load_config(None, [*base, *overrides])
     blocks = measure_block_seconds(cfg, torch.device("cpu"), steps)
-    e2e_cfg = load_config(None, [*base, "train.scheme=end_to_end", "model.head=gap", "noise.type=none"])
+    e2e_cfg = end_to_end_config(cfg)
     model = build_model(e2e_cfg, 3, 224).train()
     trainer = Trainer(model, build_optimizers(model, e2e_cfg.train), torch.amp.GradScaler("cpu", enabled=False),
                       nullcontext(), 0)
@@ -198,7 +202,10 @@ def resnet50_figures(steps: int) -> dict[str, Any]:
         for block in bw.blocks:
             h = block(h)
             out_bytes.append(h.numel() * 4 * 2)
-    return {"batch": 8, "block_seconds": blocks, "end_to_end_seconds": sum(times[1:]) / steps,
+    m = cfg.model
+    projectors = ", ".join(dict.fromkeys(m.block_projectors or [m.projector]))
+    return {"model": f"head {m.head} {m.head_dim}, projectors {projectors}",
+            "batch": 8, "block_seconds": blocks, "end_to_end_seconds": sum(times[1:]) / steps,
             "block_params": params, "end_to_end_params": sum(p.numel() for p in model.parameters()),
             "block_output_bytes_per_image": out_bytes}
 
@@ -209,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the barrier")
     parser.add_argument("--quick", action="store_true", help="a narrower model and batch 32: a smoke test")
     parser.add_argument("--paper", action="store_true", help="also measure ResNet-50 for the 16-device prediction")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of the recipe and the ResNet-50 model, e.g. model.head=cbe_pooled")
     parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/pipeline_throughput"
                         "[_quick].json")
     args = parser.parse_args(argv)
-    overrides = QUICK if args.quick else []
+    overrides = [*(QUICK if args.quick else []), *args.set]
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"blockssl-pipeline-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     results = [run_setting(name, overrides, args.steps, args.warmup, tmp) for name in SETTINGS]
@@ -220,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     base = results[0]
     block_seconds = base["stage_reports"][0]["block_seconds"]
     batch = _config(overrides, None).train.batch_size
-    lines = [f"Pipeline vs one process, {RECIPE}{' (quick)' if args.quick else ''}, batch {batch}, "
+    recipe = " ".join([RECIPE, *(["(quick)"] if args.quick else []), *args.set])
+    lines = [f"Pipeline vs one process, {recipe}, batch {batch}, "
              f"{args.steps} timed steps, torch {torch.__version__}, {os.cpu_count()} CPUs", "",
              f"{'setting':<22} {'images/s':>9} {'vs 1 thread':>11}  per stage: blocks, busy s, idle s, "
              "sent bytes/image, peak RSS GB"]
@@ -247,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     paper = None
     if args.paper:
         print("  ResNet-50 per-block times ...", file=sys.stderr, flush=True)
-        paper = resnet50_figures(steps=2)
+        paper = resnet50_figures(steps=2, overrides=args.set)
         t, b = paper["block_seconds"], paper["block_output_bytes_per_image"]
         one = paper["batch"] / paper["end_to_end_seconds"]  # one device, end to end
         # 16 devices: pipeline = 4 stages x 4 replicas (each replica chain its own batch); DP = 16 x one device.
@@ -257,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         paper.update(one_device_e2e_images_per_s=one, pipeline_4x4_images_per_s=pipe16,
                      data_parallel_16_e2e_images_per_s=dp16, stage_state_bytes=state,
                      e2e_state_bytes=3 * 4 * paper["end_to_end_params"])
-        lines += ["", "ResNet-50, 224 px, CbE 2048 + 8192-8192-8192 (this CPU, batch 8; ratios carry over, not "
+        lines += ["", f"ResNet-50, 224 px, {paper['model']} (this CPU, batch 8; ratios carry over, not "
                   "seconds): per-block step s " + ", ".join(f"{x:.2f}" for x in t)
                   + f"; end to end {paper['end_to_end_seconds']:.2f} s",
                   f"16 devices, relative to one device end to end: pipeline 4 stages x 4 replicas "

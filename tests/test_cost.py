@@ -1,14 +1,23 @@
 """Cost accounting (``blockssl cost``): counts against hand computations, the optimizers' own state, the meta device
-against a real step, pipeline stages, and the paper's ResNet-50 figures."""
+against a real step, pipeline stages, the memory per device, and the paper's ResNet-50 figures."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from blockssl.cli import main
+from blockssl.cli import EXIT_BAD_INPUT, main
 from blockssl.config import load_config
-from blockssl.cost import Cost, cost_report, count_model, end_to_end_config, optimizer_state_bytes, pipeline_stages
+from blockssl.cost import (
+    Cost,
+    DeviceMemory,
+    cost_report,
+    count_model,
+    device_memory,
+    end_to_end_config,
+    optimizer_state_bytes,
+    pipeline_stages,
+)
 from blockssl.execution import build_optimizers
 from blockssl.method import build_model
 from tests.conftest import TINY, tiny_config
@@ -165,6 +174,23 @@ def test_frozen_blocks_hold_no_training_state(tmp_path):
     assert trained.optimizer_bytes > 2 * trained.grad_bytes  # AdamW: two moments and step counts
 
 
+@pytest.mark.parametrize("execution", ["lean", "reference"])
+def test_memory_per_device_sums_the_counted_parts(tmp_path, execution):
+    """Weights + gradient peak + optimizer state + saved peak x the device's images x 2 views, by hand from the
+    counts. The gradients alive at once: one block's under lean execution, whose update frees them before the next
+    block runs; every block's under reference execution and end to end (one backward, then the updates)."""
+    report = cost_report(tiny_config(tmp_path, f"train.execution={execution}"), devices=4)
+    model, e2e = report.model, report.end_to_end
+    grads = [4 * model.block(k).trained for k in range(4)]  # float32
+    assert model.grad_peak == (max(grads) if execution == "lean" else sum(grads))
+    assert e2e.grad_peak == 4 * e2e.total.trained
+    for cost in (model, e2e):
+        params, images = cost.total.params, BATCH // 4  # every parameter trained, in float32, with LARS momentum
+        memory = device_memory(cost, images)
+        assert memory == DeviceMemory(4 * params, cost.grad_peak, 4 * params, cost.saved_peak * images * 2)
+        assert memory.total == 8 * params + cost.grad_peak + cost.saved_peak * images * 2
+
+
 @pytest.mark.parametrize(("execution", "stages", "expected"), [
     ("pipeline", "1+2,3+4", [[0, 1], [2, 3]]), ("pipeline", "blocks", [[0], [1], [2], [3]]),
     ("pipeline", "auto", [[0], [1], [2], [3]]), ("lean", "1+2,3+4", [])])
@@ -214,3 +240,8 @@ def test_cost_command(capsys):
     assert main(["cost", *TINY, "model.head=cbe_pooled", "train.execution=pipeline", "train.stages=1+2,3+4"]) == 0
     out = capsys.readouterr().out
     assert "head cbe_pooled 2x2" in out and "end to end" in out and "params+grads+optimizer" in out
+    assert "memory per device, batch 1 (16 over 16 devices" in out  # the paper's 16 devices by default
+    assert main(["cost", *TINY, "--devices", "4"]) == 0
+    assert "memory per device, batch 4 (16 over 4 devices" in capsys.readouterr().out
+    assert main(["cost", *TINY, "--devices", "3"]) == EXIT_BAD_INPUT
+    assert "not divisible by 3 devices" in capsys.readouterr().err

@@ -81,7 +81,7 @@ def _study(args: argparse.Namespace) -> None:
 def _cost(args: argparse.Namespace) -> None:
     from blockssl.cost import cost_report, format_cost
 
-    print(format_cost(cost_report(load_config(args.config, args.overrides))))
+    print(format_cost(cost_report(load_config(args.config, args.overrides), args.devices)))
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  blockssl cost --config configs/fashion_mnist.yaml model.head=cbe_pooled\n"
                                    "Counted at train.batch_size, on the meta device (no memory, no arithmetic).")
     p.add_argument("--config", type=Path, help="a YAML recipe (see configs/)")
+    p.add_argument("--devices", type=int, default=16, metavar="N",
+                   help="data-parallel devices sharing train.batch_size in the memory estimate per device (default "
+                        "16, the paper's)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for pretrain")
     p.set_defaults(func=_cost)
 

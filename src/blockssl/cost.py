@@ -15,7 +15,15 @@ without data, so even the paper's 604 M projector parameters cost no memory and 
   (``train.amp`` roughly halves the activations). The peak is the most held at once under the configured execution.
 - Parameters: ``numel x element_size``. The gradients of the trained parameters are what data parallelism
   all-reduces each step, once (``dist.average_gradients``, DDP's flattened buffer; a ring all-reduce sends about
-  twice that per process). Optimizer state: ``optimizer_state_bytes``.
+  twice that per process). Optimizer state: ``optimizer_state_bytes``. The gradient peak is the most gradient bytes
+  alive after a backward of the step: every trained parameter's under reference execution, one loss block's under
+  lean execution, whose update frees them before the next block runs (``Trainer.update``).
+- Memory per device (``device_memory``): a training-memory estimate for a device holding the whole model (data
+  parallelism) at its share of the batch, the sum of the counted parts: weights + gradient peak + optimizer state +
+  saved peak x the device's images x 2 views. It leaves out what the counts do not see: the allocator's caching and
+  fragmentation, the temporaries of the largest operation (a backward's output gradients among them), the data
+  loader's batches, the online probe and the CUDA context; and it spreads per-batch terms (BatchNorm statistics, the
+  loss's D x D matrices) over the counted batch, so at a device's smaller batch they count for less than they hold.
 
 FLOPs and saved bytes are per image and view: a step of ``train.batch_size`` images runs each image through both
 views, and its count is divided by twice the batch (the loss, which runs once per pair of views, counts half to each
@@ -42,7 +50,7 @@ from torch.autograd.graph import Node
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.hooks import RemovableHandle
 
-from blockssl.config import Config, TrainConfig, apply_overrides, parse_blocks
+from blockssl.config import Config, ConfigError, TrainConfig, apply_overrides, parse_blocks
 from blockssl.data.datasets import dataset_info
 from blockssl.memory import PARTS, Name, model_accounting, model_scopes, resolve_name
 from blockssl.method import BlockwiseSSL, build_model
@@ -84,6 +92,7 @@ class ModelCost:
 
     parts: dict[int, dict[str, Cost]]
     saved_peak: float  # the most bytes saved for backward held at once, per image and view
+    grad_peak: int  # the most gradient bytes alive at once in the step
 
     def block(self, k: int) -> Cost:
         return sum(self.parts[k].values(), Cost())
@@ -105,6 +114,35 @@ class CostReport:
     model: ModelCost
     end_to_end: ModelCost
     stages: list[list[int]] = field(default_factory=list)
+    devices: int = 16  # the data-parallel devices that share train.batch_size in the memory estimate
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """A device's training memory at its share of the batch, estimated from the counts (the module docstring says
+    what it leaves out)."""
+
+    weights: int
+    gradients: int  # the gradient peak
+    optimizer: int
+    activations: float  # the saved peak x the device's images x 2 views
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def device_memory(cost: ModelCost, batch: int) -> DeviceMemory:
+    """The memory of a device that trains the whole model on ``batch`` images (both views of each)."""
+    total = cost.total
+    return DeviceMemory(total.param_bytes, cost.grad_peak, total.optimizer_bytes, cost.saved_peak * batch * 2)
+
+
+def device_batch(cfg: Config, devices: int) -> int:
+    """Each device's images per step: ``train.batch_size`` is the global batch, split evenly as the loader does."""
+    if devices < 1 or cfg.train.batch_size % devices:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by {devices} devices")
+    return cfg.train.batch_size // devices
 
 
 def optimizer_state_bytes(params: Iterable[nn.Parameter], cfg: TrainConfig) -> int:
@@ -127,9 +165,11 @@ def end_to_end_config(cfg: Config) -> Config:
     return apply_overrides(copy.deepcopy(cfg), END_TO_END, ("train", "model", "noise"))
 
 
-def cost_report(cfg: Config) -> CostReport:
-    """The costs of ``cfg``, of the end-to-end model of its backbone, and ``cfg``'s pipeline stages."""
-    return CostReport(cfg, count_model(cfg), count_model(end_to_end_config(cfg)), pipeline_stages(cfg))
+def cost_report(cfg: Config, devices: int = 16) -> CostReport:
+    """The costs of ``cfg``, of the end-to-end model of its backbone, and ``cfg``'s pipeline stages; the memory
+    estimate splits ``train.batch_size`` over ``devices`` (16: the paper's GPUs)."""
+    device_batch(cfg, devices)  # a bad device count fails before the counting
+    return CostReport(cfg, count_model(cfg), count_model(end_to_end_config(cfg)), pipeline_stages(cfg), devices)
 
 
 def pipeline_stages(cfg: Config) -> list[list[int]]:
@@ -155,7 +195,7 @@ def count_model(cfg: Config, device: torch.device | str = "meta") -> ModelCost:
         generators = {k: noise_generator(cfg.seed, 0, k, 0, torch.device("cpu")) for k in range(model.num_blocks)
                       } if cfg.noise.type != "none" else {}
         with model_accounting(model) as saved, _PartFlops(model) as flops:
-            _train_step(model, x1, x2, execution_strategy(cfg) != "reference", flops, generators)
+            grad_peak = _train_step(model, x1, x2, execution_strategy(cfg) != "reference", flops, generators)
     per_view = 2 * batch
     trained = {id(p) for k in model.loss_blocks for p in model.optimizer_parameters(k)}
     saved_parts = saved.result().parts
@@ -176,25 +216,33 @@ def count_model(cfg: Config, device: torch.device | str = "meta") -> ModelCost:
     unattributed = (set(flops.forward_flops) | set(flops.backward_flops) | set(saved_parts)) - {
         f"block{k + 1}/{p}" for k in parts for p in PARTS}
     assert not unattributed, f"counts outside the model's parts: {sorted(unattributed)}"
-    return ModelCost(parts, saved.result().peak / per_view)
+    return ModelCost(parts, saved.result().peak / per_view, grad_peak)
 
 
 def _train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, lean: bool, flops: _PartFlops,
-                generators: dict[int, torch.Generator]) -> None:
+                generators: dict[int, torch.Generator]) -> int:
     """A training step's forwards and backwards in ``blockssl.execution``'s order, without the updates: lean (and
-    pipeline) runs each block's forward and backward in turn, reference every forward, then one backward."""
+    pipeline) runs each block's forward and backward in turn, reference every forward, then one backward. Returns
+    the most gradient bytes alive after a backward."""
     if lean:
-        h1, h2 = x1, x2
+        h1, h2, peak = x1, x2, 0
         for k in range(model.last_loss_block + 1):
             out = model.run_block(k, h1, h2, generator=generators.get(k))
             if out.loss is not None:
                 with flops.backward():
                     out.loss.backward()
+                peak = max(peak, _grad_bytes(model))
+                model.zero_grad(set_to_none=True)  # as block k's update does before block k+1 runs
             h1, h2 = out.h1.detach(), out.h2.detach()
-        return
+        return peak
     outs = model(x1, x2, generators=generators)
     with flops.backward():
         torch.stack([out.loss for out in outs if out.loss is not None]).sum().backward()
+    return _grad_bytes(model)
+
+
+def _grad_bytes(model: nn.Module) -> int:
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
 
 
 def _part_modules(model: BlockwiseSSL) -> list[dict[str, list[nn.Module]]]:
@@ -331,7 +379,8 @@ def format_cost(report: CostReport) -> str:
                                                       [*_values(e2e.total), e2e.saved_peak], strict=True))]]
     lines += ["", *_table(["totals", *COLUMNS, "saved peak"], totals, left=1),
               f"end to end: the same backbone with {' '.join(END_TO_END[:3])}",
-              "(one loss at the last block, its output globally pooled into the projector, full backpropagation)"]
+              "(one loss at the last block, its output globally pooled into the projector, full backpropagation)",
+              "", *_memory_lines(report)]
     if report.stages:
         total = model.total.train_flops
         stage_rows = [[str(i + 1), "+".join(str(k + 1) for k in ks), _si(c.train_flops),
@@ -350,6 +399,22 @@ def format_cost(report: CostReport) -> str:
               "step",
               "saved: bytes saved for backward, in float32; saved peak: the most held at once in the step"]
     return "\n".join(lines)
+
+
+def _memory_lines(report: CostReport) -> list[str]:
+    """The memory estimate per device, this configuration's beside end to end's, and what it leaves out."""
+    batch, counted = device_batch(report.cfg, report.devices), report.cfg.train.batch_size
+    mine, e2e = ([*dataclasses.astuple(m), m.total] for m in (device_memory(c, batch)
+                                                              for c in (report.model, report.end_to_end)))
+    rows = [["this configuration", *map(_binary, mine)], ["end to end", *map(_binary, e2e)],
+            ["ratio", *(_ratio(a, b) for a, b in zip(mine, e2e, strict=True))]]
+    return [f"memory per device, batch {batch} ({counted} over {report.devices} devices, --devices), an estimate in "
+            "float32",
+            *_table(["per device", "weights", "gradients", "optimizer", "activations", "total"], rows, left=1),
+            f"weights + gradient peak + optimizer state + saved peak x {batch} x 2 views, for a device holding the "
+            "whole model" + ("; a pipeline stage holds its blocks' state (below)" if report.stages else ""),
+            "left out: allocator caching, temporaries of the largest op, the data loader, the online probe; per-batch",
+            f"terms (BatchNorm statistics, the loss's D x D matrices) counted as spread over {counted} images"]
 
 
 COLUMNS = ["params", "trained", "fwd FLOPs", "train FLOPs", "optimizer", "all-reduce", "saved"]
