@@ -33,7 +33,7 @@ from blockssl.optim import lr_factor, set_lr
 from blockssl.pipeline import Layout, init_groups, measure_block_seconds, plan_layout, single_stage
 from blockssl.plan import Phase, plan
 from blockssl.runtime import autocast_context, progress_bar, resolve_device, seed_everything
-from blockssl.strategy import Batch, Local, build_strategy
+from blockssl.strategy import Batch, CheckpointPart, Local, build_strategy
 
 
 class Preempted(RuntimeError):
@@ -101,11 +101,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
             if strategy.writes:
                 _record(terms, tally, counts, logging, saving, loggers, progress, step, step / per_epoch, lr, meter)
             if saving:
-                saved = strategy.checkpoint(model, trainer.optimizers, probe, counts) or saved
-                if saved is not None:
-                    rundir.save(out, cfg, step=step, phase=index, model=saved.model, optimizers=saved.optimizers,
-                                scaler=scaler.state_dict(), counts=saved.counts or counts,
-                                online_probe=saved.online_probe)
+                saved = _save(strategy, out, cfg, model, trainer, scaler, probe, counts, step, index) or saved
             if stop:
                 break
     strategy.finish()
@@ -211,6 +207,18 @@ def _step(strategy: Local, trainer: Trainer, batch: Batch, step: int, probing: b
     if probe is not None and probing and not result.terms.skipped and result.features:
         probe.step(result.features, batch.labels, first=trainer.blocks[0])  # non-finite features would poison it
     return result
+
+
+def _save(strategy: Local, out: Path, cfg: Config, model: BlockwiseSSL, trainer: Trainer,
+          scaler: torch.amp.GradScaler, probe: OnlineProbe | None, counts: dict[str, int], step: int, phase: int
+          ) -> CheckpointPart | None:
+    """The run's checkpoint, gathered from every process that holds a part of it and written by rank 0, which
+    returns what it wrote (None elsewhere)."""
+    part = strategy.checkpoint(model, trainer.optimizers, probe, counts)
+    if part is not None:
+        rundir.save(out, cfg, step=step, phase=phase, model=part.model, optimizers=part.optimizers,
+                    scaler=scaler.state_dict(), counts=part.counts or counts, online_probe=part.online_probe)
+    return part
 
 
 class Tally:
