@@ -209,11 +209,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from blockssl.config import load_config
+    from blockssl.config.plan import execution_strategy, loss_blocks
     from blockssl.execution import STEPS, Trainer, build_optimizers
     from blockssl.memory import model_accounting
     from blockssl.method import build_model
     from blockssl.optim import set_lr
-    from blockssl.plan import execution_strategy, loss_blocks
     from blockssl.runtime import autocast_context, resolve_device
 
     if spec["threads"]:

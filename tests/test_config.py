@@ -20,8 +20,8 @@ from blockssl.config import (
     resume_config,
     to_dict,
 )
+from blockssl.config.plan import detach_inputs, execution_strategy, loss_blocks, parse_stages
 from blockssl.models.backbone import stage_names
-from blockssl.plan import detach_inputs, execution_strategy, loss_blocks, parse_stages
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -51,11 +51,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.hooks import RemovableHandle
 
 from blockssl.config import Config, ConfigError, TrainConfig, apply_overrides, parse_blocks
+from blockssl.config.plan import execution_strategy, parse_stages
 from blockssl.data.datasets import dataset_info
 from blockssl.memory import PARTS, Name, model_accounting, model_scopes, resolve_name
 from blockssl.method import BlockwiseSSL, build_model
 from blockssl.models.noise import noise_generator
-from blockssl.plan import execution_strategy, parse_stages
 
 # The end-to-end model of the same backbone, as configs/imagenet/barlow_twins_end_to_end.yaml and the benchmarks
 # build it: one loss at the last block, full backpropagation, the last block globally average-pooled into its

@@ -16,11 +16,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from blockssl.config import Config, parse_blocks, parse_projector
+from blockssl.config.plan import plan
 from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
 from blockssl.models.backbone import Backbone, BackboneOptions, build_backbone, group_stages
 from blockssl.models.heads import Head, global_pool, projector
 from blockssl.models.noise import Noise
-from blockssl.plan import plan
 
 READOUTS = ("head", "pool")  # how a block's output becomes the vector a probe reads (``BlockwiseSSL.readouts``)
 

@@ -28,10 +28,10 @@ import torch.distributed as tdist
 
 from blockssl import dist
 from blockssl.config import Config, ConfigError
+from blockssl.config.plan import parse_stages
 from blockssl.data.datasets import dataset_info
 from blockssl.execution import BlockTerms, StepTerms, Trainer, build_optimizers
 from blockssl.method import build_model
-from blockssl.plan import parse_stages
 from blockssl.runtime import autocast_context
 
 

@@ -20,13 +20,13 @@ import torch
 
 from blockssl import dist
 from blockssl.config import Config
+from blockssl.config.plan import plan
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader, shutdown_workers, two_view_dataset
 from blockssl.data.photometric import to_device
 from blockssl.eval.online import OnlineProbe
 from blockssl.execution import STEPS, Step, StepTerms, Trainer, lean_step
 from blockssl.method import BlockwiseSSL
 from blockssl.pipeline import Layout, Link, Message
-from blockssl.plan import plan
 
 Batch = Message  # a step's inputs: both views, labels, the terms so far and the pipeline's stop decision
 

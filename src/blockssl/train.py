@@ -22,6 +22,7 @@ from tqdm import tqdm
 from blockssl import dist, rundir
 from blockssl.checkpoint import CheckpointError, load_checkpoint
 from blockssl.config import Config, parse_blocks
+from blockssl.config.plan import Phase, plan
 from blockssl.data.datasets import dataset_info
 from blockssl.diagnostics import add_diagnostics, snapshot
 from blockssl.eval.online import OnlineProbe
@@ -31,7 +32,6 @@ from blockssl.memory import model_accounting
 from blockssl.method import BlockwiseSSL, build_model
 from blockssl.optim import lr_factor, set_lr
 from blockssl.pipeline import Layout, init_groups, measure_block_seconds, plan_layout, single_stage
-from blockssl.plan import Phase, plan
 from blockssl.runtime import autocast_context, progress_bar, resolve_device, seed_everything
 from blockssl.strategy import Batch, CheckpointPart, Local, build_strategy
 

@@ -4,8 +4,9 @@ Defaults are the paper's ImageNet recipe (Siddiqui et al. 2024, section "Recipe"
 ``configs/`` override what they need. YAML files and ``key=value`` overrides are merged onto the defaults and
 validated, so a typo or a bad value fails before any compute starts, naming the key and the allowed values.
 
-``schema`` holds the dataclasses, ``load`` the coercion (recipes, overrides, saved runs, resuming), ``checks`` the
-cross-field policy; everything is importable from here.
+``schema`` holds the dataclasses, ``load`` the coercion (recipes, overrides, saved runs, resuming), ``checks`` and
+``plan`` the policy (cross-field checks; the scheme's switches resolved once); the first three are importable from
+here.
 """
 
 from blockssl.config.checks import check_lr_convention, parse_blocks, parse_projector, validate

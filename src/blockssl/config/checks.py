@@ -1,6 +1,6 @@
 """Policy: the cross-field checks of a configuration, each naming the key and the fix, and the parsers of its
-structured strings (block groupings, projector widths). The scheme's own switches are resolved by
-``blockssl.plan``, which ``validate`` calls."""
+structured strings (block groupings, projector widths). The scheme's own switches are checked by resolving them
+(``blockssl.config.plan``), after these checks, wherever a configuration is loaded."""
 
 from __future__ import annotations
 
@@ -45,7 +45,6 @@ def validate(cfg: Config, saved: bool = False) -> None:
     """Cross-field checks, each naming the key and the fix. ``saved``: a run's own configuration, where checks added
     since it was made warn instead (its results were computed under it)."""
     from blockssl.models.backbone import stage_names  # here: importing blockssl.config stays free of torch
-    from blockssl.plan import plan  # which reads this module's schema
 
     try:
         stages = stage_names(cfg.model.arch)
@@ -124,7 +123,6 @@ def validate(cfg: Config, saved: bool = False) -> None:
                           "blocks itself; use scheme=simultaneous with frozen_blocks")
     if t.scheme == "sequential" and t.loss_blocks not in ("auto", "all"):
         raise ConfigError("train.loss_blocks: the sequential scheme trains each block in turn; leave it auto")
-    plan(cfg)  # the scheme's switches consistent: loss blocks, detach, execution, stages
     # metrics.jsonl is the run directory's record (the report reads it, resume truncates it): always written, so
     # always listed, first, and each logger once.
     t.loggers = ["jsonl", *dict.fromkeys(name for name in t.loggers if name != "jsonl")]

@@ -13,7 +13,14 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from blockssl.config.checks import validate
+from blockssl.config.plan import plan
 from blockssl.config.schema import Config, ConfigError
+
+
+def _check(cfg: Config, saved: bool = False) -> None:
+    """The cross-field checks, then the scheme's switches resolved together (``blockssl.config.plan``)."""
+    validate(cfg, saved)
+    plan(cfg)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -134,7 +141,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         values = _merge(values, parse_override(text))
     cfg = Config()
     _apply(cfg, values)
-    validate(cfg)
+    _check(cfg)
     return cfg
 
 
@@ -147,7 +154,7 @@ def from_dict(values: dict[str, Any]) -> Config:
     loads, with a warning, so that it can be evaluated and resumed as it was trained."""
     cfg = Config()
     _apply(cfg, values)
-    validate(cfg, saved=True)
+    _check(cfg, saved=True)
     return cfg
 
 
@@ -226,5 +233,5 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], section
         if set(override) - set(sections):
             raise ConfigError(f"{text!r}: only {', '.join(s + '.*' for s in sections)} keys can be set here")
         _apply(cfg, override)
-    validate(cfg)
+    _check(cfg)
     return cfg

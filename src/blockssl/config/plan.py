@@ -4,14 +4,15 @@ the blocks, the pipeline's stages, and the phases of training (the sequential sc
 ``train.scheme`` (end to end, simultaneous, sequential), ``train.loss_blocks``, ``train.detach``,
 ``train.frozen_blocks``, ``train.execution`` and ``train.stages`` are presets and switches; ``plan`` turns them into
 what ``build_model`` and the training loop read, and refuses combinations that cannot work (``blockssl.config``
-calls it when validating, so that happens before any compute).
+resolves it whenever a configuration is loaded, so that happens before any compute).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blockssl.config import Config, ConfigError, parse_blocks
+from blockssl.config.checks import parse_blocks
+from blockssl.config.schema import Config, ConfigError
 
 
 @dataclass(frozen=True)
