@@ -52,29 +52,26 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
-    if hint is int:
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
+    if hint in (int, float):
+        return _number(key, value, hint)
     if hint is str:
         if isinstance(value, bool | dict | list):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise TypeError(f"unsupported annotation {hint!r} for {key}")
+
+
+def _number(key: str, value: Any, kind: type[int] | type[float]) -> int | float:
+    """An integer, or a finite number, from a YAML value or an override's text (booleans refused)."""
+    if isinstance(value, str):
+        try:
+            value = kind(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    valid = isinstance(value, int) if kind is int else isinstance(value, int | float) and math.isfinite(value)
+    if isinstance(value, bool) or not valid:
+        raise ConfigError(f"{key}: expected {'an integer' if kind is int else 'a finite number'}, got {value!r}")
+    return kind(value)
 
 
 def _suggest(word: str, choices: list[str]) -> str:
