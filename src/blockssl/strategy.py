@@ -20,7 +20,7 @@ import torch
 
 from blockssl import dist
 from blockssl.config import Config
-from blockssl.config.plan import plan
+from blockssl.config.plan import Plan
 from blockssl.data.loader import EpochSampler, TwoViews, pretrain_loader, shutdown_workers, two_view_dataset
 from blockssl.data.photometric import to_device
 from blockssl.eval.online import OnlineProbe
@@ -45,7 +45,8 @@ class CheckpointPart:
 class Local:
     """Every block in this process; a data-parallel replica reads its share of each global batch."""
 
-    def __init__(self, cfg: Config, layout: Layout, device: torch.device, views: TwoViews | None, size: int) -> None:
+    def __init__(self, cfg: Config, scheme: Plan, layout: Layout, device: torch.device, views: TwoViews | None,
+                 size: int) -> None:
         self.layout, self.device, self.views = layout, device, views
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.sampler = EpochSampler(size, cfg.train.batch_size, cfg.seed, layout.replica, layout.replicas)
@@ -53,7 +54,7 @@ class Local:
                                       pin_memory=cfg.data.pin_memory and device.type == "cuda",
                                       persistent_workers=cfg.data.persistent_workers) if views is not None else None
         self.iterator: Iterator[Any] | None = None
-        self.execution = STEPS.get(plan(cfg).execution, lean_step)
+        self.execution = STEPS.get(scheme.execution, lean_step)  # a pipeline stage runs its own blocks lean
 
     @property
     def writes(self) -> bool:
@@ -93,8 +94,7 @@ class Local:
         """The run's checkpoint content on rank 0 (a collective: every process calls it), None elsewhere."""
         if not dist.is_main_process():
             return None
-        return CheckpointPart(model.state_dict(), {str(k): o.state_dict() for k, o in optimizers.items()},
-                              probe.checkpoint_state() if probe is not None else None, dict(counts))
+        return _part(model.state_dict(), optimizers, probe.checkpoint_state() if probe is not None else None, counts)
 
     def finish(self) -> None:
         """After the last step: nothing in flight."""
@@ -107,11 +107,10 @@ class Local:
 class Stage(Local):
     """One stage of a pipeline; later stages hold no dataset, only its length (for the steps per epoch)."""
 
-    def __init__(self, cfg: Config, layout: Layout, device: torch.device, views: TwoViews | None, size: int,
-                 num_blocks: int) -> None:
-        super().__init__(cfg, layout, device, views, size)
-        self.execution = lean_step
-        self.link = Link(layout, device, cfg.train.in_flight, num_blocks)
+    def __init__(self, cfg: Config, scheme: Plan, layout: Layout, device: torch.device, views: TwoViews | None,
+                 size: int) -> None:
+        super().__init__(cfg, scheme, layout, device, views, size)
+        self.link = Link(layout, device, cfg.train.in_flight, scheme.num_blocks)
 
     def batches(self, start: int, end: int) -> Iterator[Batch]:
         if self.layout.first:
@@ -135,9 +134,9 @@ class Stage(Local):
         mine = None
         if self.layout.replica == 0:
             state = model.state_dict() if self.layout.first else model_part(model, self.layout.blocks)
-            mine = _to_cpu(CheckpointPart(state, {str(k): o.state_dict() for k, o in optimizers.items()},
-                                          probe.checkpoint_state(self.layout.blocks) if probe is not None else None,
-                                          dict(counts) if self.layout.last else None))
+            mine = _to_cpu(_part(state, optimizers,
+                                 probe.checkpoint_state(self.layout.blocks) if probe is not None else None,
+                                 counts if self.layout.last else None))
         parts: list[CheckpointPart] = [p for p in dist.gather_to_main(mine) or [] if p is not None]
         if not dist.is_main_process():
             return None
@@ -152,14 +151,14 @@ class Stage(Local):
         self.link.flush()
 
 
-def build_strategy(cfg: Config, layout: Layout, device: torch.device, num_blocks: int) -> Local:
+def build_strategy(cfg: Config, scheme: Plan, layout: Layout, device: torch.device) -> Local:
     """The process's strategy, with its pretraining set where it reads images. A pipeline's later stages receive
     activations: they take the set's length from rank 0, a first-stage process, rather than scan the dataset
     (ImageNet's 1.28 M files) for it; what the first stage raises, every process raises, instead of waiting for a
     broadcast that never comes."""
     if not layout.pipelined:
         views = two_view_dataset(cfg)
-        return Local(cfg, layout, device, views, len(views))
+        return Local(cfg, scheme, layout, device, views, len(views))
     first_views: TwoViews | None = None
     error: Exception | None = None
     if layout.first:
@@ -173,7 +172,13 @@ def build_strategy(cfg: Config, layout: Layout, device: torch.device, num_blocks
         raise error
     if failure is not None:
         raise RuntimeError(f"the first pipeline stage could not read the pretraining set: {failure}")
-    return Stage(cfg, layout, device, first_views, size, num_blocks)
+    return Stage(cfg, scheme, layout, device, first_views, size)
+
+
+def _part(model: dict[str, torch.Tensor], optimizers: dict[int, torch.optim.Optimizer],
+          probe: dict[str, Any] | None, counts: dict[str, int] | None) -> CheckpointPart:
+    return CheckpointPart(model, {str(k): o.state_dict() for k, o in optimizers.items()}, probe,
+                          None if counts is None else dict(counts))
 
 
 def model_part(model: BlockwiseSSL, blocks: list[int]) -> dict[str, torch.Tensor]:

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from blockssl import dist, rundir
 from blockssl.checkpoint import CheckpointError, load_checkpoint
-from blockssl.config import Config, parse_blocks
-from blockssl.config.plan import Phase, plan
+from blockssl.config import Config
+from blockssl.config.plan import Phase, Plan, plan
 from blockssl.data.datasets import dataset_info
 from blockssl.diagnostics import add_diagnostics, snapshot
 from blockssl.eval.online import OnlineProbe
@@ -56,20 +56,21 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     check_installed(cfg.train.loggers)  # before any work
     started_group = dist.init_from_environment(cfg.train.dist_timeout_s)
     device = resolve_device(cfg.train.device)
-    layout = _layout(cfg, device)
+    scheme, info = plan(cfg), dataset_info(cfg.data)
+    layout = _layout(cfg, scheme, device)
     out = rundir.prepare(cfg, resume, overwrite) if dist.is_main_process() else Path(cfg.out)
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None  # fail before any work
-    strategy = build_strategy(cfg, layout, device, len(parse_blocks(cfg.model.blocks)))
+    strategy = build_strategy(cfg, scheme, layout, device)
     seed_everything(cfg.seed)  # the same initial weights in every process
-    model = build_model(cfg, dataset_info(cfg.data).channels, dataset_info(cfg.data).image_size)
+    model = build_model(cfg, info.channels, info.image_size)
     model, initial = _place(model, cfg, layout, device)
     per_epoch = strategy.sampler.steps_per_epoch
     total = min(cfg.train.epochs * per_epoch, cfg.train.max_steps or cfg.train.epochs * per_epoch)
-    phases = plan(cfg).phases(total)
+    phases = scheme.phases(total)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     # Online linear evaluation: its own parameters and optimizer, fed detached features; each stage trains the
     # classifiers of its blocks.
-    probe = (OnlineProbe(model.feature_dims, dataset_info(cfg.data).num_classes, cfg.online_probe).to(device)
+    probe = (OnlineProbe(model.feature_dims, info.num_classes, cfg.online_probe).to(device)
              if cfg.online_probe.enabled else None)
     step, counts = _restore(ckpt, model, scaler, probe, cfg)
     if ckpt is None and dist.is_main_process():
@@ -117,11 +118,11 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     return out
 
 
-def _layout(cfg: Config, device: torch.device) -> Layout:
+def _layout(cfg: Config, scheme: Plan, device: torch.device) -> Layout:
     """This process's place: a pipeline stage (and its data-parallel group), or one replica of every block."""
-    num_blocks = len(parse_blocks(cfg.model.blocks))
-    layout = (plan_layout(cfg, num_blocks, dist.world_size(), dist.rank(), lambda: measure_block_seconds(cfg, device))
-              if plan(cfg).execution == "pipeline" else single_stage(num_blocks, dist.world_size(), dist.rank()))
+    n = scheme.num_blocks
+    layout = (plan_layout(cfg, n, dist.world_size(), dist.rank(), lambda: measure_block_seconds(cfg, device))
+              if scheme.execution == "pipeline" else single_stage(n, dist.world_size(), dist.rank()))
     init_groups(layout)
     return layout
 
