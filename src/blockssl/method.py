@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from blockssl.config import Config, parse_blocks, parse_projector
 from blockssl.config.plan import plan
 from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
 from blockssl.models.backbone import Backbone, BackboneOptions, build_backbone, group_stages
-from blockssl.models.heads import Head, global_pool, projector
+from blockssl.models.heads import Head, projector
 from blockssl.models.noise import Noise
 
 READOUTS = ("head", "pool")  # how a block's output becomes the vector a probe reads (``BlockwiseSSL.readouts``)
@@ -221,10 +221,11 @@ class BlockwiseSSL(nn.Module):
         if unknown:
             raise ValueError(f"unknown readouts {sorted(unknown)}; choose from {', '.join(READOUTS)}")
         out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for block, head, layout in zip(self.blocks, self.heads, self.block_layouts, strict=True):
+        heads = cast(list[Head], list(self.heads))
+        for block, head in zip(self.blocks, heads, strict=True):
             x = block(x)
             for name, feats in out.items():
-                feats.append(head(x) if name == "head" else global_pool(x, layout))
+                feats.append(head(x) if name == "head" else head.pooled(x))
         return out
 
 
@@ -250,9 +251,9 @@ def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
     configuration's names become modules (built in a fixed order: backbone, heads, projectors, losses, so a seed
     gives the same weights)."""
     m = cfg.model
-    backbone = build_backbone(m.arch, BackboneOptions(m.in_channels or in_channels, image_size, m.stem, m.width,
-                                                      m.zero_init_residual))
-    blocks = parse_blocks(m.blocks)
+    options = BackboneOptions.of(m, in_channels, image_size)
+    backbone = build_backbone(m.arch, options)
+    blocks = parse_blocks(m.blocks, tuple(s.name for s in backbone.stage_info))
     n = len(blocks)
     scheme = plan(cfg)
     # Projectors and losses only where a loss may sit: at ImageNet scale each 8192-wide projector holds about 150 M
@@ -263,7 +264,8 @@ def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
     # A block no loss ever trains (end-to-end's blocks 1 to N-1) is read by plain global average pooling: a CbE head
     # there would stay a random projection, and its probe would measure that, not the block.
     heads = [Head(info.channels, m.head if k in trained else "gap", head_dims[k], m.head_kernel, lean_chunk_bytes,
-                  m.head_grid, info.layout) for k, info in enumerate(group_stages(backbone, blocks)[1])]
+                  m.head_grid, info.layout, m.token_pool, info.prefix_tokens)
+             for k, info in enumerate(group_stages(backbone, blocks)[1])]
     specs = m.block_projectors or [m.projector] * n
     projectors = {k: projector(heads[k].out_dim, parse_projector(specs[k])) for k in trained}
     return BlockwiseSSL(

@@ -22,6 +22,7 @@ from blockssl import dist
 from blockssl.checkpoint import FORMAT_VERSION, atomic_save, save_checkpoint
 from blockssl.config import Config, ConfigError, dump_config, to_dict
 from blockssl.loggers import OPTIONAL
+from blockssl.models.backbone import library_state_dict
 from blockssl.runtime import git_revision
 
 # What a run directory holds (evaluation adds probe.json, robustness.*, report.md).
@@ -70,8 +71,8 @@ def save(out: Path, cfg: Config, *, step: int, phase: int, model: dict[str, torc
     save_checkpoint(state, out / "checkpoints", step, cfg.train.keep_checkpoints)
 
 
-def write_backbone(out: Path, model: dict[str, torch.Tensor]) -> None:
+def write_backbone(out: Path, model: dict[str, torch.Tensor], arch: str) -> None:
     """``backbone.pt``: the finished run's backbone (from the model's state, ``BlockwiseSSL.state_dict()``) under
-    torchvision's names."""
-    atomic_save({name.removeprefix("backbone."): t.detach().cpu().contiguous() for name, t in model.items()
-                 if name.startswith("backbone.")}, out / "backbone.pt")
+    its library's names (torchvision's for a ResNet, timm's for a ViT)."""
+    backbone = {name.removeprefix("backbone."): t for name, t in model.items() if name.startswith("backbone.")}
+    atomic_save(library_state_dict(arch, backbone), out / "backbone.pt")

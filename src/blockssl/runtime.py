@@ -61,11 +61,6 @@ def git_revision() -> str:
         return "unknown"
 
 
-def backbone_state_dict(model: BlockwiseSSL) -> dict[str, torch.Tensor]:
-    """The backbone's weights under torchvision's names (no ``fc``)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
-
-
 CHECKPOINT = "checkpoints/last.pt"  # in a run directory
 # How a run directory comes to hold each file that a command reads from it: the fix when one is missing.
 MAKERS = {

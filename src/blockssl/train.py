@@ -108,7 +108,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
     strategy.finish()
     progress.close()
     if dist.is_main_process() and step >= total:  # saved: the merged checkpoint, also of a pipeline's later stages
-        rundir.write_backbone(out, saved.model if saved is not None else model.state_dict())
+        rundir.write_backbone(out, saved.model if saved is not None else model.state_dict(), cfg.model.arch)
     dist.barrier()
     if started_group:
         torch.distributed.destroy_process_group()

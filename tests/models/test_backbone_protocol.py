@@ -68,7 +68,8 @@ def _build(arch: str, options: BackboneOptions) -> nn.Module:
 
 @pytest.fixture
 def mixer() -> Iterator[str]:
-    register_family("tinymixer", Family(("tinymixer",), lambda arch: TinyMixer.STAGES, _build, "TinyMixer()"))
+    register_family("tinymixer", Family(("tinymixer",), lambda arch, options: TinyMixer.STAGES, _build,
+                                        lambda arch, options: "TinyMixer()", options=("width",)))
     yield "tinymixer"
     del FAMILIES["tinymixer"]
 

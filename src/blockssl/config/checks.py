@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import warnings
 
-from blockssl.config.schema import Config, ConfigError
+from blockssl.config.schema import Config, ConfigError, ModelConfig
 
 
 def parse_blocks(spec: str, stages: tuple[str, ...] | None = None) -> list[list[str]]:
     """``"stem+layer1,layer2,layer3,layer4"`` -> ``[["stem", "layer1"], ["layer2"], ...]``; with ``stages`` (the
-    backbone's, in order) checked: every stage exactly once and in network order, since block k+1 reads block k's
-    output."""
+    backbone's, in order) a run ``first-last`` stands for the stages from first to last (``"0-2,3-5"`` ->
+    ``[["0", "1", "2"], ["3", "4", "5"]]``), and the grouping is checked: every stage exactly once and in network
+    order, since block k+1 reads block k's output. Without them only the number of blocks is meaningful."""
+    if spec == "auto":
+        raise ConfigError("model.blocks=auto is resolved to the backbone's grouping when a configuration is loaded "
+                          "(blockssl.config.load_config); resolve it before parsing")
     blocks = [[s.strip() for s in group.split("+") if s.strip()] for group in spec.split(",")]
+    if stages is not None:
+        blocks = [[s for part in group for s in _run(part, stages)] for group in blocks]
     flat = [s for b in blocks for s in b]
     if any(not b for b in blocks) or (stages is not None and flat != list(stages)):
         example = ",".join(stages or ("stem+layer1", "layer2", "layer3", "layer4"))
@@ -21,6 +27,39 @@ def parse_blocks(spec: str, stages: tuple[str, ...] | None = None) -> list[list[
             f"model.blocks: {spec!r} must list each stage of {'+'.join(stages or ('...',))} exactly once, in order, "
             f"grouped into blocks by ',' and '+' (e.g. {example!r})")
     return blocks
+
+
+def _run(part: str, stages: tuple[str, ...]) -> list[str]:
+    """A stage name, or ``first-last``: the stages from first to last (a name that is itself a stage wins)."""
+    first, dash, last = part.partition("-")
+    if part in stages or not dash or first not in stages or last not in stages:
+        return [part]
+    i, j = stages.index(first), stages.index(last)
+    return list(stages[i:j + 1]) if i <= j else [part]
+
+
+def _resolve_blocks(m: ModelConfig) -> str:
+    """``model.blocks`` checked against the backbone's stages, ``auto`` replaced by its family's grouping, and the
+    family's options checked: another family's must keep their defaults."""
+    # imported here: importing blockssl.config stays free of torch
+    from blockssl.models.backbone import FAMILIES, BackboneOptions, family_of
+
+    try:
+        family = family_of(m.arch)
+        stages = family.stages(m.arch, BackboneOptions.of(m))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(str(e.args[0])) from None
+    default = ModelConfig()
+    others = {key for f in FAMILIES.values() for key in f.options} - set(family.options)
+    changed = sorted(f"model.{key}={getattr(m, key)}" for key in others if getattr(m, key) != getattr(default, key))
+    if changed:
+        raise ConfigError(f"{', '.join(changed)}: not read by model.arch={m.arch}'s backbone family; remove "
+                          f"{'it' if len(changed) == 1 else 'them'} (its settings: "
+                          f"{', '.join(f'model.{k}' for k in family.options)})")
+    if m.blocks == "auto":
+        m.blocks = family.default_blocks(stages)
+    parse_blocks(m.blocks, stages)
+    return m.blocks
 
 
 def check_lr_convention(cfg: Config) -> str | None:
@@ -44,15 +83,8 @@ def check_lr_convention(cfg: Config) -> str | None:
 def validate(cfg: Config, saved: bool = False) -> None:
     """Cross-field checks, each naming the key and the fix. ``saved``: a run's own configuration, where checks added
     since it was made warn instead (its results were computed under it)."""
-    from blockssl.models.backbone import stage_names  # here: importing blockssl.config stays free of torch
-
-    try:
-        stages = stage_names(cfg.model.arch)
-    except KeyError as e:
-        raise ConfigError(str(e.args[0])) from None
-    blocks = parse_blocks(cfg.model.blocks, stages)
-    n = len(blocks)
     t, m, d = cfg.train, cfg.model, cfg.data
+    n = len(parse_blocks(_resolve_blocks(m)))
     positive = {"train.epochs": t.epochs, "train.batch_size": t.batch_size, "model.head_dim": m.head_dim,
                 "model.head_kernel": m.head_kernel, "model.head_grid": m.head_grid,
                 "model.lean_head_chunk_mb": m.lean_head_chunk_mb,
@@ -63,7 +95,8 @@ def validate(cfg: Config, saved: bool = False) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     for key, value in {"train.max_steps": t.max_steps, "data.subset": d.subset, "data.num_workers": d.num_workers,
                        "data.image_size": d.image_size, "train.checkpoint_every": t.checkpoint_every,
-                       "model.in_channels": m.in_channels}.items():
+                       "model.in_channels": m.in_channels, "model.patch_size": m.patch_size, "model.depth": m.depth,
+                       "model.embed_dim": m.embed_dim, "model.num_heads": m.num_heads}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {value}")
     if t.batch_size < 2:
@@ -80,6 +113,8 @@ def validate(cfg: Config, saved: bool = False) -> None:
         raise ConfigError(f"data.min_crop_scale: must lie in (0, 1], got {d.min_crop_scale}")
     if m.width <= 0:
         raise ConfigError(f"model.width: must be positive, got {m.width}")
+    if not 0 <= m.drop_path < 1:
+        raise ConfigError(f"model.drop_path: must lie in [0, 1), got {m.drop_path}")
     if cfg.noise.std < 0:
         raise ConfigError(f"noise.std: must be 0 or more, got {cfg.noise.std}")
     if t.lr <= 0 or t.bias_lr < 0 or t.weight_decay < 0:

@@ -48,16 +48,28 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # A registered backbone (blockssl.models.backbone.FAMILIES): resnet18, resnet34, resnet50, resnet101, resnet152,
-    # wide_resnet50_2, wide_resnet101_2, resnext50_32x4d
+    # wide_resnet50_2, wide_resnet101_2, resnext50_32x4d, or a timm ViT (vit_tiny_patch16_224, vit_small_patch16_224,
+    # any vit_* model built as timm's VisionTransformer)
     arch: str = "resnet50"
-    # Grouping of the backbone's stages into blocks: blocks separated by ",", stages of one block joined by "+".
-    # Paper default: 4 blocks (stem+layer1, layer2, layer3, layer4).
-    blocks: str = "stem+layer1,layer2,layer3,layer4"
+    # Grouping of the backbone's stages into blocks: blocks separated by ",", stages of one block joined by "+", a
+    # run of stages written first-last. ResNet stages: stem, layer1..layer4; ViT stages: its transformer blocks 0..
+    # depth-1. auto = four blocks: the paper's (stem+layer1,layer2,layer3,layer4) or a ViT's blocks in four equal runs
+    # (0-2,3-5,6-8,9-11 for depth 12).
+    blocks: str = "auto"
     # ResNets: small = 3x3 stride-1 conv, no max-pool; auto = small up to 64 px images
     stem: Literal["auto", "imagenet", "small"] = "auto"
     in_channels: int = 0  # 0 = the dataset's channels
     width: float = 1.0  # multiplier of every stage's width (CPU-scale models)
     zero_init_residual: bool = True
+    # ViTs (timm vit_* models, blockssl.models.vit); 0 keeps the architecture's own value.
+    patch_size: int = 0
+    depth: int = 0  # transformer blocks
+    embed_dim: int = 0
+    num_heads: int = 0
+    drop_path: float = 0.0  # stochastic depth rate (timm's drop_path_rate)
+    # Token outputs (ViTs) as one vector, what heads and the pool readout read: cls = the class token (DINO), mean =
+    # the mean of the patch tokens (MAE's linear probe, I-JEPA); auto = cls where the backbone has a class token
+    token_pool: Literal["auto", "cls", "mean"] = "auto"
     # cbe = CbE + global pooling, the paper's best pooling design; cbe_pooled = the block output average-pooled to
     # head_grid x head_grid before the CbE, a fraction of its FLOPs and memory (blockssl cost shows both)
     head: Literal["gap", "cbe", "cbe_pooled"] = "cbe"

@@ -4,8 +4,8 @@ The protocol a backbone follows (``Backbone``): ``stage_info``, one ``StageInfo`
 name, output channels, reduction from the input image, output layout ``NCHW`` for feature maps or ``NLC`` for
 tokens); ``stage(name)``, the module that computes a stage; ``stage_modules(name)``, the registered modules it is
 made of. Heads, noise, configuration checks, study naming and export read this metadata and the family's entry in
-``FAMILIES``; nothing outside this module names a family's stages. A new family is a module with its backbone and
-one ``register_family`` call.
+``FAMILIES``; nothing outside a family's module names its stages. A new family is a module with its backbone and
+one ``register_family`` call (``blockssl.models.vit`` registers timm's Vision Transformers).
 
 torchvision ResNets:
 
@@ -16,6 +16,7 @@ standard stem and width its ``state_dict`` loads into ``torchvision.models.<arch
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -48,6 +49,7 @@ class StageInfo:
     channels: int
     reduction: int  # total stride from the input image (a ViT's patch size)
     layout: Layout = "NCHW"
+    prefix_tokens: int = 0  # NLC: tokens before the patch tokens (a ViT's class token)
 
 
 class Backbone(Protocol):
@@ -66,41 +68,76 @@ class Backbone(Protocol):
 
 @dataclass(frozen=True)
 class BackboneOptions:
-    """The ``model.*`` settings a family's builder may read (each family documents which it uses)."""
+    """The ``model.*`` settings a family's builder may read (``Family.options`` names those it reads), and the
+    dataset's channels and image size."""
 
-    in_channels: int
-    image_size: int
+    in_channels: int = 3
+    image_size: int = 224
     stem: str = "auto"
     width: float = 1.0
     zero_init_residual: bool = True
+    patch_size: int = 0
+    depth: int = 0
+    embed_dim: int = 0
+    num_heads: int = 0
+    drop_path: float = 0.0
+
+    @classmethod
+    def of(cls, model: Any, in_channels: int = 3, image_size: int = 224) -> BackboneOptions:
+        """The options of a ``ModelConfig`` (``model.in_channels`` 0: the dataset's)."""
+        fields = {f: getattr(model, f) for f in cls.__dataclass_fields__ if f not in ("in_channels", "image_size")}
+        return cls(model.in_channels or in_channels, image_size, **fields)
 
 
 @dataclass(frozen=True)
 class Family:
-    """A registered backbone family: its architectures, each one's stage names (known without building it, for
-    configuration checks), its builder, and what its exported ``backbone.pt`` loads into."""
+    """A registered backbone family.
+
+    ``archs``: its architecture names, listed in errors (a family too large to list, such as timm's ViTs, gives a
+    few and ``accepts`` for the rest); ``stages``: an architecture's stage names under the options (known without
+    building it, for configuration checks); ``build``; ``loads_into``: what its exported ``backbone.pt`` loads into;
+    ``library_names``: the backbone's state dict under that library's names; ``default_blocks``: the grouping of
+    ``model.blocks=auto`` given the stages; ``options``: the family-specific
+    ``model.*`` keys it reads (another family's must keep their defaults: a setting is never silently ignored).
+    """
 
     archs: tuple[str, ...]
-    stages: Callable[[str], tuple[str, ...]]
+    stages: Callable[[str, BackboneOptions], tuple[str, ...]]
     build: Callable[[str, BackboneOptions], nn.Module]
-    loads_into: str  # e.g. "torchvision.models.{arch}()"
+    loads_into: Callable[[str, BackboneOptions], str]
+    default_blocks: Callable[[tuple[str, ...]], str] = lambda stages: equal_runs(stages)
+    options: tuple[str, ...] = ()
+    accepts: Callable[[str], bool] | None = None  # default: ``arch in archs``
+    library_names: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict
+
+    def has(self, arch: str) -> bool:
+        return arch in self.archs or (self.accepts is not None and self.accepts(arch))
 
 
 FAMILIES: dict[str, Family] = {}
 
 
+def equal_runs(stages: tuple[str, ...], n: int = 4) -> str:
+    """A ``model.blocks`` grouping of ``stages`` into ``n`` runs as equal as they can be (fewer stages: one block
+    each): ``0-2,3-5,6-8,9-11`` for twelve."""
+    n = min(n, len(stages))
+    bounds = [round(i * len(stages) / n) for i in range(n + 1)]
+    runs = [stages[a:b] for a, b in itertools.pairwise(bounds)]
+    return ",".join("+".join(r) if len(r) <= 2 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
 def register_family(name: str, family: Family) -> None:
     """Add a family; its architecture names must be new."""
-    taken = {a for f in FAMILIES.values() for a in f.archs} & set(family.archs)
+    taken = {a for f in FAMILIES.values() for a in family.archs if f.has(a)}
     if taken:
         raise ValueError(f"backbone family {name!r}: architectures {sorted(taken)} are already registered")
     FAMILIES[name] = family
 
 
 def family_of(arch: str) -> Family:
-    """The family of ``arch``; an unknown name is an error that lists every registered architecture."""
+    """The family of ``arch``; an unknown name is an error that lists the registered architectures."""
     for family in FAMILIES.values():
-        if arch in family.archs:
+        if family.has(arch):
             return family
     known = [a for f in FAMILIES.values() for a in f.archs]
     close = difflib.get_close_matches(arch, known, n=1)
@@ -108,9 +145,15 @@ def family_of(arch: str) -> Family:
     raise KeyError(f"unknown model.arch {arch!r}{hint}; choose one of {', '.join(known)}")
 
 
-def stage_names(arch: str) -> tuple[str, ...]:
+def stage_names(arch: str, options: BackboneOptions | None = None) -> tuple[str, ...]:
     """The stages of ``arch`` in network order (what ``model.blocks`` groups)."""
-    return family_of(arch).stages(arch)
+    return family_of(arch).stages(arch, options or BackboneOptions())
+
+
+def library_state_dict(arch: str, backbone: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A backbone's state dict as ``backbone.pt`` holds it: on the CPU, under the names of the library its family
+    loads into (``Family.loads_into``)."""
+    return family_of(arch).library_names({k: v.detach().cpu().contiguous() for k, v in backbone.items()})
 
 
 def build_backbone(arch: str, options: BackboneOptions) -> Backbone:
@@ -223,8 +266,11 @@ def _build_resnet(arch: str, options: BackboneOptions) -> nn.Module:
                   zero_init_residual=options.zero_init_residual)
 
 
-register_family("resnet", Family(tuple(ARCHS), lambda arch: RESNET_STAGES, _build_resnet,
-                                 "torchvision.models.{arch}() with fc = Identity (the standard stem)"))
+register_family("resnet", Family(
+    tuple(ARCHS), lambda arch, options: RESNET_STAGES, _build_resnet,
+    lambda arch, options: f"torchvision.models.{arch}() with fc = Identity (the standard stem)",
+    default_blocks=lambda stages: "stem+layer1,layer2,layer3,layer4",  # the paper's four blocks
+    options=("stem", "width", "zero_init_residual")))
 
 
 def group_stages(backbone: Backbone, blocks: list[list[str]]) -> tuple[list[nn.Sequential], list[StageInfo]]:

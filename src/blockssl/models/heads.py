@@ -25,16 +25,28 @@ class Head(nn.Module):
     (``blockssl.models.lean_head``): the same function, parameters and state dict. It applies to ``cbe`` only:
     ``cbe_pooled`` stores grid² locations per image, too little for recomputation to pay.
 
-    On tokens (``layout="NLC"``, a transformer block's output) ``gap`` is the mean over tokens and ``cbe`` the
-    same expansion per token (a linear map, BatchNorm over every token of the batch, ReLU) before it.
+    On tokens (``layout="NLC"``, a transformer block's output) the head reads the tokens ``token_pool`` names:
+    ``cls``, the class token (the first of ``prefix_tokens``), or ``mean``, the patch tokens (those after the
+    prefix); ``gap`` is their mean, ``cbe`` the same expansion per token (a linear map, BatchNorm over every token of
+    the batch, ReLU) before it: on the class token alone, an MLP layer.
     """
 
     def __init__(self, in_channels: int, kind: str = "cbe", dim: int = 2048, kernel: int = 1,
-                 lean_chunk_bytes: int = 0, grid: int = 2, layout: Layout = "NCHW") -> None:
+                 lean_chunk_bytes: int = 0, grid: int = 2, layout: Layout = "NCHW", token_pool: str = "auto",
+                 prefix_tokens: int = 0) -> None:
         super().__init__()
         if layout == "NLC" and kind == "cbe_pooled":
             raise ValueError("model.head=cbe_pooled pools a feature map to a grid; for token outputs use cbe or gap")
+        if token_pool not in ("auto", "cls", "mean") or (layout == "NCHW" and token_pool != "auto"):
+            raise ValueError(f"model.token_pool={token_pool}: choose auto, cls or mean, for token outputs only (leave "
+                             "it auto for a feature map)")
+        if token_pool == "cls" and not prefix_tokens:
+            raise ValueError("model.token_pool=cls reads a class token, and this backbone has none; use "
+                             "model.token_pool=mean")
         self.layout = layout
+        # the token positions read: the class token, or every token after the prefix
+        cls = token_pool == "cls" or (token_pool == "auto" and prefix_tokens > 0)
+        self.tokens = slice(0, 1) if cls else slice(prefix_tokens, None)
         self.lean_chunk_bytes = lean_chunk_bytes if kind == "cbe" and layout == "NCHW" else 0
         self.pool: nn.Module = nn.AdaptiveAvgPool2d(grid) if kind == "cbe_pooled" else nn.Identity()
         if kind == "gap":
@@ -56,7 +68,14 @@ class Head(nn.Module):
             expand = cast(nn.Sequential, self.expand)
             conv, bn = cast(nn.Conv2d, expand[0]), cast(nn.BatchNorm2d, expand[1])
             return lean_cbe(x, conv, bn, self.lean_chunk_bytes)
-        return global_pool(self.expand(self.pool(x)), self.layout)
+        if self.layout == "NLC":
+            return self.expand(x[:, self.tokens]).mean(dim=1)
+        return self.expand(self.pool(x)).mean(dim=(2, 3))
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain pooling of the block output, without the expansion: the mean over locations of a feature map,
+        the mean of the tokens the head reads (``pool`` readout; the head of a block no loss trains)."""
+        return x.mean(dim=(2, 3)) if self.layout == "NCHW" else x[:, self.tokens].mean(dim=1)
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -64,11 +83,6 @@ class TokenBatchNorm(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.flatten(0, 1)).view_as(x)
-
-
-def global_pool(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """A block output's mean over locations: (N, C, H, W) feature maps or (N, L, C) tokens -> (N, C)."""
-    return x.mean(dim=(2, 3)) if layout == "NCHW" else x.mean(dim=1)
 
 
 def projector(in_dim: int, dims: list[int]) -> nn.Module:

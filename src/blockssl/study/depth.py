@@ -4,30 +4,33 @@ equal depth."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import yaml
 
 from blockssl.config import ModelConfig, parse_blocks
-from blockssl.models.backbone import stage_names
+from blockssl.models.backbone import BackboneOptions, stage_names
 from blockssl.names import block_name
 
 
-def block_names(blocks: str, arch: str = "resnet50") -> dict[str, str]:
+def block_names(blocks: str, arch: str = "resnet50", options: BackboneOptions | None = None) -> dict[str, str]:
     """The block names (``block1``, ...) of a grouping ``model.blocks`` of ``arch``'s stages -> the name of the
     block that ends at the same stage in the one-stage-per-block grouping (``block2`` for a ResNet block ending at
     layer2; the first stage's own name, ``stem``, for one ending there): another grouping of the stages then
     compares with the paper's four blocks at equal depth."""
-    stages = stage_names(arch)
+    stages = stage_names(arch, options)
     depth = {name: f"block{i}" if i else name for i, name in enumerate(stages)}
     return {block_name(k): depth[g[-1]] for k, g in enumerate(parse_blocks(blocks, stages))}
 
 
 def depth_names(run: Path) -> dict[str, str]:
     """``block_names`` of a run directory's saved grouping."""
-    model = yaml.safe_load((run / "config.yaml").read_text())["model"]
-    return block_names(model["blocks"], model.get("arch", ModelConfig.arch))  # absent: the default, as loaded
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    known = {k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__}
+    model = dataclasses.replace(ModelConfig(), **known)  # absent keys: their defaults, as loaded
+    return block_names(model.blocks, model.arch, BackboneOptions.of(model))
 
 
 def depth_key(block: str) -> float:

@@ -1,0 +1,153 @@
+"""timm Vision Transformers through the backbone protocol: the model computes timm's forward, its stages are timm's
+blocks (the embedding with the first, the norm with the last), token heads read the class token or the patch
+tokens, lean = reference = pipeline execution bit for bit, a run resumes exactly, is probed and exports a state dict
+that ``timm.create_model`` loads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from blockssl.checkpoint import load_checkpoint
+from blockssl.config import ConfigError, resume_config
+from blockssl.eval.probe import run_probe
+from blockssl.export import export_run, loads_into
+from blockssl.memory import model_accounting
+from blockssl.method import build_model
+from blockssl.models.backbone import equal_runs, stage_names
+from blockssl.models.heads import Head
+from blockssl.models.vit import library_state_dict
+from blockssl.train import pretrain
+from tests.conftest import assert_same_tensors, run_metrics, spawn, tiny_config
+from tests.test_method import _run_steps
+from tests.test_pipeline import RUN, _worker, assert_same_run
+
+# 16 px images in 4 x 4 patches: 16 patch tokens and the class token, 16 channels, 4 transformer blocks.
+VIT = ["model.arch=vit_tiny_patch16_224", "model.width=1", "model.patch_size=4", "model.depth=4", "model.embed_dim=16",
+       "model.num_heads=2", "train.optimizer=adamw", "train.lr=1e-3", "train.weight_decay=0.05"]
+TIMM_ARGS = {"num_classes": 0, "img_size": 16, "in_chans": 3, "patch_size": 4, "depth": 4, "embed_dim": 16,
+             "num_heads": 2}
+
+
+def _vit(tmp_path, *overrides: str):
+    cfg = tiny_config(tmp_path, *VIT, *overrides)
+    torch.manual_seed(0)
+    return build_model(cfg, 3, 16), cfg
+
+
+def test_the_backbone_is_timms_vit_cut_at_its_blocks(tmp_path):
+    model, cfg = _vit(tmp_path)
+    assert cfg.model.blocks == "0,1,2,3"  # auto: one transformer block per block at depth 4
+    reference = timm.create_model("vit_tiny_patch16_224", **TIMM_ARGS).eval()
+    reference.load_state_dict(library_state_dict(model.backbone.state_dict()))  # strict: timm's names, all of them
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model.backbone.eval()(x), reference.forward_features(x), rtol=0, atol=0)
+    # the embedding trains with the first block, the final norm with the last
+    first, last = ({id(p) for p in block.parameters()} for block in (model.blocks[0], model.blocks[-1]))
+    assert {id(p) for p in model.backbone.embed.parameters()} <= first
+    assert {id(p) for p in model.backbone.norm.parameters()} <= last
+    owned = set().union(*({id(p) for p in block.parameters()} for block in model.blocks))
+    assert owned == {id(p) for p in model.backbone.parameters()}
+    assert stage_names("vit_small_patch16_224") == tuple(str(i) for i in range(12))
+    assert equal_runs(stage_names("vit_small_patch16_224")) == "0-2,3-5,6-8,9-11"
+    assert tiny_config(tmp_path, *VIT, "model.depth=0").model.blocks == "0-2,3-5,6-8,9-11"
+
+
+def test_blocks_group_transformer_blocks_by_runs_and_names(tmp_path):
+    model, _ = _vit(tmp_path, "model.blocks=0-1,2+3")
+    assert model.block_stages == [["0", "1"], ["2", "3"]]
+    with pytest.raises(ConfigError, match=r"each stage of 0\+1\+2\+3 exactly once"):
+        tiny_config(tmp_path, *VIT, "model.blocks=0-2,2-3")
+    with pytest.raises(ConfigError, match=r"model.patch_size=4: not read by model.arch=resnet18"):
+        tiny_config(tmp_path, "model.patch_size=4")
+    with pytest.raises(ConfigError, match=r"model.width=0.5: not read by model.arch=vit_tiny_patch16_224"):
+        tiny_config(tmp_path, *VIT, "model.width=0.5")
+    with pytest.raises(ConfigError, match="timm cannot build it"):
+        tiny_config(tmp_path, *VIT, "model.embed_dim=15")  # not divisible by 2 heads
+    with pytest.raises(ConfigError, match="not a plain VisionTransformer"):
+        tiny_config(tmp_path, *VIT, "model.arch=vit_relpos_small_patch16_224")
+
+
+def test_token_heads_read_the_class_token_or_the_patch_tokens():
+    x = torch.randn(4, 10, 6)  # 4 images, the class token and 9 patch tokens, 6 channels
+    torch.testing.assert_close(Head(6, "gap", layout="NLC", token_pool="cls", prefix_tokens=1)(x), x[:, 0])
+    torch.testing.assert_close(Head(6, "gap", layout="NLC", prefix_tokens=1).pooled(x), x[:, 0])  # auto: cls
+    mean = Head(6, "cbe", dim=8, layout="NLC", token_pool="mean", prefix_tokens=1).eval()
+    torch.testing.assert_close(mean.pooled(x), x[:, 1:].mean(dim=1))
+    torch.testing.assert_close(mean(x), mean.expand(x[:, 1:]).mean(dim=1))  # per patch token, then the mean
+    cls = Head(6, "cbe", dim=8, layout="NLC", token_pool="cls", prefix_tokens=1).eval()
+    torch.testing.assert_close(cls(x), cls.expand(x[:, :1])[:, 0])
+    with pytest.raises(ValueError, match="this backbone has none"):
+        Head(6, "gap", layout="NLC", token_pool="cls", prefix_tokens=0)
+    with pytest.raises(ValueError, match="for token outputs only"):
+        Head(6, "gap", token_pool="mean")
+
+
+@pytest.mark.parametrize("token_pool", ["cls", "mean"])
+def test_lean_execution_equals_reference_for_a_vit(tmp_path, token_pool):
+    model, cfg = _vit(tmp_path, "noise.type=spatial", "noise.std=0.25", f"model.token_pool={token_pool}")
+    initial, reference = copy.deepcopy(model), copy.deepcopy(model)
+    lean_terms = _run_steps(model, cfg, "lean", steps=3)
+    reference_terms = _run_steps(reference, cfg, "reference", steps=3)
+    assert_same_tensors(model.state_dict(), reference.state_dict())
+    assert [t.logged() for t in lean_terms] == [t.logged() for t in reference_terms]
+    for k in range(model.num_blocks):
+        moved = [not torch.equal(p, q) for p, q in zip(model.optimizer_parameters(k),
+                                                          initial.optimizer_parameters(k), strict=True)]
+        assert all(moved), f"block {k + 1}: {moved.count(False)} of its parameters did not move"
+
+
+def test_lean_blockwise_saves_at_most_half_of_end_to_ends_activations(tmp_path):
+    peaks = {}
+    for scheme, execution in (("simultaneous", "lean"), ("end_to_end", "reference")):
+        model, cfg = _vit(tmp_path, f"train.scheme={scheme}", "model.head=gap", "model.projector=16")
+        with model_accounting(model) as acc:
+            _run_steps(model, cfg, execution, steps=1)
+        saved = acc.result()
+        assert acc.held == 0
+        peaks[scheme] = saved.peak
+    # four uniform blocks: one block's graph (and its head's) at a time against all four
+    assert peaks["simultaneous"] <= 0.5 * peaks["end_to_end"]
+
+
+def test_a_vits_loss_falls(tmp_path):
+    rows = run_metrics(pretrain(tiny_config(tmp_path, *VIT, "train.epochs=8", "noise.type=none", "train.lr=3e-3",
+                                            "train.warmup_epochs=1")))
+    first, last = (sum(r["loss"] for r in part) / 4 for part in (rows[:4], rows[-4:]))
+    assert last < 0.97 * first, (first, last)  # 8% lower after 32 steps
+
+
+def test_pipeline_equals_single_process_lean_for_a_vit(tmp_path):
+    lean = pretrain(tiny_config(tmp_path / "lean", *VIT, *RUN, "train.execution=lean"))
+    spawn(_worker, 2, str(tmp_path / "pipe"), [*VIT, *RUN, "train.execution=pipeline", "train.stages=1+2,3+4"],
+          None, False)
+    assert_same_run(lean, tmp_path / "pipe")
+
+
+def test_a_vit_run_resumes_exactly_is_probed_and_loads_into_timm(tmp_path):
+    overrides = [*VIT, "noise.type=global", "online_probe.enabled=true", "train.epochs=2"]
+    full = pretrain(tiny_config(tmp_path / "full", *overrides))
+    part = tiny_config(tmp_path / "part", *overrides)
+    pretrain(part, stop_after=3)
+    pretrain(resume_config(part.out), resume=True)
+    a, b = (load_checkpoint(run / "checkpoints/last.pt") for run in (full, tmp_path / "part"))
+    assert_same_tensors(a["model"], b["model"])
+    assert all(r[f"weight_change/block{k}"] > 0 for r in run_metrics(full) for k in range(1, 5))
+
+    results = run_probe(full, ["probe.weight_decays=[1e-4,1e-2]"], random_init=True)
+    assert list(results["run"]["blocks"]) == list(results["run"]["pooled"]) == [
+        "block1", "block2", "block3", "block4", "concat"]
+
+    paths = export_run(full, tmp_path / "exported")
+    assert loads_into(full) == ("timm.create_model('vit_tiny_patch16_224', num_classes=0, img_size=16, in_chans=3, "
+                                "patch_size=4, depth=4, embed_dim=16, num_heads=2)")
+    exported = eval(loads_into(full), {"timm": timm}).eval()  # what a user pastes
+    exported.load_state_dict(torch.load(paths[0]))  # strict
+    model = build_model(tiny_config(tmp_path / "x", *overrides), 3, 16)
+    model.load_state_dict(a["model"])
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(exported.forward_features(x), model.backbone.eval()(x), rtol=0, atol=0)
+    assert_same_tensors(torch.load(full / "backbone.pt"), torch.load(paths[0]))
