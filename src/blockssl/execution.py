@@ -118,7 +118,8 @@ def build_optimizers(model: BlockwiseSSL, cfg: TrainConfig, blocks: Iterable[int
                      ) -> dict[int, torch.optim.Optimizer]:
     """One optimizer per loss block (of ``blocks``, default all), over ``model.optimizer_parameters(k)``."""
     chosen = set(range(model.num_blocks) if blocks is None else blocks)
-    return {k: build_optimizer(model.optimizer_parameters(k), cfg) for k in model.loss_blocks if k in chosen}
+    return {k: build_optimizer(model.optimizer_parameters(k), cfg, model.no_weight_decay())
+            for k in model.loss_blocks if k in chosen}
 
 
 @dataclass
@@ -150,7 +151,7 @@ class Trainer:
             return self.model.run_block(k, h1, h2, generator=self.generator(k, step, h1.device), feature=feature)
 
     def generator(self, k: int, step: int, device: torch.device) -> torch.Generator | None:
-        if not self.model.noise.active:
+        if not (self.model.noise.active or self.model.stochastic):
             return None
         return noise_generator(self.seed, self.replica, k, step, device)
 

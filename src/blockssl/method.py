@@ -71,9 +71,14 @@ class BlockwiseSSL(nn.Module):
         noise: Noise | None = None,
         frozen: set[int] | None = None,
         checkpoint_stages: bool = False,
+        stochastic: bool = False,
     ) -> None:
         """``blocks``: the backbone's stage names grouped into blocks; ``heads``: one per block; ``projectors`` and
-        ``losses``: one per block a loss may train (``build_model`` makes them from a configuration)."""
+        ``losses``: one per block a loss may train (``build_model`` makes them from a configuration).
+
+        ``stochastic``: the backbone draws random numbers in training (a ViT's stochastic depth, from torch's global
+        generator): each block's forward then draws them from that generator seeded by the block's key (the one its
+        noise is drawn from), so that every execution, a pipeline's processes included, draws the same."""
         super().__init__()
         self.backbone = backbone
         self.block_stages = blocks
@@ -89,6 +94,7 @@ class BlockwiseSSL(nn.Module):
         self.frozen: set[int] = set(frozen or ())
         self.loss_blocks = list(loss_blocks)
         self.checkpoint_stages = checkpoint_stages
+        self.stochastic = stochastic
 
     @property
     def blocks(self) -> list[nn.Sequential]:
@@ -139,6 +145,13 @@ class BlockwiseSSL(nn.Module):
         params = [p for j in range(first, k + 1) if j not in self.frozen for p in blocks[j].parameters()]
         return [*params, *self.heads[k].parameters(), *self.projectors[str(k)].parameters()]
 
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        """The backbone's parameters exempt from weight decay beyond biases and norms: those its ``no_weight_decay``
+        names, timm's convention (a ViT's position embedding and class token); none for a ResNet."""
+        backbone = cast(nn.Module, self.backbone)
+        names: set[str] = getattr(backbone, "no_weight_decay", set)()
+        return [p for name, p in backbone.named_parameters() if name in names]
+
     def train(self, mode: bool = True) -> BlockwiseSSL:
         super().train(mode)
         for k in self.frozen:  # frozen blocks keep their BatchNorm statistics
@@ -160,7 +173,7 @@ class BlockwiseSSL(nn.Module):
             h1, h2 = h1.detach(), h2.detach()  # the stop-gradient: loss k trains block k only
         block = self.blocks[k]
         trainable = k not in self.frozen
-        with nullcontext() if trainable else torch.no_grad():
+        with nullcontext() if trainable else torch.no_grad(), self._keyed_randomness(generator):
             # Each view runs separately, as in Barlow Twins: BatchNorm statistics are per view.
             h1, h2 = self._stages(block, h1), self._stages(block, h2)
             if trainable and self.training:
@@ -187,6 +200,19 @@ class BlockwiseSSL(nn.Module):
             outs.append(out)
             h1, h2 = out.h1, out.h2
         return outs
+
+    @contextmanager
+    def _keyed_randomness(self, generator: torch.Generator | None) -> Iterator[None]:
+        """Torch's global generator of the block's device seeded from the block's key for the block's forward
+        (``stochastic``), its state restored after."""
+        if not (self.stochastic and self.training and generator is not None):
+            yield
+            return
+        device = generator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            seed = (generator.initial_seed() + 1) % 2**64  # a stream apart from the noise's
+            torch.cuda.manual_seed(seed) if device.type == "cuda" else torch.manual_seed(seed)
+            yield
 
     def _stages(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         """The block's stages in order; with ``checkpoint_stages`` each keeps only its input for backward and is
@@ -279,4 +305,5 @@ def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
         noise=Noise(cfg.noise.type, cfg.noise.std, cfg.noise.scale_grad),
         frozen=scheme.frozen,
         checkpoint_stages=cfg.train.checkpoint_stages,
+        stochastic=m.drop_path > 0,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -91,14 +91,17 @@ def _buckets(params: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tens
         yield bucket
 
 
-def param_groups(params: Iterable[nn.Parameter], cfg: TrainConfig) -> list[dict]:
-    """Two groups: weights, and biases + norm parameters (1-d), the latter without weight decay or LARS scaling.
+def param_groups(params: Iterable[nn.Parameter], cfg: TrainConfig, no_decay: Collection[nn.Parameter] = ()
+                 ) -> list[dict]:
+    """Two groups: weights, and biases + norm parameters (1-d) + ``no_decay`` (a ViT's position embedding and
+    class token, timm's ``no_weight_decay`` as DINO and MAE use it), the latter without weight decay or LARS scaling.
 
     Each group carries ``base_lr`` (the peak for a global batch of ``batch_size``) for ``set_lr``.
     """
     params = [p for p in params if p.requires_grad]
-    weights = [p for p in params if p.ndim > 1]
-    others = [p for p in params if p.ndim <= 1]
+    excluded = {id(p) for p in no_decay}
+    weights = [p for p in params if p.ndim > 1 and id(p) not in excluded]
+    others = [p for p in params if p.ndim <= 1 or id(p) in excluded]
     scale = cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017)
     bias_lr = cfg.bias_lr or cfg.lr
     return [
@@ -107,8 +110,9 @@ def param_groups(params: Iterable[nn.Parameter], cfg: TrainConfig) -> list[dict]
     ]
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(params, cfg)
+def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, no_decay: Collection[nn.Parameter] = ()
+                    ) -> torch.optim.Optimizer:
+    groups = param_groups(params, cfg, no_decay)
     if cfg.optimizer == "lars":
         return LARS(groups, lr=0.0, momentum=cfg.momentum, eta=cfg.lars_eta,
                     momentum_dtype=getattr(torch, cfg.momentum_dtype))

@@ -1,7 +1,7 @@
 """timm Vision Transformers through the backbone protocol: the model computes timm's forward, its stages are timm's
 blocks (the embedding with the first, the norm with the last), token heads read the class token or the patch
-tokens, lean = reference = pipeline execution bit for bit, a run resumes exactly, is probed and exports a state dict
-that ``timm.create_model`` loads."""
+tokens, lean = reference = pipeline execution bit for bit (stochastic depth included), a run resumes exactly, is
+probed and exports a state dict that ``timm.create_model`` loads."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from blockssl.checkpoint import load_checkpoint
 from blockssl.config import ConfigError, resume_config
 from blockssl.eval.probe import run_probe
+from blockssl.execution import build_optimizers
 from blockssl.export import export_run, loads_into
 from blockssl.memory import model_accounting
 from blockssl.method import build_model
@@ -88,7 +89,8 @@ def test_token_heads_read_the_class_token_or_the_patch_tokens():
 
 @pytest.mark.parametrize("token_pool", ["cls", "mean"])
 def test_lean_execution_equals_reference_for_a_vit(tmp_path, token_pool):
-    model, cfg = _vit(tmp_path, "noise.type=spatial", "noise.std=0.25", f"model.token_pool={token_pool}")
+    model, cfg = _vit(tmp_path, "noise.type=spatial", "noise.std=0.25", f"model.token_pool={token_pool}",
+                      "model.drop_path=0.2")
     initial, reference = copy.deepcopy(model), copy.deepcopy(model)
     lean_terms = _run_steps(model, cfg, "lean", steps=3)
     reference_terms = _run_steps(reference, cfg, "reference", steps=3)
@@ -121,9 +123,10 @@ def test_a_vits_loss_falls(tmp_path):
 
 
 def test_pipeline_equals_single_process_lean_for_a_vit(tmp_path):
-    lean = pretrain(tiny_config(tmp_path / "lean", *VIT, *RUN, "train.execution=lean"))
-    spawn(_worker, 2, str(tmp_path / "pipe"), [*VIT, *RUN, "train.execution=pipeline", "train.stages=1+2,3+4"],
-          None, False)
+    # stochastic depth too: each block draws its drop-path masks from its own key, whichever process runs it
+    vit = [*VIT, *RUN, "model.drop_path=0.2"]
+    lean = pretrain(tiny_config(tmp_path / "lean", *vit, "train.execution=lean"))
+    spawn(_worker, 2, str(tmp_path / "pipe"), [*vit, "train.execution=pipeline", "train.stages=1+2,3+4"], None, False)
     assert_same_run(lean, tmp_path / "pipe")
 
 
@@ -151,3 +154,12 @@ def test_a_vit_run_resumes_exactly_is_probed_and_loads_into_timm(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(exported.forward_features(x), model.backbone.eval()(x), rtol=0, atol=0)
     assert_same_tensors(torch.load(full / "backbone.pt"), torch.load(paths[0]))
+
+
+def test_the_position_embedding_and_class_token_train_without_weight_decay(tmp_path):
+    model, cfg = _vit(tmp_path)
+    optimizer = build_optimizers(model, cfg.train)[0]
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    embed = model.backbone.embed
+    assert id(embed.pos_embed) not in decayed and id(embed.cls_token) not in decayed  # timm's no_weight_decay
+    assert id(embed.patch_embed.proj.weight) in decayed

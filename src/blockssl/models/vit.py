@@ -85,6 +85,10 @@ class ViT(nn.Module):
         self.stage_info: tuple[StageInfo, ...] = tuple(
             StageInfo(str(i), width, patch, "NLC", vit.num_prefix_tokens) for i in range(depth))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay, as timm's ``VisionTransformer.no_weight_decay`` names them."""
+        return {f"{EMBED}{name}" for name in ("pos_embed", "cls_token", "reg_token")}
+
     def stage_modules(self, name: str) -> list[nn.Module]:
         names = [s.name for s in self.stage_info]
         if name not in names:
