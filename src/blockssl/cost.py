@@ -379,7 +379,8 @@ def format_cost(report: CostReport) -> str:
                                                       [*_values(e2e.total), e2e.saved_peak], strict=True))]]
     lines += ["", *_table(["totals", *COLUMNS, "saved peak"], totals, left=1),
               f"end to end: the same backbone with {' '.join(END_TO_END[:3])}",
-              "(one loss at the last block, its output globally pooled into the projector, full backpropagation)",
+              "(one loss at the last block, its output pooled into the projector: the global average of a feature map,",
+              "a ViT's class token; full backpropagation)",
               "", *_memory_lines(report)]
     if report.stages:
         total = model.total.train_flops

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from blockssl.config import Config, parse_blocks, parse_projector
+from blockssl.config import Config, ConfigError, parse_blocks, parse_projector
 from blockssl.config.plan import plan
 from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
 from blockssl.models.backbone import Backbone, BackboneOptions, build_backbone, group_stages
@@ -289,9 +289,12 @@ def build_model(cfg: Config, in_channels: int, image_size: int) -> BlockwiseSSL:
     lean_chunk_bytes = m.lean_head_chunk_mb * 2**20 if m.lean_head else 0
     # A block no loss ever trains (end-to-end's blocks 1 to N-1) is read by plain global average pooling: a CbE head
     # there would stay a random projection, and its probe would measure that, not the block.
-    heads = [Head(info.channels, m.head if k in trained else "gap", head_dims[k], m.head_kernel, lean_chunk_bytes,
-                  m.head_grid, info.layout, m.token_pool, info.prefix_tokens)
-             for k, info in enumerate(group_stages(backbone, blocks)[1])]
+    try:  # settings that fit only some block outputs (tokens or feature maps) are refused here
+        heads = [Head(info.channels, m.head if k in trained else "gap", head_dims[k], m.head_kernel,
+                      lean_chunk_bytes, m.head_grid, info.layout, m.token_pool, info.prefix_tokens)
+                 for k, info in enumerate(group_stages(backbone, blocks)[1])]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     specs = m.block_projectors or [m.projector] * n
     projectors = {k: projector(heads[k].out_dim, parse_projector(specs[k])) for k in trained}
     return BlockwiseSSL(

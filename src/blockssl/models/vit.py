@@ -131,5 +131,5 @@ def library_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 register_family("vit", Family(
     EXAMPLES, _stages, ViT, _loads_into,
-    options=("patch_size", "depth", "embed_dim", "num_heads", "drop_path"),
+    options=("patch_size", "depth", "embed_dim", "num_heads", "drop_path", "token_pool"),
     accepts=lambda arch: arch.startswith("vit_"), library_names=library_state_dict))
