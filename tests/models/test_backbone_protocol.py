@@ -69,7 +69,7 @@ def _build(arch: str, options: BackboneOptions) -> nn.Module:
 @pytest.fixture
 def mixer() -> Iterator[str]:
     register_family("tinymixer", Family(("tinymixer",), lambda arch, options: TinyMixer.STAGES, _build,
-                                        lambda arch, options: "TinyMixer()", options=("width",)))
+                                        lambda arch, options: "TinyMixer()", options=("width",), stem="embed"))
     yield "tinymixer"
     del FAMILIES["tinymixer"]
 

@@ -6,6 +6,8 @@ probed and exports a state dict that ``timm.create_model`` loads."""
 from __future__ import annotations
 
 import copy
+import json
+import signal
 
 import pytest
 import timm
@@ -18,13 +20,19 @@ from blockssl.execution import build_optimizers
 from blockssl.export import export_run, loads_into
 from blockssl.memory import model_accounting
 from blockssl.method import build_model
-from blockssl.models.backbone import equal_runs, stage_names
+from blockssl.models.backbone import BackboneOptions, equal_runs, stage_names
 from blockssl.models.heads import Head
 from blockssl.models.vit import library_state_dict
+from blockssl.report import write_report
+from blockssl.study.depth import block_names, depth_names
+from blockssl.study.driver import run_study
+from blockssl.study.spec import load_study
 from blockssl.train import pretrain
-from tests.conftest import assert_same_tensors, run_metrics, spawn, tiny_config
+from tests.conftest import TINY, assert_same_tensors, run_metrics, spawn, tiny_config
+from tests.test_faults import KILL_RUN, _start, _wait_for_step
 from tests.test_method import _run_steps
 from tests.test_pipeline import RUN, _worker, assert_same_run
+from tests.test_study import _write_study
 
 # 16 px images in 4 x 4 patches: 16 patch tokens and the class token, 16 channels, 4 transformer blocks.
 VIT = ["model.arch=vit_tiny_patch16_224", "model.width=1", "model.patch_size=4", "model.depth=4", "model.embed_dim=16",
@@ -168,3 +176,32 @@ def test_the_position_embedding_and_class_token_train_without_weight_decay(tmp_p
     embed = model.backbone.embed
     assert id(embed.pos_embed) not in decayed and id(embed.cls_token) not in decayed  # timm's no_weight_decay
     assert id(embed.patch_embed.proj.weight) in decayed
+
+
+def test_a_vit_study_probes_corrupts_reports_and_names_its_blocks(tmp_path):
+    """The study driver, robustness and the report run unchanged on ViT runs (one seed, end to end and blockwise)."""
+    path = _write_study(tmp_path, seeds=[0], overrides=[*TINY, *VIT, "train.epochs=1", "data.synthetic_size=48"])
+    results = json.loads((run_study(load_study(path)).parent / "results.json").read_text())
+    blockwise, end_to_end = (tmp_path / "study" / variant / "seed0" for variant in ("blockwise", "end_to_end"))
+    for run in (blockwise, end_to_end):
+        block4 = json.loads((run / "robustness.json").read_text())["blocks"]["block4"]
+        assert set(block4["errors"]["gaussian_noise"]) == {"1", "3"} and 0 <= block4["mean_corruption_error"] <= 100
+    assert depth_names(blockwise) == {f"block{k}": f"block{k}" for k in range(1, 5)}  # transformer block k - 1
+    assert block_names("0-2,3", "vit_tiny_patch16_224", BackboneOptions(depth=4)) == {"block1": "block3",
+                                                                                       "block2": "block4"}
+    assert results  # the aggregation ran over both variants
+    report = write_report([blockwise, end_to_end], tmp_path / "report").read_text()
+    assert "`train.scheme: 'simultaneous' -> 'end_to_end'`" in report and "mCE" in report
+
+
+def test_a_killed_vit_run_resumes_to_the_uninterrupted_result(tmp_path):
+    vit = [*VIT, "model.drop_path=0.1"]
+    uninterrupted = pretrain(tiny_config(tmp_path / "full", *KILL_RUN, *vit))
+    out = tmp_path / "run"
+    proc = _start(out, *vit)
+    _wait_for_step(out, 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    pretrain(resume_config(out), resume=True)
+    assert_same_tensors(load_checkpoint(out / "checkpoints/last.pt")["model"],
+                        load_checkpoint(uninterrupted / "checkpoints/last.pt")["model"])

@@ -97,7 +97,8 @@ class Family:
     few and ``accepts`` for the rest); ``stages``: an architecture's stage names under the options (known without
     building it, for configuration checks); ``build``; ``loads_into``: what its exported ``backbone.pt`` loads into;
     ``library_names``: the backbone's state dict under that library's names; ``default_blocks``: the grouping of
-    ``model.blocks=auto`` given the stages; ``options``: the family-specific
+    ``model.blocks=auto`` given the stages; ``stem``: studies name blocks by depth counting from the stage after
+    it (``blockssl.study.depth``); ``options``: the family-specific
     ``model.*`` keys it reads (another family's must keep their defaults: a setting is never silently ignored).
     """
 
@@ -107,6 +108,7 @@ class Family:
     loads_into: Callable[[str, BackboneOptions], str]
     default_blocks: Callable[[tuple[str, ...]], str] = lambda stages: equal_runs(stages)
     options: tuple[str, ...] = ()
+    stem: str = ""  # the stage before the first of the network's repeated units (a ResNet's), if any
     accepts: Callable[[str], bool] | None = None  # default: ``arch in archs``
     library_names: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict
 
@@ -270,7 +272,7 @@ register_family("resnet", Family(
     tuple(ARCHS), lambda arch, options: RESNET_STAGES, _build_resnet,
     lambda arch, options: f"torchvision.models.{arch}() with fc = Identity (the standard stem)",
     default_blocks=lambda stages: "stem+layer1,layer2,layer3,layer4",  # the paper's four blocks
-    options=("stem", "width", "zero_init_residual")))
+    options=("stem", "width", "zero_init_residual"), stem="stem"))
 
 
 def group_stages(backbone: Backbone, blocks: list[list[str]]) -> tuple[list[nn.Sequential], list[StageInfo]]:

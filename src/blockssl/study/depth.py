@@ -1,6 +1,6 @@
-"""Blocks named by depth: ``blockN`` is the block that ends at the backbone's stage N (counting its first stage, a
-ResNet's stem, as 0: ``layerN`` of a ResNet), whatever the grouping of the stages, so that groupings compare at
-equal depth."""
+"""Blocks named by depth: ``blockN`` is the block that ends at the backbone's N-th stage after its stem (``layerN``
+of a ResNet, transformer block N - 1 of a ViT, which has no stem), whatever the grouping of the stages, so that
+groupings compare at equal depth."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ from pathlib import Path
 import yaml
 
 from blockssl.config import ModelConfig, parse_blocks
-from blockssl.models.backbone import BackboneOptions, stage_names
+from blockssl.models.backbone import BackboneOptions, family_of, stage_names
 from blockssl.names import block_name
 
 
 def block_names(blocks: str, arch: str = "resnet50", options: BackboneOptions | None = None) -> dict[str, str]:
     """The block names (``block1``, ...) of a grouping ``model.blocks`` of ``arch``'s stages -> the name of the
     block that ends at the same stage in the one-stage-per-block grouping (``block2`` for a ResNet block ending at
-    layer2; the first stage's own name, ``stem``, for one ending there): another grouping of the stages then
-    compares with the paper's four blocks at equal depth."""
-    stages = stage_names(arch, options)
-    depth = {name: f"block{i}" if i else name for i, name in enumerate(stages)}
+    layer2; the stem's own name, ``stem``, for one ending there): another grouping of the stages then compares with
+    the paper's four blocks at equal depth."""
+    stages, stem = stage_names(arch, options), family_of(arch).stem
+    depth = {stem: stem, **{name: f"block{i}" for i, name in enumerate((s for s in stages if s != stem), 1)}}
     return {block_name(k): depth[g[-1]] for k, g in enumerate(parse_blocks(blocks, stages))}
 
 
