@@ -88,9 +88,10 @@ def _run_steps(model: BlockwiseSSL, cfg: Config, execution: str, steps: int) -> 
     return [STEPS[execution](trainer, *_views(), step).terms for step in range(steps)]
 
 
-@pytest.mark.parametrize("optimizer", ["lars", "sgd", "adamw"])
-def test_lean_execution_equals_reference(tmp_path, optimizer):
-    model, cfg = _model(tmp_path, f"train.optimizer={optimizer}", "train.lr=0.5", "train.weight_decay=1e-4")
+def assert_lean_equals_reference(model: BlockwiseSSL, cfg: Config, moved_share: float = 0.5) -> None:
+    """Three steps of lean and of reference execution from the same model train it bit-identically, and more than
+    ``moved_share`` of every block's parameters move (guards against gradients zeroed after the per-block
+    backward)."""
     initial = copy.deepcopy(model)
     reference = copy.deepcopy(model)
     lean_terms = _run_steps(model, cfg, "lean", steps=3)
@@ -98,11 +99,16 @@ def test_lean_execution_equals_reference(tmp_path, optimizer):
     # Bit-identical: the same noise (keyed by block and step), and each block's gradient comes from its own loss.
     assert_same_tensors(model.state_dict(), reference.state_dict())
     assert [t.logged() for t in lean_terms] == [t.logged() for t in reference_terms]
-    # Every block learns (guards against gradients zeroed after the per-block backward).
     for k in range(model.num_blocks):
         moved = [not torch.equal(p, q) for p, q in zip(model.optimizer_parameters(k),
                                                           initial.optimizer_parameters(k), strict=True)]
-        assert sum(moved) > len(moved) // 2, f"block {k + 1} barely changed"
+        assert sum(moved) > moved_share * len(moved), f"block {k + 1}: {moved.count(False)} parameters did not move"
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "sgd", "adamw"])
+def test_lean_execution_equals_reference(tmp_path, optimizer):
+    assert_lean_equals_reference(*_model(tmp_path, f"train.optimizer={optimizer}", "train.lr=0.5",
+                                         "train.weight_decay=1e-4"))
 
 
 def test_frozen_block_is_bit_identical_and_keeps_bn_statistics(tmp_path):
