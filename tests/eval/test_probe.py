@@ -204,3 +204,21 @@ def test_the_raw_pixel_probe_reads_flattened_images_and_follows_the_fast_protoco
     cfg.probe.protocol = "paper"
     with pytest.raises(ConfigError, match="fast protocol only"):
         pixel_probe(cfg)
+
+
+def test_a_plain_pooling_head_is_probed_once_and_reported_under_both_readouts(tmp_path, monkeypatch):
+    import blockssl.eval.probe as probe_module
+
+    run = pretrain(tiny_config(tmp_path / "run", "train.scheme=end_to_end", "model.head=gap", "noise.type=none",
+                               "data.synthetic_size=128", "train.epochs=1"))
+    probed: list[list[str]] = []
+    protocol = probe_module.fast_protocol
+    monkeypatch.setattr(probe_module, "fast_protocol", lambda *a, **k: probed.append(a[4]) or protocol(*a, **k))
+    r = run_probe(run, ["probe.weight_decays=[1e-4,1e-2]"])["run"]
+    assert probed == [["block1", "block2", "block3", "block4", "concat"]]  # every head is plain pooling: once
+    assert r["pooled"] == r["blocks"]
+
+    probed.clear()
+    blockwise = pretrain(tiny_config(tmp_path / "blockwise", "data.synthetic_size=128", "train.epochs=1"))
+    run_probe(blockwise, ["probe.weight_decays=[1e-4,1e-2]"])
+    assert probed[1] == ["block1", "block2", "block3", "block4", "concat"]  # CbE heads: pooled probed apart

@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from blockssl.data.datasets import build_dataset, dataset_info
 from blockssl.data.transforms import eval_transform, probe_train_transform
 from blockssl.loggers import Loggers, evaluation_loggers
 from blockssl.method import BlockwiseSSL, build_model
+from blockssl.models.heads import Head
 from blockssl.names import probe_names
 from blockssl.runtime import (
     autocast_context,
@@ -219,9 +220,16 @@ def fast_probe(model: BlockwiseSSL, cfg: Config, seed: int = 0, device: str = "c
     results, chosen = fast_protocol(with_concat(train_feats["head"]), train_labels, with_concat(test_feats["head"]),
                                     test_labels, names, train_set.base, cfg, seed, progress)
     if "pool" in pc.readouts:
-        results["pooled"] = fast_protocol(with_concat(train_feats["pool"]), train_labels,
-                                          with_concat(test_feats["pool"]), test_labels, names, train_set.base, cfg,
-                                          seed, progress)[0]["blocks"]
+        # A block whose head is plain pooling reads the same features both ways: probed once, reported under both.
+        plain = [cast(Head, head).plain for head in model.heads]
+        plain.append(all(plain))  # the concatenation
+        todo = [i for i, same in enumerate(plain) if not same]
+        fit, test = ([feats[i] for i in todo] for feats in (with_concat(train_feats["pool"]),
+                                                            with_concat(test_feats["pool"])))
+        pooled = fast_protocol(fit, train_labels, test, test_labels, [names[i] for i in todo], train_set.base, cfg,
+                               seed, progress)[0]["blocks"] if todo else {}
+        results["pooled"] = {name: dict(results["blocks"][name]) if same else pooled[name]
+                             for name, same in zip(names, plain, strict=True)}
     return results, chosen
 
 

@@ -72,6 +72,11 @@ class Head(nn.Module):
             return self.expand(x[:, self.tokens]).mean(dim=1)
         return self.expand(self.pool(x)).mean(dim=(2, 3))
 
+    @property
+    def plain(self) -> bool:
+        """The head is plain pooling: its output is ``pooled``'s."""
+        return isinstance(self.expand, nn.Identity) and isinstance(self.pool, nn.Identity) and not self.lean_chunk_bytes
+
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Plain pooling of the block output, without the expansion: the mean over locations of a feature map,
         the mean of the tokens the head reads (``pool`` readout; the head of a block no loss trains)."""
