@@ -31,7 +31,7 @@ from tests.conftest import TINY, assert_same_tensors, run_metrics, spawn, tiny_c
 from tests.test_faults import KILL_RUN, _start, _wait_for_step
 from tests.test_method import _run_steps, assert_lean_equals_reference
 from tests.test_pipeline import RUN, _worker, assert_same_run
-from tests.test_study import _write_study
+from tests.test_study import EVAL, _write_study
 
 # 16 px images in 4 x 4 patches: 16 patch tokens and the class token, 16 channels, 4 transformer blocks.
 VIT = ["model.arch=vit_tiny_patch16_224", "model.width=1", "model.patch_size=4", "model.depth=4", "model.embed_dim=16",
@@ -171,16 +171,23 @@ def test_the_position_embedding_and_class_token_train_without_weight_decay(tmp_p
 
 def test_a_vit_study_probes_corrupts_reports_and_names_its_blocks(tmp_path):
     """The study driver, robustness and the report run unchanged on ViT runs (one seed, end to end and blockwise)."""
-    path = _write_study(tmp_path, seeds=[0], overrides=[*TINY, *VIT, "train.epochs=1", "data.synthetic_size=48"])
-    results = json.loads((run_study(load_study(path)).parent / "results.json").read_text())
+    path = _write_study(tmp_path, seeds=[0], overrides=[*TINY, *VIT, "train.epochs=1", "data.synthetic_size=48"],
+                        probe=[*EVAL["probe"], "probe.random_init=true"])
+    out = run_study(load_study(path)).parent
     blockwise, end_to_end = (tmp_path / "study" / variant / "seed0" for variant in ("blockwise", "end_to_end"))
+    # every run also probed at its random initialisation, reported as VARIANT@init beside the variant
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    at_init = {r["block"]: r["value"] for r in rows
+               if r["variant"] == "blockwise@init" and r["metric"] == "linear_top1"}
+    probe = json.loads((blockwise / "probe.json").read_text())
+    assert at_init == {name: r["top1"] for name, r in probe["random_init"]["blocks"].items()}
+    assert "| blockwise@init |" in (out / "results.md").read_text()
     for run in (blockwise, end_to_end):
         block4 = json.loads((run / "robustness.json").read_text())["blocks"]["block4"]
         assert set(block4["errors"]["gaussian_noise"]) == {"1", "3"} and 0 <= block4["mean_corruption_error"] <= 100
     assert depth_names(blockwise) == {f"block{k}": f"block{k}" for k in range(1, 5)}  # transformer block k - 1
     assert block_names("0-2,3", "vit_tiny_patch16_224", BackboneOptions(depth=4)) == {"block1": "block3",
                                                                                        "block2": "block4"}
-    assert results  # the aggregation ran over both variants
     report = write_report([blockwise, end_to_end], tmp_path / "report").read_text()
     assert "`train.scheme: 'simultaneous' -> 'end_to_end'`" in report and "mCE" in report
 

@@ -210,6 +210,9 @@ class ProbeConfig:
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
     label_subset_dir: str = ""  # folder with 1percent.txt / 10percent.txt (ImageNet); "" = stratified subsets
     knn_temperature: float = 0.07
+    # Also probe the same architecture at its random initialisation (the run's seed), the reference a trained network
+    # must beat: probe.json's random_init (blockssl probe --random-init sets it; studies report it as VARIANT@init)
+    random_init: bool = False
 
 
 @dataclass

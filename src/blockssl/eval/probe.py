@@ -560,7 +560,7 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     run_results, probes = protocol(model, cfg, seed=cfg.seed, device=device, progress=progress)
     results: dict[str, Any] = {"checkpoint_step": step, "run": run_results}
     info = dataset_info(cfg.data)
-    if random_init:
+    if random_init or cfg.probe.random_init:
         seed_everything(cfg.seed)
         reference = build_model(cfg, info.channels, info.image_size).to(device)
         results["random_init"] = protocol(reference, cfg, seed=cfg.seed, device=device, progress=progress)[0]

@@ -25,7 +25,7 @@ from blockssl.study.results import (
     primary_results,
     summary,
 )
-from blockssl.study.spec import PIXELS, Comparison, Study
+from blockssl.study.spec import AT_INIT, PIXELS, Comparison, Study
 
 # pool_*: each block read by plain global pooling of its output (probe.readouts), the same readout for every scheme
 METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1 (%)",
@@ -91,7 +91,9 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
     for metric, title in METRIC_TITLES.items():
         # a table holds the variants evaluated for its metric; the raw-pixel probe is one number, not a block
         blocks = sorted({s["block"] for s in stats if s["metric"] == metric and s["variant"] != PIXELS}, key=depth_key)
-        variants = [v for v in study.variants if any((v, b, metric) in index for b in blocks)]
+        # each variant, then its network at random initialisation where the probes read it (probe.random_init)
+        variants = [x for v in study.variants for x in (v, f"{v}{AT_INIT}") if any((x, b, metric) in index
+                                                                                    for b in blocks)]
         if not variants:
             continue
         header = ["variant", *blocks]

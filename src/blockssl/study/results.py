@@ -13,7 +13,7 @@ from blockssl.names import CONCAT
 from blockssl.reporting import read_json, read_metrics
 from blockssl.stats import ALPHA, Paired, holm, mean_std, paired
 from blockssl.study.depth import depth_key, depth_names
-from blockssl.study.spec import PIXELS, TIMING, Comparison, Study
+from blockssl.study.spec import AT_INIT, PIXELS, TIMING, Comparison, Study
 
 
 def collect_rows(study: Study) -> list[dict[str, Any]]:
@@ -43,6 +43,8 @@ def collect_rows(study: Study) -> list[dict[str, Any]]:
             continue
         names = depth_names(run)
         rows += probe_rows(variant, seed, probe, names)
+        if "random_init" in probe:
+            rows += probe_rows(f"{variant}{AT_INIT}", seed, {"run": probe["random_init"]}, names)
         base_run = study.run_dir(study.baseline, seed)
         robust, base = read_json(run / "robustness.json"), read_json(base_run / "robustness.json")
         if robust is not None and base is not None:

@@ -17,6 +17,7 @@ from blockssl.study.depth import block_names
 
 EVALUATIONS = ("probe", "robustness")
 PIXELS = "pixels"  # the raw-pixel probe: its folder under out, its row in the results
+AT_INIT = "@init"  # suffix of a variant's rows probed at random initialisation (probe.random_init=true)
 TIMING = "study_timing.json"  # seconds spent per stage on a run, summed over resumptions
 EVALUATION_OF = {"linear_top1": "probe", "knn_top1": "probe", "pool_linear_top1": "probe", "pool_knn_top1": "probe",
                  "mce": "robustness", "relative_mce": "robustness"}
