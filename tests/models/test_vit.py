@@ -203,3 +203,11 @@ def test_a_killed_vit_run_resumes_to_the_uninterrupted_result(tmp_path):
     pretrain(resume_config(out), resume=True)
     assert_same_tensors(load_checkpoint(out / "checkpoints/last.pt")["model"],
                         load_checkpoint(uninterrupted / "checkpoints/last.pt")["model"])
+
+
+@pytest.mark.parametrize("switches", [["train.amp=bf16", "train.channels_last=true"], ["train.amp=fp16"]])
+def test_a_vit_trains_under_autocast_like_float32(tmp_path, switches):
+    runs = [pretrain(tiny_config(tmp_path / name, *VIT, *overrides, "train.max_steps=4"))
+            for name, overrides in (("fp32", ()), ("switched", switches))]
+    losses = [[r["loss"] for r in run_metrics(run)] for run in runs]
+    assert losses[1] == pytest.approx(losses[0], rel=0.01)
