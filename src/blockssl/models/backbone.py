@@ -98,8 +98,8 @@ class Family:
     building it, for configuration checks); ``build``; ``loads_into``: what its exported ``backbone.pt`` loads into;
     ``library_names``: the backbone's state dict under that library's names; ``default_blocks``: the grouping of
     ``model.blocks=auto`` given the stages; ``stem``: studies name blocks by depth counting from the stage after
-    it (``blockssl.study.depth``); ``options``: the family-specific
-    ``model.*`` keys it reads (another family's must keep their defaults: a setting is never silently ignored).
+    it (``blockssl.study.depth``); ``options``: the family-specific ``model.*`` keys it reads (another family's
+    must keep their defaults: a setting is never silently ignored).
     """
 
     archs: tuple[str, ...]

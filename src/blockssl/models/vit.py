@@ -3,7 +3,7 @@
 Stage ``i`` is ``blocks[i]`` of the timm model; the patch embedding, the class token and the position embedding
 compute with stage ``0`` and the final norm with the last stage, so ``model.blocks=0-2,3-5,6-8,9-11`` cuts a
 12-block ViT into four blocks of three, the embedding training with the first and the norm with the last. Every
-stage's output is the (N, 1 + L, C) token sequence, class token first.
+stage's output is the token sequence, (N, prefix + L, C): the class token (and any register tokens) first.
 
 The architecture is any timm ``vit_*`` model built as timm's ``VisionTransformer`` (``vit_tiny_patch16_224``,
 ``vit_small_patch16_224``, ...), at the dataset's image size and channels; ``model.patch_size``, ``model.depth``,
