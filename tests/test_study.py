@@ -519,3 +519,27 @@ def test_primary_comparisons_and_budget_series_may_change_after_runs(tmp_path):
     study = load_study(_write_study(tmp_path, primary=[PRIMARY], budget={"gap": [["blockwise", "end_to_end"]]}))
     check_unchanged(study)
     assert yaml.safe_load((Path(study.out) / "study.yaml").read_text())["primary"] == [PRIMARY]
+
+
+def test_the_frontier_sets_each_variants_accuracy_against_its_counted_cost(finished, capsys):
+    from blockssl.cost import cost_report, device_memory
+    from blockssl.study.frontier import write_frontier
+
+    study = load_study(finished)
+    assert main(["study", str(finished), "--frontier", "blockwise,end_to_end"]) == 0
+    assert capsys.readouterr().out.strip() == str(Path(study.out) / "frontier.md")
+    points = json.loads((Path(study.out) / "frontier.json").read_text())
+    summary = json.loads((Path(study.out) / "results.json").read_text())["summary"]
+    for point in points:
+        cfg = study.config(point["variant"], 0)
+        report = cost_report(cfg, devices=1)
+        assert point["cost"]["train_flops"] == report.model.total.train_flops
+        assert point["cost"]["device_memory"] == device_memory(report.model, cfg.train.batch_size).total
+        s = next(s for s in summary if (s["variant"], s["block"], s["metric"]) == (point["variant"], "block4",
+                                                                                    "linear_top1"))
+        assert point["accuracy"]["block4"]["linear_top1"]["mean"] == s["mean"]
+    blockwise, end_to_end = points
+    assert blockwise["cost"]["params"] > end_to_end["cost"]["params"]  # a head and projector per block
+    assert (Path(study.out) / "frontier.png").stat().st_size > 10_000
+    with pytest.raises(ConfigError, match="not variants of the study"):
+        write_frontier(study, ["blockwise", "nope"])

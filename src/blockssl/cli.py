@@ -64,6 +64,10 @@ def _study(args: argparse.Namespace) -> None:
         print(format_status(status(study)))
     elif args.print:
         print("\n".join(run_commands(args.study, study, args.overrides)))
+    elif args.frontier:
+        from blockssl.study.frontier import write_frontier
+
+        print(write_frontier(study, [v.strip() for v in args.frontier.split(",") if v.strip()]))
     elif args.slurm:
         parameters = {}
         for item in args.slurm_param:
@@ -155,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print", action="store_true", help="print one command per run, then the aggregating one")
     p.add_argument("--status", action="store_true",
                    help="which runs are done, started (at which checkpoint) or not started, and the time left")
+    p.add_argument("--frontier", metavar="V1,V2,...",
+                   help="accuracy against training FLOPs and memory of these variants, from the study's results "
+                        "(frontier.md, frontier.png)")
     p.add_argument("--slurm", action="store_true", help="submit the runs as a SLURM job array with submitit")
     p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="submitit executor parameter, e.g. slurm_partition=gpu, timeout_min=600, gpus_per_node=1")
