@@ -1,6 +1,6 @@
 """Blocks named by depth: ``blockN`` is the block that ends at the backbone's N-th stage after its stem (``layerN``
-of a ResNet, transformer block N - 1 of a ViT, which has no stem), whatever the grouping of the stages, so that
-groupings compare at equal depth."""
+of a ResNet; a ViT's N-th transformer block, stage ``N - 1``: it has no stem), whatever the grouping of the stages,
+so that groupings compare at equal depth."""
 
 from __future__ import annotations
 

@@ -135,7 +135,8 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
              "excludes zero by chance where there is no difference) and per-seed values, and tested for nothing.", "",
              "Cells: mean ± standard deviation over seeds (per-seed values in parentheses); differences to a "
              "variant's baseline are paired by seed, over the seeds both have run. Block k is the block that ends at "
-             "ResNet stage k (layer k), whatever the grouping, so groupings compare at equal depth.", "",
+             "the backbone's k-th stage after its stem (a ResNet's layer k, a ViT's k-th transformer block), "
+             "whatever the grouping, so groupings compare at equal depth.", "",
              f"Runs finished: {sum(is_done(study, v, seed) for v, seed in study.runs())} of "
              f"{len(list(study.runs()))}.", "",
              *markdown_table(["variant", "overrides", "baseline"],
