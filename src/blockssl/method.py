@@ -20,7 +20,7 @@ from blockssl.config.plan import plan
 from blockssl.losses import BarlowTwinsLoss, SimCLRLoss, VICRegLoss
 from blockssl.models.backbone import Backbone, BackboneOptions, build_backbone, group_stages
 from blockssl.models.heads import Head, projector
-from blockssl.models.noise import Noise
+from blockssl.models.noise import Noise, default_generator
 
 READOUTS = ("head", "pool")  # how a block's output becomes the vector a probe reads (``BlockwiseSSL.readouts``)
 
@@ -210,8 +210,7 @@ class BlockwiseSSL(nn.Module):
             return
         device = generator.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            seed = (generator.initial_seed() + 1) % 2**64  # a stream apart from the noise's
-            torch.cuda.manual_seed(seed) if device.type == "cuda" else torch.manual_seed(seed)
+            default_generator(device).manual_seed((generator.initial_seed() + 1) % 2**64)  # apart from the noise's
             yield
 
     def _stages(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

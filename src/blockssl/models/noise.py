@@ -55,6 +55,13 @@ def noise_generator(seed: int, replica: int, block: int, step: int, device: torc
     return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def default_generator(device: torch.device) -> torch.Generator:
+    """Torch's global generator of ``device`` (a CUDA device without an index: the current one)."""
+    if device.type == "cpu":
+        return torch.default_generator
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+
+
 @dataclass(frozen=True)
 class Noise:
     """Noise injection at block outputs as configured: ``kind`` (``noise.type``), sigma (``noise.std``) and whether
@@ -86,8 +93,7 @@ def inject_noise(x: torch.Tensor, kind: str, sigma: float, scale_grad: bool = Tr
     if kind == "none" or sigma == 0:
         return x
     if generator is None:
-        generator = torch.default_generator if x.device.type == "cpu" else torch.cuda.default_generators[
-            x.device.index if x.device.index is not None else torch.cuda.current_device()]
+        generator = default_generator(x.device)
     out: torch.Tensor = _RedrawnNoise.apply(x, noise_dims(kind, layout), sigma, scale_grad and torch.is_grad_enabled(),
                                             generator)
     return out
