@@ -242,7 +242,7 @@ def _train_step(model: BlockwiseSSL, x1: torch.Tensor, x2: torch.Tensor, lean: b
 
 
 def _grad_bytes(model: nn.Module) -> int:
-    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    return _bytes(p.grad for p in model.parameters() if p.grad is not None)
 
 
 def _part_modules(model: BlockwiseSSL) -> list[dict[str, list[nn.Module]]]:
@@ -253,7 +253,7 @@ def _part_modules(model: BlockwiseSSL) -> list[dict[str, list[nn.Module]]]:
             for k in range(model.num_blocks)]
 
 
-def _bytes(params: Iterable[nn.Parameter]) -> int:
+def _bytes(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 

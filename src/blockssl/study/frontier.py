@@ -28,7 +28,7 @@ def frontier_points(study: Study, variants: list[str]) -> list[dict[str, Any]]:
     """One point per variant: its costs (``cost``: training FLOPs and saved peak per image and view, parameters,
     memory of one device at ``train.batch_size``) and its accuracies (``accuracy[block][metric]``: mean, std,
     seeds) from the study's ``results.json``."""
-    from blockssl.cost import cost_report, device_memory
+    from blockssl.cost import count_model, device_memory
 
     unknown = [v for v in variants if v not in study.variants]
     if unknown:
@@ -42,14 +42,14 @@ def frontier_points(study: Study, variants: list[str]) -> list[dict[str, Any]]:
     points = []
     for variant in variants:
         cfg = study.config(variant, study.seeds_of(variant)[0])
-        report = cost_report(cfg, devices=1)
-        total = report.model.total
+        cost = count_model(cfg)  # this model's counts only: the end-to-end reference is not drawn
+        total = cost.total
         accuracy = {block: {metric: {k: s[k] for k in ("mean", "std", "seeds")}
                             for metric in METRICS if (s := index.get((variant, block, metric))) is not None}
                     for block in BLOCKS}
         points.append({"variant": variant, "accuracy": accuracy, "cost": {
-            "params": total.params, "train_flops": total.train_flops, "saved_peak": report.model.saved_peak,
-            "device_memory": device_memory(report.model, cfg.train.batch_size).total}})
+            "params": total.params, "train_flops": total.train_flops, "saved_peak": cost.saved_peak,
+            "device_memory": device_memory(cost, cfg.train.batch_size).total}})
     return points
 
 
