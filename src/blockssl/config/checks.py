@@ -38,9 +38,9 @@ def _run(part: str, stages: tuple[str, ...]) -> list[str]:
     return list(stages[i:j + 1]) if i <= j else [part]
 
 
-def _resolve_blocks(m: ModelConfig) -> str:
-    """``model.blocks`` checked against the backbone's stages, ``auto`` replaced by its family's grouping, and the
-    family's options checked: another family's must keep their defaults."""
+def _resolve_blocks(m: ModelConfig) -> list[list[str]]:
+    """``model.blocks`` parsed and checked against the backbone's stages, ``auto`` replaced by its family's grouping,
+    and the family's options checked: another family's must keep their defaults."""
     # imported here: importing blockssl.config stays free of torch
     from blockssl.models.backbone import FAMILIES, BackboneOptions, family_of
 
@@ -58,8 +58,7 @@ def _resolve_blocks(m: ModelConfig) -> str:
                           f"{', '.join(f'model.{k}' for k in family.options)})")
     if m.blocks == "auto":
         m.blocks = family.default_blocks(stages)
-    parse_blocks(m.blocks, stages)
-    return m.blocks
+    return parse_blocks(m.blocks, stages)
 
 
 def check_lr_convention(cfg: Config) -> str | None:
@@ -84,7 +83,7 @@ def validate(cfg: Config, saved: bool = False) -> None:
     """Cross-field checks, each naming the key and the fix. ``saved``: a run's own configuration, where checks added
     since it was made warn instead (its results were computed under it)."""
     t, m, d = cfg.train, cfg.model, cfg.data
-    n = len(parse_blocks(_resolve_blocks(m)))
+    n = len(_resolve_blocks(m))
     positive = {"train.epochs": t.epochs, "train.batch_size": t.batch_size, "model.head_dim": m.head_dim,
                 "model.head_kernel": m.head_kernel, "model.head_grid": m.head_grid,
                 "model.lean_head_chunk_mb": m.lean_head_chunk_mb,
