@@ -182,6 +182,12 @@ def test_a_vit_study_probes_corrupts_reports_and_names_its_blocks(tmp_path):
     probe = json.loads((blockwise / "probe.json").read_text())
     assert at_init == {name: r["top1"] for name, r in probe["random_init"]["blocks"].items()}
     assert "| blockwise@init |" in (out / "results.md").read_text()
+    # ... and compared with the same network trained: what training added at equal readout
+    trained = {r["block"]: r["value"] for r in rows if r["variant"] == "blockwise" and r["metric"] == "linear_top1"}
+    stats = {s["block"]: s for s in json.loads((out / "results.json").read_text())["summary"]
+             if s["variant"] == "blockwise@init" and s["metric"] == "linear_top1"}
+    assert {b: (s["baseline"], s["diff_mean"]) for b, s in stats.items()} == {
+        b: ("blockwise", pytest.approx(at_init[b] - trained[b])) for b in at_init}
     for run in (blockwise, end_to_end):
         block4 = json.loads((run / "robustness.json").read_text())["blocks"]["block4"]
         assert set(block4["errors"]["gaussian_noise"]) == {"1", "3"} and 0 <= block4["mean_corruption_error"] <= 100

@@ -107,8 +107,11 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
                  for v in compared for b in blocks for s in [index.get((v, b, metric))]}
         explored += sum(cell != "-" for cell in cells.values())
         if compared:
+            at_init = any(v.endswith(AT_INIT) for v in compared)
             tables += ["", "Difference to the variant's baseline, paired by seed (exploratory): mean [95% interval] "
-                       "(per-seed differences).", "",
+                       "(per-seed differences)." + (f" A `VARIANT{AT_INIT}` row is the variant's network at random "
+                                                   "initialisation, compared with the same network trained."
+                                                   if at_init else ""), "",
                        *markdown_table(header, [[f"{v} - {study.baseline_of(v)}", *(cells[(v, b)] for b in blocks)]
                                                 for v in compared])]
     if budget:

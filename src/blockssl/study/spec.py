@@ -57,7 +57,10 @@ class Study:
 
     def baseline_of(self, variant: str) -> str:
         """The variant ``variant`` is compared with: its entry in ``baselines``, else the study's baseline (which
-        also normalises robustness for every variant)."""
+        also normalises robustness for every variant). A network at random initialisation (``v@init``) is compared
+        with ``v`` trained: what training added, at the same architecture and readout."""
+        if variant.endswith(AT_INIT):
+            return variant.removesuffix(AT_INIT)
         return self.baselines.get(variant, self.baseline)
 
     def evaluations(self, variant: str) -> list[str]:
