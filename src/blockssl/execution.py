@@ -78,6 +78,11 @@ class StepTerms:
         if out.loss is not None:
             self.block(k).loss, self.block(k).spread = out.loss.detach(), out.spread
 
+    def add_online(self, window: dict[int, tuple[float, float]]) -> None:
+        """The online probe's top-1 and loss per block (``OnlineProbe.window_metrics``)."""
+        for k, (top1, loss) in window.items():
+            self.block(k).online_top1, self.block(k).online_loss = top1, loss
+
     def logged(self) -> dict[str, float]:
         """``loss`` (the sum over blocks), ``loss/block{k}`` and ``std/block{k}`` (numbered from 1), then the online
         probe's, ``saved_mb``, ``weight_change`` and ``rankme`` of each block where measured: what is logged. One

@@ -92,8 +92,7 @@ def pretrain(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop
             step += 1
             terms = batch.terms.merge(result.terms)
             if logging and probe is not None:
-                for k, (top1, loss) in probe.window_metrics().items():
-                    terms.block(k).online_top1, terms.block(k).online_loss = top1, loss
+                terms.add_online(probe.window_metrics())
             stop = strategy.stop(batch, signals.requested, stop_after is not None and step - start >= stop_after)
             strategy.send(result, batch, terms, stop)
             meter.tick()
