@@ -172,7 +172,10 @@ def test_the_position_embedding_and_class_token_train_without_weight_decay(tmp_p
 def test_a_vit_study_probes_corrupts_reports_and_names_its_blocks(tmp_path):
     """The study driver, robustness and the report run unchanged on ViT runs (one seed, end to end and blockwise)."""
     path = _write_study(tmp_path, seeds=[0], overrides=[*TINY, *VIT, "train.epochs=1", "data.synthetic_size=48"],
-                        probe=[*EVAL["probe"], "probe.random_init=true"])
+                        probe=[*EVAL["probe"], "probe.random_init=true"],
+                        # a comparison declared at a ViT block, named by the depth of this ViT (4 blocks, not timm's 12)
+                        primary=[{"variant": "blockwise", "baseline": "end_to_end", "block": "block4",
+                                  "metric": "pool_linear_top1"}])
     out = run_study(load_study(path)).parent
     blockwise, end_to_end = (tmp_path / "study" / variant / "seed0" for variant in ("blockwise", "end_to_end"))
     # every run also probed at its random initialisation, reported as VARIANT@init beside the variant
@@ -182,6 +185,8 @@ def test_a_vit_study_probes_corrupts_reports_and_names_its_blocks(tmp_path):
     probe = json.loads((blockwise / "probe.json").read_text())
     assert at_init == {name: r["top1"] for name, r in probe["random_init"]["blocks"].items()}
     assert "| blockwise@init |" in (out / "results.md").read_text()
+    [primary] = json.loads((out / "results.json").read_text())["primary"]
+    assert (primary["block"], primary["seeds"].keys()) == ("block4", {"0"})
     # ... and compared with the same network trained: what training added at equal readout
     trained = {r["block"]: r["value"] for r in rows if r["variant"] == "blockwise" and r["metric"] == "linear_top1"}
     stats = {s["block"]: s for s in json.loads((out / "results.json").read_text())["summary"]

@@ -25,12 +25,16 @@ def block_names(blocks: str, arch: str = "resnet50", options: BackboneOptions | 
     return {block_name(k): depth[g[-1]] for k, g in enumerate(parse_blocks(blocks, stages))}
 
 
+def model_block_names(model: ModelConfig) -> dict[str, str]:
+    """``block_names`` of a model configuration's grouping, under its own backbone options (a ViT's depth)."""
+    return block_names(model.blocks, model.arch, BackboneOptions.of(model))
+
+
 def depth_names(run: Path) -> dict[str, str]:
     """``block_names`` of a run directory's saved grouping."""
     saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
     known = {k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__}
-    model = dataclasses.replace(ModelConfig(), **known)  # absent keys: their defaults, as loaded
-    return block_names(model.blocks, model.arch, BackboneOptions.of(model))
+    return model_block_names(dataclasses.replace(ModelConfig(), **known))  # absent keys: their defaults, as loaded
 
 
 def depth_key(block: str) -> float:

@@ -13,7 +13,7 @@ import yaml
 from blockssl.checkpoint import atomic_write_text
 from blockssl.config import Config, ConfigError, diff_configs, from_dict, load_config
 from blockssl.names import CONCAT
-from blockssl.study.depth import block_names
+from blockssl.study.depth import model_block_names
 
 EVALUATIONS = ("probe", "robustness")
 PIXELS = "pixels"  # the raw-pixel probe: its folder under out, its row in the results
@@ -137,7 +137,7 @@ def _check_comparisons(path: Path, study: Study, configs: dict[str, Config]) -> 
         if c.metric not in metrics:
             raise ConfigError(f"{where}: metric {c.metric!r} is not one both variants are evaluated for; choose one "
                               f"of {', '.join(metrics) or 'none (the study evaluates nothing)'}")
-        theirs = [block_names(configs[v].model.blocks, configs[v].model.arch).values() for v in (c.variant, c.baseline)]
+        theirs = [model_block_names(configs[v].model).values() for v in (c.variant, c.baseline)]
         blocks = [b for b in theirs[0] if b in theirs[1]] + [CONCAT]
         if c.block not in blocks:
             raise ConfigError(f"{where}: block {c.block!r} is not a block of both variants (blocks are named by the "
