@@ -179,17 +179,18 @@ def test_a_vit_study_probes_corrupts_reports_and_names_its_blocks(tmp_path):
     out = run_study(load_study(path)).parent
     blockwise, end_to_end = (tmp_path / "study" / variant / "seed0" for variant in ("blockwise", "end_to_end"))
     # every run also probed at its random initialisation, reported as VARIANT@init beside the variant
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
     at_init = {r["block"]: r["value"] for r in rows
                if r["variant"] == "blockwise@init" and r["metric"] == "linear_top1"}
     probe = json.loads((blockwise / "probe.json").read_text())
     assert at_init == {name: r["top1"] for name, r in probe["random_init"]["blocks"].items()}
     assert "| blockwise@init |" in (out / "results.md").read_text()
-    [primary] = json.loads((out / "results.json").read_text())["primary"]
+    [primary] = results["primary"]
     assert (primary["block"], primary["seeds"].keys()) == ("block4", {"0"})
     # ... and compared with the same network trained: what training added at equal readout
     trained = {r["block"]: r["value"] for r in rows if r["variant"] == "blockwise" and r["metric"] == "linear_top1"}
-    stats = {s["block"]: s for s in json.loads((out / "results.json").read_text())["summary"]
+    stats = {s["block"]: s for s in results["summary"]
              if s["variant"] == "blockwise@init" and s["metric"] == "linear_top1"}
     assert {b: (s["baseline"], s["diff_mean"]) for b, s in stats.items()} == {
         b: ("blockwise", pytest.approx(at_init[b] - trained[b])) for b in at_init}
