@@ -96,6 +96,7 @@ COMPUTE = ["blockssl.eval.probe.build_dataset", "blockssl.eval.robustness.build_
     (["probe", "{root}/unsaved"], ["{root}/unsaved has no checkpoints/last.pt: its pretraining has not saved a "
                                    "checkpoint yet; let it run, or continue it with `blockssl pretrain --resume "
                                    "{root}/unsaved`"]),
+    (["probe", "{run}", "--out", "{root}/a_file"], ["--out {root}/a_file is a file; give a folder to write into"]),
     (["robustness", "{root}/missing"], ["{root}/missing is not a blockssl run directory", "e.g. `blockssl robustness "
                                         "runs/demo`"]),
     (["robustness", "{root}/unprobed"], ["{root}/unprobed has no probes.pt: run `blockssl probe {root}/unprobed` "

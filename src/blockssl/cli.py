@@ -28,7 +28,7 @@ def _probe(args: argparse.Namespace) -> None:
     from blockssl.eval.probe import print_probe_table, run_probe
 
     results = run_probe(args.run_dir, args.overrides, random_init=args.random_init, pixels=args.pixels,
-                        progress=not args.quiet)
+                        progress=not args.quiet, out=args.out)
     print_probe_table(results)
 
 
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also probe the same architecture at random initialisation, as a reference")
     p.add_argument("--pixels", action="store_true",
                    help="also probe raw pixels under the same protocol (fast protocol), as a reference")
+    p.add_argument("--out", metavar="DIR", help="write probe.json and probes.pt into DIR, leaving the run's own "
+                   "(read by robustness and studies) as they are: for trying other probe settings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="probe settings, e.g. probe.epochs=50")
     p.set_defaults(func=_probe)

@@ -43,6 +43,18 @@ def test_probe_reads_every_block_both_ways_and_writes_probe_json(tmp_path):
     assert list(results["pixels"]["blocks"]) == ["pixels"]
 
 
+def test_a_probe_written_elsewhere_leaves_the_run_as_it_is(tmp_path):
+    run = pretrain(tiny_config(tmp_path / "run", "train.epochs=1"))
+    cheap = ["probe.readouts=[head]", "probe.label_fractions=[]", "probe.knn_k=[5]"]
+    own = run_probe(run, [*cheap, "probe.weight_decays=[1e-2]"], progress=False)
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = run_probe(run, [*cheap, "probe.weight_decays=[1e-4,1]"], progress=False, out=tmp_path / "other")
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # results, probes, logs
+    assert json.loads((tmp_path / "other" / "probe.json").read_text()) == other != own
+    assert {b["weight_decay"] for b in other["run"]["blocks"].values()} <= {1e-4, 1.0}
+    assert (tmp_path / "other" / "probes.pt").is_file()
+
+
 def test_the_sgd_solver_chooses_its_lr_and_reports_the_final_and_best_epochs(tmp_path):
     run = pretrain(tiny_config(tmp_path / "run", "data.synthetic_size=512", "train.epochs=1"))
     results = run_probe(run, ["probe.solver=sgd", "probe.epochs=20", "probe.batch_size=32", "probe.lrs=[0.03,0.1]",

@@ -33,6 +33,7 @@ from blockssl.runtime import (
     autocast_context,
     checkpoint_model,
     progress_bar,
+    require_out_dir,
     require_run_dir,
     resolve_device,
     seed_everything,
@@ -541,21 +542,25 @@ def _check_settings(cfg: Config, pixels: bool) -> None:
 
 
 def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, random_init: bool = False,
-              pixels: bool = False, progress: bool = True) -> dict[str, Any]:
+              pixels: bool = False, progress: bool = True, out: str | Path | None = None) -> dict[str, Any]:
     """Probe a run's last checkpoint and, as references, optionally the same architecture at random initialisation
     (``random_init``) and raw pixels under the same protocol (``pixels``, fast protocol). ``progress``: progress
     bars (``blockssl.runtime.progress_bar``).
 
     Writes ``probe.json`` (results) and ``probes.pt`` (the chosen probes) in the run directory, logs the accuracies
-    to the run's loggers (``probe_scalars``) at the checkpoint's step, and returns the results.
+    to the run's loggers (``probe_scalars``) at the checkpoint's step, and returns the results. With ``out``, both
+    files go into that folder instead and the run is left as it is: for trying other probe settings without
+    replacing the run's own results (which robustness and studies read).
     """
     run_dir = require_run_dir(run_dir, "blockssl probe runs/demo")
+    into = run_dir if out is None else require_out_dir(out, "--out")
     dist.init_from_environment()
     device = str(resolve_device("auto"))
     model, cfg, step = checkpoint_model(run_dir, device)
     apply_overrides(cfg, overrides, ("probe", "data"))
     _check_settings(cfg, pixels)
-    loggers = evaluation_loggers(cfg, run_dir) if dist.is_main_process() else Loggers()  # a missing package fails now
+    # a missing package fails now; results written elsewhere are not the run's, so its loggers do not see them
+    loggers = evaluation_loggers(cfg, run_dir) if dist.is_main_process() and out is None else Loggers()
     protocol = PROTOCOLS[cfg.probe.protocol]
     run_results, probes = protocol(model, cfg, seed=cfg.seed, device=device, progress=progress)
     results: dict[str, Any] = {"checkpoint_step": step, "run": run_results}
@@ -568,9 +573,10 @@ def run_probe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), 
         return results
     if pixels:
         results["pixels"] = pixel_probe(cfg, seed=cfg.seed, progress=progress)
+    into.mkdir(parents=True, exist_ok=True)
     atomic_save({"num_classes": info.num_classes, "step": step,
-                 "probes": {name: p.state_dict() for name, p in probes.items()}}, run_dir / "probes.pt")
-    atomic_write_text(run_dir / "probe.json", json.dumps(results, indent=2) + "\n")
+                 "probes": {name: p.state_dict() for name, p in probes.items()}}, into / "probes.pt")
+    atomic_write_text(into / "probe.json", json.dumps(results, indent=2) + "\n")
     with loggers:
         loggers.log({"step": step, **probe_scalars(results)})
     return results
