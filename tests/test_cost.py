@@ -3,14 +3,17 @@ against a real step, pipeline stages, the memory per device, and the paper's Res
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from blockssl.cli import EXIT_BAD_INPUT, main
-from blockssl.config import load_config
+from blockssl.config import ConfigError, load_config
 from blockssl.cost import (
     Cost,
     DeviceMemory,
+    balanced_blocks,
     cost_report,
     count_model,
     device_memory,
@@ -204,6 +207,47 @@ def test_pipeline_stages_split_the_model(tmp_path):
     split = [model.blocks(ks) for ks in pipeline_stages(cfg)]
     assert sum(split, Cost()) == model.total and split[0] == model.block(0)
     assert sum(c.state_bytes for c in split) == 3 * model.total.param_bytes  # weights, gradients, LARS momentum
+
+
+@pytest.mark.parametrize(("granularity", "stages", "n"), [
+    ("unit", ["stem", *(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))], 2),
+    ("layer", ["stem", "layer1", "layer2", "layer3", "layer4"], 3)])
+def test_balanced_blocks_minimise_the_largest_block(tmp_path, granularity, stages, n):
+    """Against every grouping of the tiny ResNet-18's stages into n blocks, each counted as a model of its own: the
+    balanced one has the smallest largest block."""
+    def largest(blocks: str) -> float:
+        model = count_model(tiny_config(tmp_path, f"model.granularity={granularity}", f"model.blocks={blocks}"))
+        return max(model.block(k).train_flops for k in model.parts)
+
+    cuts = itertools.combinations(range(1, len(stages)), n - 1)
+    groupings = [",".join("+".join(stages[i:j]) for i, j in itertools.pairwise((0, *c, len(stages)))) for c in cuts]
+    chosen = balanced_blocks(tiny_config(tmp_path, f"model.granularity={granularity}"), n)
+    assert len(chosen.split(",")) == n
+    assert largest(chosen) == min(largest(g) for g in groupings)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (["train.scheme=end_to_end", "model.head=gap", "noise.type=none"], "end to end trains one block"),
+    (["model.block_projectors=[16,16,16,16]"], "remove model.block_projectors"),
+    (["train.frozen_blocks=[1]"], "train.frozen_blocks")])
+def test_balance_refuses_what_it_cannot_price(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        balanced_blocks(tiny_config(tmp_path, *settings))
+
+
+def test_balance_command_and_the_pipeline_prediction(capsys):
+    assert main(["cost", *TINY, "model.granularity=unit", "train.execution=pipeline", "--balance", "4"]) == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    assert first.startswith("model.blocks=stem") and f"blocks {first.removeprefix('model.blocks=')}," in out
+    # 16 devices, 4 stages: 4 replicas, each as fast as its slowest stage
+    report = cost_report(load_config(None, [*TINY, "model.granularity=unit", "train.execution=pipeline",
+                                            first]))
+    slowest = max(report.model.block(k).train_flops for k in range(4))
+    expected = 4 * report.end_to_end.total.train_flops / slowest
+    assert f"4 stages x 4 replicas on 16 devices (--devices): {expected:.1f}x one device" in out
+    assert main(["cost", *TINY, "--balance", "9"]) == EXIT_BAD_INPUT
+    assert "choose 1 to 5 blocks" in capsys.readouterr().err
 
 
 def test_end_to_end_config_is_the_standard_model(tmp_path):

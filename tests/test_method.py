@@ -111,6 +111,11 @@ def test_lean_execution_equals_reference(tmp_path, optimizer):
                                          "train.weight_decay=1e-4"))
 
 
+def test_lean_execution_equals_reference_with_blocks_ending_inside_layers(tmp_path):
+    assert_lean_equals_reference(*_model(tmp_path, "model.granularity=unit",
+                                         "model.blocks=stem+layer1.0,layer1.1-layer2.0,layer2.1-layer3.1,layer4"))
+
+
 def test_frozen_block_is_bit_identical_and_keeps_bn_statistics(tmp_path):
     model, cfg = _model(tmp_path, "train.frozen_blocks=[1]")
     before = copy.deepcopy(model.blocks[0].state_dict())

@@ -43,11 +43,16 @@ def assert_same_run(a, b) -> None:
     assert sa["counts"] == sb["counts"]
 
 
-@pytest.mark.parametrize(("stages", "world"), [("1+2,3+4", 2), ("blocks", 4), ("1,2+3+4", 2)])
-def test_pipeline_equals_single_process_lean(tmp_path, stages, world):
-    lean = pretrain(tiny_config(tmp_path / "lean", *RUN, "train.execution=lean"))
-    spawn(_worker, world, str(tmp_path / "pipe"), [*RUN, "train.execution=pipeline", f"train.stages={stages}"],
-          None, False)
+# Blocks ending inside ResNet layers (model.granularity=unit), as blockssl cost --balance groups them
+UNITS = ["model.granularity=unit", "model.blocks=stem-layer2.0,layer2.1-layer3.0,layer3.1-layer4.0,layer4.1"]
+
+
+@pytest.mark.parametrize(("stages", "world", "model"), [
+    ("1+2,3+4", 2, []), ("blocks", 4, []), ("1,2+3+4", 2, []), ("1+2,3+4", 2, UNITS)])
+def test_pipeline_equals_single_process_lean(tmp_path, stages, world, model):
+    lean = pretrain(tiny_config(tmp_path / "lean", *RUN, *model, "train.execution=lean"))
+    spawn(_worker, world, str(tmp_path / "pipe"), [*RUN, *model, "train.execution=pipeline",
+                                                   f"train.stages={stages}"], None, False)
     assert_same_run(lean, tmp_path / "pipe")
     assert (tmp_path / "pipe/backbone.pt").is_file()
     assert_same_tensors(torch.load(lean / "backbone.pt"), torch.load(tmp_path / "pipe/backbone.pt"))

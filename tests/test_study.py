@@ -20,7 +20,7 @@ from blockssl.cli import main
 from blockssl.config import ConfigError, apply_overrides, load_config
 from blockssl.eval.probe import pixel_probe
 from blockssl.study import driver, render
-from blockssl.study.depth import depth_names
+from blockssl.study.depth import depth_key, depth_names
 from blockssl.study.driver import parse_only, run_commands, run_one, run_study, submit_slurm
 from blockssl.study.progress import format_status, status
 from blockssl.study.render import write_results
@@ -274,6 +274,14 @@ def test_blocks_are_named_by_depth_so_groupings_compare_at_equal_depth(tmp_path)
                           ("stem,layer1+layer2+layer3,layer4", ["stem", "block3", "block4"])):
         (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "resnet18", "blocks": blocks}}))
         assert depth_names(tmp_path) == {f"block{k + 1}": n for k, n in enumerate(names)}
+    # A stage per residual unit (ResNet-18: two per layer): a block ending a layer keeps its name, one ending
+    # inside it is named by its unit
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {
+        "arch": "resnet18", "granularity": "unit", "blocks": "stem-layer2.0,layer2.1-layer3,layer4"}}))
+    assert depth_names(tmp_path) == {"block1": "block2.0", "block2": "block3", "block3": "block4"}
+    names = ["concat", "block4", "block3", "block3.1", "block10.0", "stem", "block3.0", "block2"]
+    assert sorted(names, key=depth_key) == ["stem", "block2", "block3.0", "block3.1", "block3", "block4",
+                                            "block10.0", "concat"]
 
 
 def test_robustness_variants_may_grow_but_not_shrink(tmp_path):

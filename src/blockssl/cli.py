@@ -83,9 +83,14 @@ def _study(args: argparse.Namespace) -> None:
 
 
 def _cost(args: argparse.Namespace) -> None:
-    from blockssl.cost import cost_report, format_cost
+    from blockssl.cost import balanced_blocks, cost_report, format_cost
 
-    print(format_cost(cost_report(load_config(args.config, args.overrides), args.devices)))
+    cfg = load_config(args.config, args.overrides)
+    if args.balance:
+        blocks = balanced_blocks(cfg, args.balance)
+        print(f"model.blocks={blocks}\n")
+        cfg = load_config(args.config, [*args.overrides, f"model.blocks={blocks}"])
+    print(format_cost(cost_report(cfg, args.devices)))
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -176,11 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Count what a recipe costs on its own training step (blockssl/cost.py), e.g.\n"
                                    "  blockssl cost --config configs/imagenet/barlow_twins_blockwise_noise.yaml\n"
                                    "  blockssl cost --config configs/fashion_mnist.yaml model.head=cbe_pooled\n"
+                                   "  blockssl cost --config configs/imagenet/barlow_twins_blockwise.yaml --balance 4 "
+                                   "model.granularity=unit\n"
                                    "Counted at train.batch_size, on the meta device (no memory, no arithmetic).")
     p.add_argument("--config", type=Path, help="a YAML recipe (see configs/)")
     p.add_argument("--devices", type=int, default=16, metavar="N",
                    help="data-parallel devices sharing train.batch_size in the memory estimate per device (default "
                         "16, the paper's)")
+    p.add_argument("--balance", type=int, default=0, metavar="N",
+                   help="group the backbone's stages into N blocks whose largest costs the fewest training FLOPs, "
+                        "print that model.blocks, then its costs (for pipelines across devices)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for pretrain")
     p.set_defaults(func=_cost)
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ from blockssl.config.plan import execution_strategy, parse_stages
 from blockssl.data.datasets import dataset_info
 from blockssl.memory import PARTS, Name, model_accounting, model_scopes, resolve_name
 from blockssl.method import BlockwiseSSL, build_model
+from blockssl.models.backbone import BackboneOptions, stage_names
 from blockssl.models.noise import noise_generator
 
 # The end-to-end model of the same backbone, as configs/imagenet/barlow_twins_end_to_end.yaml and the benchmarks
@@ -179,6 +181,56 @@ def pipeline_stages(cfg: Config) -> list[list[int]]:
         return []
     n = len(parse_blocks(cfg.model.blocks))
     return parse_stages(cfg.train.stages, n) or [[k] for k in range(n)]
+
+
+def balanced_blocks(cfg: Config, n: int = 4) -> str:
+    """The grouping (``model.blocks``) of ``cfg``'s backbone stages into ``n`` contiguous blocks whose largest
+    training FLOPs per image is the smallest: blocks to put on separate devices (a pipeline's slowest stage sets its
+    pace). A block's cost is its stages' backbone FLOPs plus the head, projector and loss at its last stage, each
+    counted on the model with one stage per block (``count_model``): trained blockwise for a stage that starts a
+    block (its input needs no gradient), end to end for one inside a block, so the sum is the grouping's own count."""
+    m = cfg.model
+    if cfg.train.scheme == "end_to_end":
+        raise ConfigError("--balance groups the blocks of a blockwise scheme; end to end trains one block")
+    if m.block_projectors or m.block_head_dims or cfg.train.frozen_blocks:
+        raise ConfigError("--balance prices every block with model.projector and model.head_dim, all trained: "
+                          "remove model.block_projectors, model.block_head_dims and train.frozen_blocks, or give "
+                          "model.blocks yourself (blockssl cost shows each block's FLOPs)")
+    stages = stage_names(m.arch, BackboneOptions.of(m, *_dataset_shape(cfg)))
+    if not 1 <= n <= len(stages):
+        raise ConfigError(f"--balance {n}: choose 1 to {len(stages)} blocks, the stages of {m.arch}")
+    single = apply_overrides(copy.deepcopy(cfg), [f"model.blocks={','.join(stages)}", "train.loss_blocks=all"],
+                             ("model", "train"))
+    parts = count_model(single).parts
+    inside = count_model(end_to_end_config(single)).parts
+    first = [parts[i]["backbone"].train_flops for i in range(len(stages))]
+    rest = [inside[i]["backbone"].train_flops for i in range(len(stages))]
+    top = [sum(c.train_flops for part, c in parts[i].items() if part != "backbone") for i in range(len(stages))]
+
+    def block(i: int, j: int) -> float:  # stages i..j-1
+        return first[i] + sum(rest[i + 1:j]) + top[j - 1]
+
+    # best[k][j]: the smallest largest block over groupings of the first j stages into k blocks, and its last cut
+    best = [[(0.0, 0)] + [(math.inf, 0)] * len(stages)]
+    for k in range(1, n + 1):
+        best.append([(math.inf, 0)] * (len(stages) + 1))
+        for j in range(k, len(stages) + 1):
+            best[k][j] = min((max(best[k - 1][i][0], block(i, j)), i) for i in range(k - 1, j))
+    cuts, j = [], len(stages)
+    for k in range(n, 0, -1):
+        i = best[k][j][1]
+        cuts.append((i, j))
+        j = i
+    return ",".join(_run_name(stages[i:j]) for i, j in reversed(cuts))
+
+
+def _run_name(run: tuple[str, ...]) -> str:
+    return run[0] if len(run) == 1 else f"{run[0]}-{run[-1]}"
+
+
+def _dataset_shape(cfg: Config) -> tuple[int, int]:
+    info = dataset_info(cfg.data)
+    return info.channels, info.image_size
 
 
 def count_model(cfg: Config, device: torch.device | str = "meta") -> ModelCost:
@@ -389,6 +441,14 @@ def format_cost(report: CostReport) -> str:
                       for i, ks in enumerate(report.stages) for c in [model.blocks(ks)]]
         lines += ["", *_table(["stage", "blocks", "train FLOPs", "share", "params", "params+grads+optimizer"],
                               stage_rows, left=2)]
+        replicas = report.devices // len(report.stages)
+        if replicas:
+            slowest = max(model.blocks(ks).train_flops for ks in report.stages)
+            lines += [f"{len(report.stages)} stages x {replicas} replicas on {len(report.stages) * replicas} devices "
+                      f"(--devices): {replicas * e2e.total.train_flops / slowest:.1f}x one device training end to "
+                      f"end, by training FLOPs (the slowest stage sets the pace); data-parallel end to end: "
+                      f"{len(report.stages) * replicas}x. Links, optimizer steps and the pipeline's fill are not "
+                      "counted"]
     if t.scheme == "sequential":
         lines.append("sequential: each block as it trains in its phase; phase k also runs blocks 1..k-1 forward")
     lines += ["",

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from blockssl.config import parse_blocks
+from blockssl.config import ConfigError, parse_blocks
 from blockssl.models.backbone import ARCHS, ResNet, StageInfo, group_stages
+from tests.conftest import assert_same_tensors
 
 STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
@@ -190,3 +193,35 @@ def test_too_narrow_bottlenecks_are_a_clear_error_and_narrow_resnets_work():
         ResNet("resnext50_32x4d", width=0.125, stem="small")  # 32 groups x 4 channels x 0.125 = 0 per bottleneck
     model = ResNet("resnet50", width=0.125, stem="small")
     assert model(torch.randn(2, 3, 16, 16)).shape[:2] == (2, model.stage_info[-1].channels)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_unit_granularity_is_the_same_network_cut_finer(arch):
+    """A stage per residual unit: the same modules, initialisation and state dict, and groupings that end inside a
+    layer compose to the same forward."""
+    torch.manual_seed(0)
+    layers = ResNet(arch, width=0.125, stem="small", zero_init_residual=False).eval()
+    torch.manual_seed(0)
+    units = ResNet(arch, width=0.125, stem="small", zero_init_residual=False, granularity="unit").eval()
+    assert_same_tensors(layers.state_dict(), units.state_dict())
+    names = [s.name for s in units.stage_info]
+    assert names == ["stem", *(f"layer{i}.{j}" for i, n in enumerate(ARCHS[arch][1], 1) for j in range(n))]
+    assert units.stage("layer3.1") is units.layer3[1] and units.stage_modules("layer2.0") == [units.layer2[0]]
+    by_layer = {s.name: s for s in layers.stage_info}
+    assert [s for s in units.stage_info if s.name.endswith(".0")] == [
+        dataclasses.replace(by_layer[f"layer{i}"], name=f"layer{i}.0") for i in range(1, 5)]
+    with pytest.raises(ConfigError, match="exactly once"):  # layer3 stands for all its units, layer3.0 included
+        parse_blocks("stem+layer1.0,layer1.1-layer3.0,layer3,layer4", tuple(names))
+    assert parse_blocks("stem+layer1,layer2,layer3,layer4", tuple(names))[1] == [n for n in names
+                                                                                 if n.startswith("layer2.")]
+    modules, _ = group_stages(units, parse_blocks("stem+layer1.0,layer1.1-layer3.0,layer3.1-layer4", tuple(names)))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        h = x
+        for module in modules:
+            h = module(h)
+        torch.testing.assert_close(h, layers(x), rtol=0, atol=0)
+    with pytest.raises(KeyError, match=r"stages are stem, layer1\.0"):
+        units.stage("layer1")
+    with pytest.raises(ValueError, match="choose layer or unit"):
+        ResNet(arch, granularity="block")

@@ -75,6 +75,8 @@ def test_blocks_group_transformer_blocks_by_runs_and_names(tmp_path):
         tiny_config(tmp_path, *VIT, "model.width=0.5")
     with pytest.raises(ConfigError, match=r"model.token_pool=mean: not read by model.arch=resnet18"):
         tiny_config(tmp_path, "model.token_pool=mean")
+    with pytest.raises(ConfigError, match=r"model.granularity=unit: not read by model.arch=vit_tiny_patch16_224"):
+        tiny_config(tmp_path, *VIT, "model.granularity=unit")
     with pytest.raises(ConfigError, match="this backbone has none"):  # a ViT without a class token
         build_model(tiny_config(tmp_path, *VIT, "model.token_pool=cls", "model.arch=vit_medium_patch16_gap_256"),
                     3, 16)

@@ -12,8 +12,10 @@ from blockssl.config.schema import Config, ConfigError, ModelConfig
 def parse_blocks(spec: str, stages: tuple[str, ...] | None = None) -> list[list[str]]:
     """``"stem+layer1,layer2,layer3,layer4"`` -> ``[["stem", "layer1"], ["layer2"], ...]``; with ``stages`` (the
     backbone's, in order) a run ``first-last`` stands for the stages from first to last (``"0-2,3-5"`` ->
-    ``[["0", "1", "2"], ["3", "4", "5"]]``), and the grouping is checked: every stage exactly once and in network
-    order, since block k+1 reads block k's output. Without them only the number of blocks is meaningful."""
+    ``[["0", "1", "2"], ["3", "4", "5"]]``), a layer whose units are the stages for its units (``layer2`` ->
+    ``layer2.0, ..., layer2.3`` under ``model.granularity=unit``), and the grouping is checked: every stage exactly
+    once and in network order, since block k+1 reads block k's output. Without them only the number of blocks is
+    meaningful."""
     if spec == "auto":
         raise ConfigError("model.blocks=auto is resolved to the backbone's grouping when a configuration is loaded "
                           "(blockssl.config.load_config); resolve it before parsing")
@@ -30,11 +32,18 @@ def parse_blocks(spec: str, stages: tuple[str, ...] | None = None) -> list[list[
 
 
 def _run(part: str, stages: tuple[str, ...]) -> list[str]:
-    """A stage name, or ``first-last``: the stages from first to last (a name that is itself a stage wins)."""
-    first, dash, last = part.partition("-")
-    if part in stages or not dash or first not in stages or last not in stages:
+    """A stage name; a name whose units are stages (``layer3`` for ``layer3.0``, ``layer3.1``, ...): those units; or
+    ``first-last``: the stages from first to last (a name that is itself a stage wins)."""
+    if part in stages:
         return [part]
-    i, j = stages.index(first), stages.index(last)
+    units = [s for s in stages if s.startswith(part + ".")]
+    if units:
+        return units
+    first, dash, last = part.partition("-")
+    a, b = _run(first, stages), _run(last, stages)
+    if not dash or a[0] not in stages or b[-1] not in stages:
+        return [part]
+    i, j = stages.index(a[0]), stages.index(b[-1])
     return list(stages[i:j + 1]) if i <= j else [part]
 
 

@@ -52,10 +52,14 @@ class ModelConfig:
     # any vit_* model built as timm's VisionTransformer)
     arch: str = "resnet50"
     # Grouping of the backbone's stages into blocks: blocks separated by ",", stages of one block joined by "+", a
-    # run of stages written first-last. ResNet stages: stem, layer1..layer4; ViT stages: its transformer blocks 0..
-    # depth-1. auto = four blocks: the paper's (stem+layer1,layer2,layer3,layer4) or a ViT's blocks in four equal runs
-    # (0-2,3-5,6-8,9-11 for depth 12).
+    # run of stages written first-last. ResNet stages: stem, layer1..layer4 (with granularity=unit: stem, layer1.0,
+    # layer1.1, ..., one per residual unit); ViT stages: its transformer blocks 0..depth-1. auto = four blocks: the
+    # paper's (stem+layer1,layer2,layer3,layer4) or a ViT's blocks in four equal runs (0-2,3-5,6-8,9-11 for depth 12).
+    # blockssl cost --balance 4 prints the grouping whose largest block costs the fewest training FLOPs.
     blocks: str = "auto"
+    # ResNets: what a stage is: a layer (the paper's) or a residual unit, so that a block can end inside a layer and
+    # blocks can be balanced for pipelines across devices (docs/pipeline.md; beyond the paper)
+    granularity: Literal["layer", "unit"] = "layer"
     # ResNets: small = 3x3 stride-1 conv, no max-pool; auto = small up to 64 px images
     stem: Literal["auto", "imagenet", "small"] = "auto"
     in_channels: int = 0  # 0 = the dataset's channels

@@ -81,6 +81,7 @@ class BackboneOptions:
     embed_dim: int = 0
     num_heads: int = 0
     drop_path: float = 0.0
+    granularity: str = "layer"
 
     @classmethod
     def of(cls, model: Any, in_channels: int = 3, image_size: int = 224) -> BackboneOptions:
@@ -98,8 +99,9 @@ class Family:
     building it, for configuration checks); ``build``; ``loads_into``: what its exported ``backbone.pt`` loads into;
     ``library_names``: the backbone's state dict under that library's names; ``default_blocks``: the grouping of
     ``model.blocks=auto`` given the stages; ``stem``: studies name blocks by depth counting from the stage after
-    it (``blockssl.study.depth``); ``options``: the family-specific ``model.*`` keys it reads (another family's
-    must keep their defaults: a setting is never silently ignored).
+    it (``blockssl.study.depth``), or by ``depths``, each stage's depth name, where given; ``options``: the
+    family-specific ``model.*`` keys it reads (another family's must keep their defaults: a setting is never
+    silently ignored).
     """
 
     archs: tuple[str, ...]
@@ -110,6 +112,7 @@ class Family:
     options: tuple[str, ...] = ()
     stem: str = ""  # the stage before the first of the network's repeated units (a ResNet's), if any
     accepts: Callable[[str], bool] | None = None  # default: ``arch in archs``
+    depths: Callable[[tuple[str, ...]], dict[str, str]] | None = None
     library_names: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict
 
     def has(self, arch: str) -> bool:
@@ -168,6 +171,8 @@ class ResNet(nn.Module):
 
     ``stem="small"`` replaces the 7x7 stride-2 convolution and max-pool by a 3x3 stride-1 convolution, the usual
     choice for 32 px images (the paper's CIFAR-10 runs); ``width`` scales every stage for CPU-scale models.
+    ``granularity="unit"`` makes every residual unit a stage (``layer3.2``: ``layer3[2]``) instead of every layer, so
+    a block can end inside a layer; the modules and the state dict are the same.
     """
 
     def __init__(
@@ -178,12 +183,15 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
         width: float = 1.0,
         zero_init_residual: bool = True,
+        granularity: str = "layer",
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         if stem not in ("imagenet", "small"):
             raise ValueError(f"unknown stem {stem!r}; choose imagenet or small")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r}; choose {' or '.join(GRANULARITIES)}")
         block, layers, groups, width_per_group = ARCHS[arch]
         if block is Bottleneck and int(round(64 * width) * width_per_group / 64) < 1:
             raise ValueError(f"{arch} at width {width} has bottlenecks of zero channels; use a larger model.width")
@@ -206,7 +214,8 @@ class ResNet(nn.Module):
             reduction *= stride
             layer = self._make_layer(block, max(1, round(planes * width)), n, stride)
             setattr(self, f"layer{i + 1}", layer)
-            infos.append(StageInfo(f"layer{i + 1}", self.inplanes, reduction))
+            names = [f"layer{i + 1}"] if granularity == "layer" else [f"layer{i + 1}.{j}" for j in range(n)]
+            infos += [StageInfo(name, self.inplanes, reduction) for name in names]
         self.stage_info: tuple[StageInfo, ...] = tuple(infos)
         self._init_weights(zero_init_residual)
 
@@ -241,9 +250,10 @@ class ResNet(nn.Module):
         """The module that computes stage ``name`` (the stem is built from torchvision's top-level layers)."""
         if name == "stem":
             return nn.Sequential(*self.stage_modules(name))
-        if name not in ("layer1", "layer2", "layer3", "layer4"):
+        if name not in {s.name for s in self.stage_info}:
             raise KeyError(f"unknown stage {name!r}; stages are {', '.join(s.name for s in self.stage_info)}")
-        return getattr(self, name)
+        layer, _, unit = name.partition(".")
+        return getattr(self, layer)[int(unit)] if unit else getattr(self, layer)
 
     def stage_modules(self, name: str) -> list[nn.Module]:
         """The registered modules that compute stage ``name``, in order (``stage`` wraps the stem's in a new
@@ -258,21 +268,44 @@ class ResNet(nn.Module):
         return x
 
 
-RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+GRANULARITIES = ("layer", "unit")
+
+
+def resnet_stages(arch: str, options: BackboneOptions) -> tuple[str, ...]:
+    """``stem, layer1, ..., layer4``, or with ``granularity="unit"`` one stage per residual unit: ``stem, layer1.0,
+    layer1.1, ..., layer4.2`` for ResNet-50."""
+    if options.granularity not in GRANULARITIES:
+        raise ValueError(f"model.granularity: unknown value {options.granularity!r}; choose "
+                         f"{' or '.join(GRANULARITIES)}")
+    layers = ARCHS[arch][1]
+    if options.granularity == "layer":
+        return ("stem", *(f"layer{i}" for i in range(1, 5)))
+    return ("stem", *(f"layer{i}.{j}" for i, n in enumerate(layers, 1) for j in range(n)))
+
+
+def resnet_depths(stages: tuple[str, ...]) -> dict[str, str]:
+    """Depth names of a ResNet's stages in either granularity: ``block{i}`` ends layer i, so that unit groupings
+    compare with the paper's blocks; ``block{i}.{j}`` ends inside it, at unit j (``layer{i}.{j}``)."""
+    last = {s.partition(".")[0]: s for s in stages}  # each layer's last stage
+    names = {"stem": "stem"}
+    for stage in stages[1:]:
+        layer = stage.partition(".")[0]
+        names[stage] = f"block{(layer if last[layer] == stage else stage).removeprefix('layer')}"
+    return names
 
 
 def _build_resnet(arch: str, options: BackboneOptions) -> nn.Module:
     """``model.stem=auto``: the small stem up to 64 px images (CIFAR, STL-10 crops, Fashion-MNIST), else ImageNet's."""
     stem = options.stem if options.stem != "auto" else ("small" if options.image_size <= 64 else "imagenet")
     return ResNet(arch, in_channels=options.in_channels, stem=stem, width=options.width,
-                  zero_init_residual=options.zero_init_residual)
+                  zero_init_residual=options.zero_init_residual, granularity=options.granularity)
 
 
 register_family("resnet", Family(
-    tuple(ARCHS), lambda arch, options: RESNET_STAGES, _build_resnet,
+    tuple(ARCHS), resnet_stages, _build_resnet,
     lambda arch, options: f"torchvision.models.{arch}() with fc = Identity (the standard stem)",
-    default_blocks=lambda stages: "stem+layer1,layer2,layer3,layer4",  # the paper's four blocks
-    options=("stem", "width", "zero_init_residual"), stem="stem"))
+    default_blocks=lambda stages: "stem+layer1,layer2,layer3,layer4",  # the paper's
+    options=("stem", "width", "zero_init_residual", "granularity"), stem="stem", depths=resnet_depths))
 
 
 def group_stages(backbone: Backbone, blocks: list[list[str]]) -> tuple[list[nn.Sequential], list[StageInfo]]:

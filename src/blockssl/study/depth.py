@@ -1,6 +1,6 @@
 """Blocks named by depth: ``blockN`` is the block that ends at the backbone's N-th stage after its stem (``layerN``
-of a ResNet; a ViT's N-th transformer block, stage ``N - 1``: it has no stem), whatever the grouping of the stages,
-so that groupings compare at equal depth."""
+of a ResNet, ``blockN.j`` inside it at unit ``layerN.j``; a ViT's N-th transformer block, stage ``N - 1``: it has no
+stem), whatever the grouping of the stages, so that groupings compare at equal depth."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ def block_names(blocks: str, arch: str = "resnet50", options: BackboneOptions | 
     block that ends at the same stage in the one-stage-per-block grouping (``block2`` for a ResNet block ending at
     layer2; the stem's own name, ``stem``, for one ending there): another grouping of the stages then compares with
     the paper's four blocks at equal depth."""
-    stages, stem = stage_names(arch, options), family_of(arch).stem
-    depth = {stem: stem, **{name: f"block{i}" for i, name in enumerate((s for s in stages if s != stem), 1)}}
+    stages, family = stage_names(arch, options), family_of(arch)
+    depth = family.depths(stages) if family.depths else {
+        family.stem: family.stem, **{name: f"block{i}" for i, name in enumerate((s for s in stages
+                                                                                 if s != family.stem), 1)}}
     return {block_name(k): depth[g[-1]] for k, g in enumerate(parse_blocks(blocks, stages))}
 
 
@@ -37,9 +39,12 @@ def depth_names(run: Path) -> dict[str, str]:
     return model_block_names(dataclasses.replace(ModelConfig(), **known))  # absent keys: their defaults, as loaded
 
 
-def depth_key(block: str) -> float:
-    """Sort key of a block name: the stem, block1, block2, ..., then the concatenation."""
+def depth_key(block: str) -> tuple[float, float]:
+    """Sort key of a block name: the stem, block1, ..., block3.2 (inside block 3, before it), block3, ..., then the
+    concatenation."""
     if block == "stem":
-        return 0.0
-    number = block.removeprefix("block")
-    return float(number) if number.isdigit() else math.inf
+        return (0.0, 0.0)
+    number, _, unit = block.removeprefix("block").partition(".")
+    if not number.isdigit():
+        return (math.inf, math.inf)
+    return (float(number), float(unit) if unit.isdigit() else math.inf)
