@@ -40,8 +40,10 @@ def _run(part: str, stages: tuple[str, ...]) -> list[str]:
     if units:
         return units
     first, dash, last = part.partition("-")
+    if not dash:
+        return [part]
     a, b = _run(first, stages), _run(last, stages)
-    if not dash or a[0] not in stages or b[-1] not in stages:
+    if a[0] not in stages or b[-1] not in stages:
         return [part]
     i, j = stages.index(a[0]), stages.index(b[-1])
     return list(stages[i:j + 1]) if i <= j else [part]
