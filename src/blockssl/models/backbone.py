@@ -274,13 +274,9 @@ GRANULARITIES = ("layer", "unit")
 def resnet_stages(arch: str, options: BackboneOptions) -> tuple[str, ...]:
     """``stem, layer1, ..., layer4``, or with ``granularity="unit"`` one stage per residual unit: ``stem, layer1.0,
     layer1.1, ..., layer4.2`` for ResNet-50."""
-    if options.granularity not in GRANULARITIES:
-        raise ValueError(f"model.granularity: unknown value {options.granularity!r}; choose "
-                         f"{' or '.join(GRANULARITIES)}")
-    layers = ARCHS[arch][1]
     if options.granularity == "layer":
         return ("stem", *(f"layer{i}" for i in range(1, 5)))
-    return ("stem", *(f"layer{i}.{j}" for i, n in enumerate(layers, 1) for j in range(n)))
+    return ("stem", *(f"layer{i}.{j}" for i, n in enumerate(ARCHS[arch][1], 1) for j in range(n)))
 
 
 def resnet_depths(stages: tuple[str, ...]) -> dict[str, str]:
