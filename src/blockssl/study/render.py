@@ -157,8 +157,8 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
 
 
 def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> str | None:
-    """Per-block linear top-1 with error bars, a panel per baseline with the variants compared with it (the
-    raw-pixel probe as a line)."""
+    """Per-block linear top-1 with error bars, a panel per baseline with the variants compared with it, each beside
+    its network at random initialisation where probed (dotted, hollow markers), the raw-pixel probe as a line."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
@@ -180,18 +180,22 @@ def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> s
     colors = colormaps["tab20"]  # 20 distinct colours, one per variant in every panel
     number = {v: i for i, v in enumerate(study.variants)}
     for ax, (baseline, members) in zip(axes, panels.items(), strict=False):
-        for position, v in enumerate(members):
-            i = number[v]
-            offset = (position - (len(members) - 1) / 2) * 0.05
+        lines = [(row, row == m) for m in members for row in (m, f"{m}{AT_INIT}")]  # (row, trained)
+        for position, (v, trained) in enumerate(lines):
+            i = number[v.removesuffix(AT_INIT)]
+            offset = (position - (len(lines) - 1) / 2) * 0.04
             xs = [j + offset for j, b in enumerate(blocks) if (v, b) in index]
             ss = [index[(v, b)] for b in blocks if (v, b) in index]
             # a line through the blocks; the concatenation of all blocks is no next block, so its point stands apart
             chained = [k for k, s in enumerate(ss) if s["block"] != CONCAT]
-            style: dict[str, Any] = dict(color=colors(i % 20), marker="os^Dv<>p"[i % 8], capsize=3, markersize=5)
-            for part, line in ((chained, "-"), ([k for k in range(len(ss)) if k not in chained], "none")):
+            style: dict[str, Any] = dict(color=colors(i % 20), marker="os^Dv<>p"[i % 8], capsize=3, markersize=5,
+                                         markerfacecolor=None if trained else "none")
+            for part, line in ((chained, "-" if trained else ":"), ([k for k in range(len(ss)) if k not in chained],
+                                                                     "none")):
                 ax.errorbar([xs[k] for k in part], [ss[k]["mean"] for k in part],
                             yerr=[ss[k]["std"] for k in part], linestyle=line,
-                            label=v if line == "-" else None, **style)
+                            label=(v if trained else f"{v.removesuffix(AT_INIT)} at random init")
+                            if line != "none" and part else None, **style)
         if pixels is not None:
             ax.axhline(pixels["mean"], color="gray", linestyle="--", linewidth=1, label="raw pixels")
         ax.set_xticks(range(len(blocks)), blocks)
