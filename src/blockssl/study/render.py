@@ -214,12 +214,14 @@ def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> s
 def _differences_figure(study: Study, values: Values, out: Path) -> str | None:
     """Paired differences (variant - baseline) per block: the mean with its 95% interval and the per-seed
     differences, a row of panels per baseline (the variants compared with it, and the primaries against it), linear
-    and kNN top-1 side by side; primary comparisons on a shaded band."""
+    and kNN top-1 side by side, and beside them the other metrics that primaries are declared on (plain pooling's
+    top-1); primary comparisons on a shaded band."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    metrics = [m for m in ("linear_top1", "knn_top1") if any(k[2] == m for k in values)]
+    shown = dict.fromkeys(["linear_top1", "knn_top1", *(c.metric for c in study.primary if c.metric.endswith("top1"))])
+    metrics = [m for m in shown if any(k[2] == m for k in values)]
     groups: dict[str, list[str]] = {}
     for v in study.variants:
         if v != study.baseline:
