@@ -23,7 +23,7 @@ from blockssl.study import driver, render
 from blockssl.study.depth import depth_key, depth_names
 from blockssl.study.driver import parse_only, run_commands, run_one, run_study, submit_slurm
 from blockssl.study.progress import format_status, status
-from blockssl.study.render import write_results
+from blockssl.study.render import difference_metrics, write_results
 from blockssl.study.results import summary as summarize
 from blockssl.study.spec import Study, check_unchanged, load_study
 from blockssl.train import pretrain
@@ -282,6 +282,19 @@ def test_blocks_are_named_by_depth_so_groupings_compare_at_equal_depth(tmp_path)
     names = ["concat", "block4", "block3", "block3.1", "block10.0", "stem", "block3.0", "block2"]
     assert sorted(names, key=depth_key) == ["stem", "block2", "block3.0", "block3.1", "block3", "block4",
                                             "block10.0", "concat"]
+
+
+def test_differences_figure_draws_every_declared_top1(tmp_path):
+    values = {(v, "block4", m): {0: 1.0} for v in ("blockwise", "end_to_end")
+              for m in ("linear_top1", "knn_top1", "pool_linear_top1", "pool_knn_top1", "mce")}
+    plain = load_study(_write_study(tmp_path))
+    assert difference_metrics(plain, values) == ["linear_top1", "knn_top1"]
+    pooled = load_study(_write_study(tmp_path, primary=[
+        {"variant": "blockwise", "baseline": "end_to_end", "block": "block4", "metric": "pool_linear_top1"},
+        {"variant": "blockwise", "baseline": "end_to_end", "block": "block4", "metric": "mce"}]))
+    assert difference_metrics(pooled, values) == ["linear_top1", "knn_top1", "pool_linear_top1"]
+    del values[("blockwise", "block4", "knn_top1")], values[("end_to_end", "block4", "knn_top1")]
+    assert difference_metrics(pooled, values) == ["linear_top1", "pool_linear_top1"]
 
 
 def test_robustness_variants_may_grow_but_not_shrink(tmp_path):

@@ -211,6 +211,13 @@ def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> s
     return "per_block_top1.png"
 
 
+def difference_metrics(study: Study, values: Values) -> list[str]:
+    """The differences figure's panels: linear and kNN top-1, then any other top-1 a primary is declared on (plain
+    pooling's), each where the study has values for it."""
+    shown = dict.fromkeys(["linear_top1", "knn_top1", *(c.metric for c in study.primary if c.metric.endswith("top1"))])
+    return [m for m in shown if any(k[2] == m for k in values)]
+
+
 def _differences_figure(study: Study, values: Values, out: Path) -> str | None:
     """Paired differences (variant - baseline) per block: the mean with its 95% interval and the per-seed
     differences, a row of panels per baseline (the variants compared with it, and the primaries against it), linear
@@ -220,8 +227,7 @@ def _differences_figure(study: Study, values: Values, out: Path) -> str | None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    shown = dict.fromkeys(["linear_top1", "knn_top1", *(c.metric for c in study.primary if c.metric.endswith("top1"))])
-    metrics = [m for m in shown if any(k[2] == m for k in values)]
+    metrics = difference_metrics(study, values)
     groups: dict[str, list[str]] = {}
     for v in study.variants:
         if v != study.baseline:
