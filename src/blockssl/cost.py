@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -56,7 +57,7 @@ from blockssl.config.plan import execution_strategy, parse_stages
 from blockssl.data.datasets import dataset_info
 from blockssl.memory import PARTS, Name, model_accounting, model_scopes, resolve_name
 from blockssl.method import BlockwiseSSL, build_model
-from blockssl.models.backbone import BackboneOptions, stage_names
+from blockssl.models.backbone import BackboneOptions, run_spec, stage_names
 from blockssl.models.noise import noise_generator
 
 # The end-to-end model of the same backbone, as configs/imagenet/barlow_twins_end_to_end.yaml and the benchmarks
@@ -196,7 +197,7 @@ def balanced_blocks(cfg: Config, n: int = 4) -> str:
         raise ConfigError("--balance prices every block with model.projector and model.head_dim, all trained: "
                           "remove model.block_projectors, model.block_head_dims and train.frozen_blocks, or give "
                           "model.blocks yourself (blockssl cost shows each block's FLOPs)")
-    stages = stage_names(m.arch, BackboneOptions.of(m, *_dataset_shape(cfg)))
+    stages = stage_names(m.arch, BackboneOptions.of(m))
     if not 1 <= n <= len(stages):
         raise ConfigError(f"--balance {n}: choose 1 to {len(stages)} blocks, the stages of {m.arch}")
     single = apply_overrides(copy.deepcopy(cfg), [f"model.blocks={','.join(stages)}", "train.loss_blocks=all"],
@@ -204,11 +205,11 @@ def balanced_blocks(cfg: Config, n: int = 4) -> str:
     parts = count_model(single).parts
     inside = count_model(end_to_end_config(single)).parts
     first = [parts[i]["backbone"].train_flops for i in range(len(stages))]
-    rest = [inside[i]["backbone"].train_flops for i in range(len(stages))]
+    inner = [0.0, *itertools.accumulate(inside[i]["backbone"].train_flops for i in range(len(stages)))]
     top = [sum(c.train_flops for part, c in parts[i].items() if part != "backbone") for i in range(len(stages))]
 
     def block(i: int, j: int) -> float:  # stages i..j-1
-        return first[i] + sum(rest[i + 1:j]) + top[j - 1]
+        return first[i] + inner[j] - inner[i + 1] + top[j - 1]
 
     # best[k][j]: the smallest largest block over groupings of the first j stages into k blocks, and its last cut
     best = [[(0.0, 0)] + [(math.inf, 0)] * len(stages)]
@@ -221,16 +222,7 @@ def balanced_blocks(cfg: Config, n: int = 4) -> str:
         i = best[k][j][1]
         cuts.append((i, j))
         j = i
-    return ",".join(_run_name(stages[i:j]) for i, j in reversed(cuts))
-
-
-def _run_name(run: tuple[str, ...]) -> str:
-    return run[0] if len(run) == 1 else f"{run[0]}-{run[-1]}"
-
-
-def _dataset_shape(cfg: Config) -> tuple[int, int]:
-    info = dataset_info(cfg.data)
-    return info.channels, info.image_size
+    return ",".join(run_spec(stages[i:j]) for i, j in reversed(cuts))
 
 
 def count_model(cfg: Config, device: torch.device | str = "meta") -> ModelCost:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -118,6 +118,13 @@ class Family:
     def has(self, arch: str) -> bool:
         return arch in self.archs or (self.accepts is not None and self.accepts(arch))
 
+    def depth_names(self, stages: tuple[str, ...]) -> dict[str, str]:
+        """Each stage's depth name: ``depths`` where given, else ``blockN`` for the N-th stage after the stem."""
+        if self.depths is not None:
+            return self.depths(stages)
+        after = (s for s in stages if s != self.stem)
+        return {self.stem: self.stem, **{name: f"block{i}" for i, name in enumerate(after, 1)}}
+
 
 FAMILIES: dict[str, Family] = {}
 
@@ -127,8 +134,12 @@ def equal_runs(stages: tuple[str, ...], n: int = 4) -> str:
     each): ``0-2,3-5,6-8,9-11`` for twelve."""
     n = min(n, len(stages))
     bounds = [round(i * len(stages) / n) for i in range(n + 1)]
-    runs = [stages[a:b] for a, b in itertools.pairwise(bounds)]
-    return ",".join("+".join(r) if len(r) <= 2 else f"{r[0]}-{r[-1]}" for r in runs)
+    return ",".join(run_spec(stages[a:b]) for a, b in itertools.pairwise(bounds))
+
+
+def run_spec(run: Sequence[str]) -> str:
+    """One block of a ``model.blocks`` grouping: its stages joined by ``+``, or ``first-last`` for more than two."""
+    return "+".join(run) if len(run) <= 2 else f"{run[0]}-{run[-1]}"
 
 
 def register_family(name: str, family: Family) -> None:
@@ -217,6 +228,7 @@ class ResNet(nn.Module):
             names = [f"layer{i + 1}"] if granularity == "layer" else [f"layer{i + 1}.{j}" for j in range(n)]
             infos += [StageInfo(name, self.inplanes, reduction) for name in names]
         self.stage_info: tuple[StageInfo, ...] = tuple(infos)
+        self._stage_names = frozenset(s.name for s in infos)
         self._init_weights(zero_init_residual)
 
     def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, n: int, stride: int) -> nn.Sequential:
@@ -250,7 +262,7 @@ class ResNet(nn.Module):
         """The module that computes stage ``name`` (the stem is built from torchvision's top-level layers)."""
         if name == "stem":
             return nn.Sequential(*self.stage_modules(name))
-        if name not in {s.name for s in self.stage_info}:
+        if name not in self._stage_names:
             raise KeyError(f"unknown stage {name!r}; stages are {', '.join(s.name for s in self.stage_info)}")
         layer, _, unit = name.partition(".")
         return getattr(self, layer)[int(unit)] if unit else getattr(self, layer)

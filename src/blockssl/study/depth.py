@@ -20,10 +20,8 @@ def block_names(blocks: str, arch: str = "resnet50", options: BackboneOptions | 
     block that ends at the same stage in the one-stage-per-block grouping (``block2`` for a ResNet block ending at
     layer2; the stem's own name, ``stem``, for one ending there): another grouping of the stages then compares with
     the paper's four blocks at equal depth."""
-    stages, family = stage_names(arch, options), family_of(arch)
-    depth = family.depths(stages) if family.depths else {
-        family.stem: family.stem, **{name: f"block{i}" for i, name in enumerate((s for s in stages
-                                                                                 if s != family.stem), 1)}}
+    stages = stage_names(arch, options)
+    depth = family_of(arch).depth_names(stages)
     return {block_name(k): depth[g[-1]] for k, g in enumerate(parse_blocks(blocks, stages))}
 
 
