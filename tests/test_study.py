@@ -556,10 +556,16 @@ def test_the_frontier_sets_each_variants_accuracy_against_its_counted_cost(finis
         report = cost_report(cfg, devices=1)
         assert point["cost"]["train_flops"] == report.model.total.train_flops
         assert point["cost"]["device_memory"] == device_memory(report.model, cfg.train.batch_size).total
-        s = next(s for s in summary if (s["variant"], s["block"], s["metric"]) == (point["variant"], "block4",
-                                                                                    "linear_top1"))
-        assert point["accuracy"]["block4"]["linear_top1"]["mean"] == s["mean"]
+        for metric in ("linear_top1", "pool_linear_top1"):  # through the heads and the equal readout
+            s = next(s for s in summary if (s["variant"], s["block"], s["metric"]) == (point["variant"], "block4",
+                                                                                        metric))
+            assert point["accuracy"]["block4"][metric]["mean"] == s["mean"]
+            assert point["accuracy"]["block4"][metric]["diff_mean"] == s["diff_mean"]
     blockwise, end_to_end = points
+    d = blockwise["accuracy"]["block4"]["pool_linear_top1"]  # the study's baseline is end to end
+    row = next(line for line in (Path(study.out) / "frontier.md").read_text().splitlines()
+               if "| plain pooling |" in line and f"{d['diff_mean']:+.2f} [" in line)
+    assert f"[{d['diff_mean'] - d['diff_ci95']:+.2f}, {d['diff_mean'] + d['diff_ci95']:+.2f}] vs end_to_end" in row
     assert blockwise["cost"]["params"] > end_to_end["cost"]["params"]  # a head and projector per block
     assert (Path(study.out) / "frontier.png").stat().st_size > 10_000
     with pytest.raises(ConfigError, match="not variants of the study"):

@@ -1,7 +1,9 @@
 """The accuracy-cost frontier of some of a study's variants: each variant's block-4 and all-block (``concat``)
-probe accuracy, mean and spread over its seeds, against what its configuration costs to train, counted by
-``blockssl.cost`` on the variant's own model and step: training FLOPs per image and view, and the memory of one
-device training it at the recipe's batch (weights, gradient peak, optimizer state, saved activations).
+probe accuracy, mean and spread over its seeds, read through its heads and (where the study probed it) by plain
+pooling, the equal readout, with its paired difference to the variant's baseline; against what its configuration
+costs to train, counted by ``blockssl.cost`` on the variant's own model and step: training FLOPs per image and view,
+and the memory of one device training it at the recipe's batch (weights, gradient peak, optimizer state, saved
+activations).
 
 ``blockssl study STUDY.yaml --frontier blockwise,head_gap,head_pooled`` writes ``frontier.json``, ``frontier.md``
 and ``frontier.png`` beside the study's results, from its aggregated ``results.json``.
@@ -20,14 +22,17 @@ from blockssl.names import CONCAT
 from blockssl.reporting import markdown_table, palette
 from blockssl.study.spec import Study
 
-METRICS = {"linear_top1": "linear top-1", "knn_top1": "kNN top-1"}
+# Each readout's linear and kNN metric (results.json's names); a study without plain-pooling probes has only the first.
+READOUTS = {"through its head": ("linear_top1", "knn_top1"), "plain pooling": ("pool_linear_top1", "pool_knn_top1")}
+METRICS = [metric for pair in READOUTS.values() for metric in pair]
 BLOCKS = ("block4", CONCAT)
 
 
 def frontier_points(study: Study, variants: list[str]) -> list[dict[str, Any]]:
     """One point per variant: its costs (``cost``: training FLOPs and saved peak per image and view, parameters,
     memory of one device at ``train.batch_size``) and its accuracies (``accuracy[block][metric]``: mean, std,
-    seeds) from the study's ``results.json``."""
+    seeds; ``diff_mean``, ``diff_ci95`` and ``baseline``: the paired difference to the variant's baseline) from the
+    study's ``results.json``."""
     from blockssl.cost import count_model, device_memory
 
     unknown = [v for v in variants if v not in study.variants]
@@ -44,7 +49,7 @@ def frontier_points(study: Study, variants: list[str]) -> list[dict[str, Any]]:
         cfg = study.config(variant, study.seeds_of(variant)[0])
         cost = count_model(cfg)  # this model's counts only: the end-to-end reference is not drawn
         total = cost.total
-        accuracy = {block: {metric: {k: s[k] for k in ("mean", "std", "seeds")}
+        accuracy = {block: {metric: {k: s[k] for k in ("mean", "std", "seeds", "baseline", "diff_mean", "diff_ci95")}
                             for metric in METRICS if (s := index.get((variant, block, metric))) is not None}
                     for block in BLOCKS}
         points.append({"variant": variant, "accuracy": accuracy, "cost": {
@@ -59,16 +64,28 @@ def write_frontier(study: Study, variants: list[str]) -> Path:
     out = Path(study.out)
     atomic_write_text(out / "frontier.json", json.dumps(points, indent=1) + "\n")
     _figure(points, out / "frontier.png")
-    rows = [[p["variant"], f"{p['cost']['train_flops'] / 1e6:.1f}", f"{p['cost']['device_memory'] / 2**20:.1f}",
-             f"{p['cost']['saved_peak'] / 2**10:.0f}", f"{p['cost']['params'] / 1e6:.2f}",
-             *(_cell(p["accuracy"][block].get(metric)) for block in BLOCKS for metric in METRICS)] for p in points]
-    header = ["variant", "train MFLOPs", "memory (MiB)", "saved peak (KiB)", "params (M)",
-              *(f"{block} {name}" for block in BLOCKS for name in METRICS.values())]
+    readouts = [r for r, (linear, _) in READOUTS.items() if any(linear in p["accuracy"]["block4"] for p in points)]
+    rows = []
+    for p in points:
+        b4, concat = p["accuracy"]["block4"], p["accuracy"][CONCAT]
+        costs = [f"{p['cost']['train_flops'] / 1e6:.1f}", f"{p['cost']['device_memory'] / 2**20:.1f}",
+                 f"{p['cost']['saved_peak'] / 2**10:.0f}", f"{p['cost']['params'] / 1e6:.2f}"]
+        for i, readout in enumerate(readouts):
+            linear, knn = READOUTS[readout]
+            rows.append([p["variant"] if i == 0 else "", *(costs if i == 0 else [""] * len(costs)), readout,
+                         _cell(b4.get(linear)), _difference(p["variant"], b4.get(linear)), _cell(b4.get(knn)),
+                         _cell(concat.get(linear)), _cell(concat.get(knn))])
+    header = ["variant", "train MFLOPs", "memory (MiB)", "saved peak (KiB)", "params (M)", "readout",
+              "block4 linear top-1", "block4 linear: - baseline [95% interval]", "block4 kNN top-1",
+              f"{CONCAT} linear top-1", f"{CONCAT} kNN top-1"]
     text = ["# Accuracy against cost", "", *markdown_table(header, rows), "",
             "Costs counted by `blockssl cost` on each variant's model and training step: FLOPs and the "
             "saved-activation peak per image and view; memory of one device training the model at "
             "`train.batch_size` (weights, gradient peak, optimizer state, saved activations). Accuracies: mean ± std "
-            "over the seeds (per-seed values), from results.json.", "", "![Accuracy against cost](frontier.png)", ""]
+            "over the seeds (per-seed values), from results.json, read through each variant's heads and by plain "
+            "pooling of the block outputs (the equal readout); the difference is paired by seed against the "
+            "variant's baseline, with its 95% t interval (exploratory: not corrected for multiplicity).", "",
+            "![Accuracy against cost](frontier.png)", ""]
     atomic_write_text(out / "frontier.md", "\n".join(text))
     return out / "frontier.md"
 
@@ -85,6 +102,14 @@ def _cell(stats: dict[str, Any] | None) -> str:
     return f"{stats['mean']:.2f} ± {_std(stats):.2f} ({', '.join(f'{v:.2f}' for v in stats['seeds'].values())})"
 
 
+def _difference(variant: str, stats: dict[str, Any] | None) -> str:
+    """The paired difference to the baseline with its 95% interval; none for the baseline itself."""
+    if stats is None or stats["baseline"] == variant:
+        return "-"
+    mean, half = stats["diff_mean"], stats["diff_ci95"]
+    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] vs {stats['baseline']}"
+
+
 def _figure(points: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -92,23 +117,33 @@ def _figure(points: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colors = palette(len(points))
+    # Through the heads filled, by plain pooling hollow and drawn 1.5% of the axis' span to the right, so that
+    # neither hides the other
+    markers = {"through its head": ("o", 0.0), "plain pooling": ("s", 0.015)}
     fig, axes = plt.subplots(len(BLOCKS), 2, figsize=(10, 4 * len(BLOCKS)), squeeze=False)
     for row, block in enumerate(BLOCKS):
         for col, (key, label, scale) in enumerate((("train_flops", "training MFLOPs per image and view", 1e6),
                                                    ("device_memory", "memory of one device (MiB)", 2**20))):
             ax = axes[row][col]
+            xs = [p["cost"][key] / scale for p in points]
+            span = max(xs) - min(xs) or max(xs)
             for p, color in zip(points, colors, strict=True):
-                stats = p["accuracy"][block].get("linear_top1")
-                if stats is None:
-                    continue
-                x = p["cost"][key] / scale
-                ax.errorbar(x, stats["mean"], yerr=_std(stats), fmt="o", color=color, capsize=3, label=p["variant"])
-                ax.scatter([x] * len(stats["seeds"]), list(stats["seeds"].values()), color=color, s=8, alpha=0.5)
+                for readout, (linear, _) in READOUTS.items():
+                    stats = p["accuracy"][block].get(linear)
+                    if stats is None:
+                        continue
+                    marker, shift = markers[readout]
+                    x = p["cost"][key] / scale + shift * span
+                    face = color if readout == "through its head" else "white"
+                    ax.errorbar(x, stats["mean"], yerr=_std(stats), fmt=marker, color=color, mfc=face, capsize=3,
+                                label=f"{p['variant']}, {readout}")
+                    ax.scatter([x] * len(stats["seeds"]), list(stats["seeds"].values()), color=color, s=8, alpha=0.5)
             ax.set_xlabel(label)
             ax.set_ylabel(f"{block} linear top-1 (%)")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
     fig.suptitle("Accuracy against training cost (mean ± std over seeds, per-seed points)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.025 * math.ceil(len(labels) / 2) + 0.01, 1, 1))  # room for the legend
     fig.savefig(path, dpi=110)
     plt.close(fig)
