@@ -272,7 +272,7 @@ def test_resnet50_paper_figures():
     # device, 128 images of the paper's 2048 on 16 devices); the paper's heads miss both
     pooled = count_model(load_config("configs/imagenet/barlow_twins_blockwise_pooled_cbe.yaml"))
     e2e = paper.end_to_end
-    assert round(pooled.total.train_flops / e2e.total.train_flops, 2) == 1.09
+    assert round(pooled.total.train_flops / e2e.total.train_flops, 2) == 1.11
     assert round(paper.model.total.train_flops / e2e.total.train_flops, 2) == 1.81
     memory = {name: device_memory(cost, 128).total / device_memory(e2e, 128).total
               for name, cost in (("pooled", pooled), ("paper", paper.model))}
