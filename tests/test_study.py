@@ -570,3 +570,12 @@ def test_the_frontier_sets_each_variants_accuracy_against_its_counted_cost(finis
     assert (Path(study.out) / "frontier.png").stat().st_size > 10_000
     with pytest.raises(ConfigError, match="not variants of the study"):
         write_frontier(study, ["blockwise", "nope"])
+
+
+def test_the_frontier_gives_a_one_seed_difference_without_an_interval():
+    from blockssl.study.frontier import _difference
+
+    stats = {"baseline": "blockwise", "diff_mean": 1.73, "diff_ci95": None}
+    assert _difference("end_to_end", stats) == "+1.73 (one seed) vs blockwise"
+    assert _difference("end_to_end", {**stats, "diff_ci95": 0.5}) == "+1.73 [+1.23, +2.23] vs blockwise"
+    assert _difference("blockwise", {**stats, "baseline": "blockwise"}) == "-"

@@ -107,6 +107,8 @@ def _difference(variant: str, stats: dict[str, Any] | None) -> str:
     if stats is None or stats["baseline"] == variant:
         return "-"
     mean, half = stats["diff_mean"], stats["diff_ci95"]
+    if half is None:  # one seed: results.json holds no interval
+        return f"{mean:+.2f} (one seed) vs {stats['baseline']}"
     return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] vs {stats['baseline']}"
 
 
