@@ -523,15 +523,27 @@ def test_no_primary_declared_says_so(tmp_path):
 def test_the_figures_and_the_budget_series_are_written(tmp_path):
     study = _fake_study(tmp_path, primary=[dict(variant="a", baseline="base", block="block4", metric="knn_top1")],
                         budget={"a - base": [["a", "base"], ["a_long", "base_long"]]})
-    md = write_results(study).read_text()
     out = Path(study.out)
+    for seed in study.seeds:  # the long pair also read by plain pooling, 0.5 below; raw pixels beside
+        for variant in ("a_long", "base_long"):
+            path = study.run_dir(variant, seed) / "probe.json"
+            probe = json.loads(path.read_text())
+            probe["run"]["pooled"] = {b: {"top1": r["top1"] - 0.5} for b, r in probe["run"]["blocks"].items()}
+            path.write_text(json.dumps(probe))
+        (out / "pixels" / f"seed{seed}").mkdir(parents=True)
+        (out / "pixels" / f"seed{seed}" / "probe.json").write_text(json.dumps(
+            {"run": {"blocks": {"pixels": {"top1": 71.0, "knn20_top1": 70.0}}}}))
+    md = write_results(study).read_text()
     for name in ("per_block_top1.png", "differences.png", "gap_vs_budget.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"![{name}]({name})" in md
     budget = json.loads((out / "results.json").read_text())["budget"]
     assert [(r["epochs"], r["metric"], r["block"], r["mean"]) for r in budget] == [
         (1, "linear_top1", "block4", 2.0), (1, "knn_top1", "block4", 2.0),
-        (2, "linear_top1", "block4", 3.0), (2, "knn_top1", "block4", 3.0)]
-    assert "| a - base | 2 | a_long - base_long | block4 | +3.00 [0.52, 5.48] (2.00, 3.00, 4.00) |" in md
+        (2, "linear_top1", "block4", 3.0), (2, "knn_top1", "block4", 3.0), (2, "pool_linear_top1", "block4", 3.0)]
+    assert "| comparison | block | Linear probe top-1 | kNN top-1 | Linear probe top-1, plain pooling |" in md
+    assert "| a - base | 1 | a - base | block4 | +2.00 [-0.48, 4.48] (1.00, 2.00, 3.00) | " in md
+    assert ("| a - base | 2 | a_long - base_long | block4 | +3.00 [0.52, 5.48] (2.00, 3.00, 4.00) | "
+            "+3.00 [0.52, 5.48] (2.00, 3.00, 4.00) | +3.00 [0.52, 5.48] (2.00, 3.00, 4.00) |") in md
 
 
 def test_primary_comparisons_and_budget_series_may_change_after_runs(tmp_path):

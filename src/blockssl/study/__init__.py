@@ -28,7 +28,8 @@ variants have, named by depth as in ``results.json``, or concat) are paired by s
 t-test) and corrected together for multiplicity (Holm, family-wise error 0.05): declare them before the runs exist,
 for a family chosen after seeing the results corrects nothing. Every other difference is exploratory: its mean,
 95% interval and per-seed values, untested. Each ``budget`` series draws the last block's paired difference of
-each pair against the pair's ``train.epochs`` (``gap_vs_budget.png``); both variants of a pair train as long.
+each pair against the pair's ``train.epochs``, and each side's level beside raw pixels, for every probe metric and
+readout (``gap_vs_budget.png``); both variants of a pair train as long.
 
 Run (variant, seed) lives in ``<out>/<variant>/seed<seed>``. Driving the study is idempotent: evaluated runs are
 skipped (their evaluation files suffice, checkpoints may be gone), interrupted ones resumed from their last

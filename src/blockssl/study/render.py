@@ -17,6 +17,7 @@ from blockssl.stats import ALPHA, paired
 from blockssl.study.depth import depth_key
 from blockssl.study.progress import is_done
 from blockssl.study.results import (
+    BUDGET_METRICS,
     Values,
     budget_results,
     by_seed,
@@ -119,16 +120,18 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
                    "The paired difference (variant - baseline) of each pair of a `budget` series at the deepest block "
                    "both have, against the pair's `train.epochs`: mean [95% interval] (per-seed differences).", ""]
         points = {(r["series"], r["variant"], r["baseline"], r["metric"]): r for r in budget}
+        metrics = [m for m in BUDGET_METRICS if any(r["metric"] == m for r in budget)]
         rows = []
         for series, pairs in study.budget.items():
             for variant, baseline in pairs:
-                found = [points.get((series, variant, baseline, m)) for m in ("linear_top1", "knn_top1")]
+                found = [points.get((series, variant, baseline, m)) for m in metrics]
                 if any(found):
                     first = next(r for r in found if r)
                     rows.append([series, str(first["epochs"]), f"{variant} - {baseline}", first["block"],
                                  *(_diff_cell(r["mean"], r["mean"] - r["ci95_low"], r["seeds"]) if r else "-"
                                    for r in found)])
-        tables += markdown_table(["series", "train.epochs", "comparison", "block", "linear top-1", "kNN top-1"], rows)
+        tables += markdown_table(["series", "train.epochs", "comparison", "block",
+                                  *(METRIC_TITLES[m].removesuffix(" (%)") for m in metrics)], rows)
     lines = [f"# Study `{study.out}`", "",
              f"Base recipe `{study.base}`, overrides `{' '.join(study.overrides) or 'none'}`, seeds "
              f"{study.seeds}{_fewer_seeds(study)}; baseline variant `{study.baseline}`.", "",
@@ -289,48 +292,75 @@ def _differences_figure(study: Study, values: Values, out: Path) -> str | None:
     return "differences.png"
 
 
-def _budget_figure(budget: list[dict[str, Any]], out: Path) -> str | None:
-    """Each budget series' paired difference at its deepest block against ``train.epochs``: mean and 95% interval,
-    points per seed; linear and kNN top-1 side by side."""
+def _budget_figure(budget: list[dict[str, Any]], stats: list[dict[str, Any]], out: Path) -> str | None:
+    """Each budget series against ``train.epochs``, a column per probe metric (through the heads, then by plain
+    pooling; linear, then kNN): above, its paired difference at the deepest block (mean and 95% interval, points per
+    seed); below, what each side of it reads there (mean ± std over seeds, points per seed) beside raw pixels under
+    the same probe, so that the figure says both how the gap and how each scheme's level move with the budget."""
     from matplotlib.figure import Figure
 
-    metrics = [m for m in ("linear_top1", "knn_top1") if any(r["metric"] == m for r in budget)]
+    metrics = [m for m in BUDGET_METRICS if any(r["metric"] == m for r in budget)]
     if not metrics:
         return None
+    index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
     series = list(dict.fromkeys(r["series"] for r in budget))
     epochs = sorted({r["epochs"] for r in budget})
     log = epochs[-1] >= 4 * epochs[0]  # budgets that grow by factors
     step = 0.02 * ((math.log2(epochs[-1] / epochs[0]) if log else epochs[-1] - epochs[0]) or 1.0)
+    colors = palette(len(series))
 
-    def shifted(x: float, k: int) -> float:
-        """Series side by side at each budget, so that their intervals do not hide each other."""
-        offset = step * (k - (len(series) - 1) / 2)
+    def shifted(x: float, k: int, of: int) -> float:
+        """Lines side by side at each budget, so that their intervals do not hide each other."""
+        offset = step * (k - (of - 1) / 2)
         return x * 2 ** offset if log else x + offset
 
-    fig = Figure(figsize=(4.8 * len(metrics), 3.8), layout="constrained")
-    for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False).ravel(), metrics, strict=True):
+    def seeds(ax: Any, xs: list[float], entries: list[dict[str, Any]], color: Any) -> None:
+        for x, entry in zip(xs, entries, strict=True):
+            ax.scatter([x] * len(entry["seeds"]), list(entry["seeds"].values()), s=14, color=color, alpha=0.5,
+                       linewidths=0)
+
+    fig = Figure(figsize=(4.2 * len(metrics), 7.2), layout="constrained")
+    axes = fig.subplots(2, len(metrics), squeeze=False, sharex=True)
+    for col, metric in enumerate(metrics):
+        gap, level = axes[0][col], axes[1][col]
         points = [r for r in budget if r["metric"] == metric]
-        for k, (name, color) in enumerate(zip(series, palette(len(series)), strict=True)):
+        for k, (name, color) in enumerate(zip(series, colors, strict=True)):
             mine = sorted((r for r in points if r["series"] == name), key=lambda r: r["epochs"])
-            ax.errorbar([shifted(r["epochs"], k) for r in mine], [r["mean"] for r in mine],
-                        yerr=[r["mean"] - r["ci95_low"] for r in mine], color=color, marker="o", capsize=3,
-                        label=name)
-            for r in mine:
-                ax.scatter([shifted(r["epochs"], k)] * r["n"], list(r["seeds"].values()), s=14, color=color,
-                           alpha=0.5, linewidths=0)
-        if log:
-            ax.set_xscale("log", base=2)
-            ax.minorticks_off()
-        ax.set_xticks(epochs, [str(e) for e in epochs])
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.grid(alpha=0.3)
+            xs = [shifted(r["epochs"], k, len(series)) for r in mine]
+            gap.errorbar(xs, [r["mean"] for r in mine], yerr=[r["mean"] - r["ci95_low"] for r in mine], color=color,
+                         marker="o", capsize=3, label=name)
+            seeds(gap, xs, mine, color)
+            # Each side of the series: the pairs' variants solid, their baselines dashed and hollow
+            left, _, right = name.partition(" - ")
+            for j, (side, style, face) in enumerate((("variant", "-", color), ("baseline", "--", "white"))):
+                entries = [e for r in mine if (e := index.get((r[side], r["block"], metric))) is not None]
+                if not entries:
+                    continue
+                xs = [shifted(r["epochs"], 2 * k + j, 2 * len(series)) for r in mine
+                      if (r[side], r["block"], metric) in index]
+                level.errorbar(xs, [e["mean"] for e in entries], yerr=[e["std"] for e in entries], color=color,
+                               linestyle=style, marker="o", mfc=face, capsize=3,
+                               label=(left if side == "variant" else right) if right else f"{name}: {side}")
+                seeds(level, xs, entries, color)
+        pixels = index.get((PIXELS, PIXELS, metric.removeprefix("pool_")))
+        if pixels is not None:
+            level.axhline(pixels["mean"], color="gray", linestyle=":", label="raw pixels")
+        for ax in (gap, level):
+            if log:
+                ax.set_xscale("log", base=2)
+                ax.minorticks_off()
+            ax.set_xticks(epochs, [str(e) for e in epochs])
+            ax.grid(alpha=0.3)
+        gap.axhline(0, color="black", linewidth=0.8)
         blocks = ", ".join(dict.fromkeys(r["block"] for r in points))
-        ax.set_title(f"{METRIC_TITLES[metric].removesuffix(' (%)')} at {blocks}", fontsize=10)
-        ax.set_xlabel("train.epochs")
-        ax.set_ylabel("variant - baseline (points)")
-    fig.legend(handles=ax.get_legend_handles_labels()[0], loc="outside lower center", ncol=len(series), fontsize=9,
-               frameon=False)
-    fig.suptitle("Gap against budget: mean and 95% interval, points per seed", fontsize=11)
+        gap.set_title(f"{METRIC_TITLES[metric].removesuffix(' (%)')} at {blocks}", fontsize=10)
+        gap.set_ylabel("variant - baseline (points)")
+        level.set_ylabel(METRIC_TITLES[metric])
+        level.set_xlabel("train.epochs")
+    handles, labels = axes[1][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.suptitle("Against the training budget: the gap (mean and 95% interval) and each side's level (mean ± std), "
+                 "points per seed", fontsize=11)
     fig.savefig(out / "gap_vs_budget.png", dpi=110)
     return "gap_vs_budget.png"
 
@@ -354,6 +384,6 @@ def write_results(study: Study) -> Path:
     writer.writerows(rows)
     atomic_write_text(out / "results.csv", table.getvalue())
     figures = [name for name in (_per_block_figure(study, stats, out), _differences_figure(study, values, out),
-                                 _budget_figure(budget, out) if budget else None) if name]
+                                 _budget_figure(budget, stats, out) if budget else None) if name]
     atomic_write_text(out / "results.md", _markdown(study, stats, primary, budget, figures))
     return out / "results.md"
