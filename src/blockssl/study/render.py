@@ -328,7 +328,7 @@ def _budget_figure(budget: list[dict[str, Any]], stats: list[dict[str, Any]], ou
             mine = sorted((r for r in points if r["series"] == name), key=lambda r: r["epochs"])
             xs = [shifted(r["epochs"], k, len(series)) for r in mine]
             gap.errorbar(xs, [r["mean"] for r in mine], yerr=[r["mean"] - r["ci95_low"] for r in mine], color=color,
-                         marker="o", capsize=3, label=name)
+                         marker="o", capsize=3)  # named in the legend by its sides, drawn below
             seeds(gap, xs, mine, color)
             # Each side of the series: the pairs' variants solid, their baselines dashed and hollow
             left, _, right = name.partition(" - ")
