@@ -577,7 +577,9 @@ def test_the_frontier_sets_each_variants_accuracy_against_its_counted_cost(finis
     d = blockwise["accuracy"]["block4"]["pool_linear_top1"]  # the study's baseline is end to end
     row = next(line for line in (Path(study.out) / "frontier.md").read_text().splitlines()
                if "| plain pooling |" in line and f"{d['diff_mean']:+.2f} [" in line)
-    assert f"[{d['diff_mean'] - d['diff_ci95']:+.2f}, {d['diff_mean'] + d['diff_ci95']:+.2f}] vs end_to_end" in row
+    per_seed = ", ".join(f"{v:.2f}" for v in d["diff_seeds"].values())
+    assert (f"| {d['diff_mean']:+.2f} [{d['diff_mean'] - d['diff_ci95']:.2f}, {d['diff_mean'] + d['diff_ci95']:.2f}] "
+            f"({per_seed}) vs end_to_end |") in row
     assert blockwise["cost"]["params"] > end_to_end["cost"]["params"]  # a head and projector per block
     assert (Path(study.out) / "frontier.png").stat().st_size > 10_000
     with pytest.raises(ConfigError, match="not variants of the study"):
@@ -587,7 +589,8 @@ def test_the_frontier_sets_each_variants_accuracy_against_its_counted_cost(finis
 def test_the_frontier_gives_a_one_seed_difference_without_an_interval():
     from blockssl.study.frontier import _difference
 
-    stats = {"baseline": "blockwise", "diff_mean": 1.73, "diff_ci95": None}
-    assert _difference("end_to_end", stats) == "+1.73 (one seed) vs blockwise"
-    assert _difference("end_to_end", {**stats, "diff_ci95": 0.5}) == "+1.73 [+1.23, +2.23] vs blockwise"
+    stats = {"baseline": "blockwise", "diff_mean": 1.73, "diff_ci95": math.nan, "diff_seeds": {"0": 1.73}}
+    assert _difference("end_to_end", stats) == "+1.73 (1.73) vs blockwise"
+    two = {**stats, "diff_ci95": 0.5, "diff_seeds": {"0": 1.5, "1": 1.96}}
+    assert _difference("end_to_end", two) == "+1.73 [1.23, 2.23] (1.50, 1.96) vs blockwise"
     assert _difference("blockwise", {**stats, "baseline": "blockwise"}) == "-"

@@ -20,11 +20,11 @@ from blockssl.checkpoint import atomic_write_text
 from blockssl.config import ConfigError
 from blockssl.names import CONCAT
 from blockssl.reporting import markdown_table, palette
-from blockssl.study.spec import Study
+from blockssl.study.render import difference_cell, summary_cell
+from blockssl.study.spec import PROBE_METRICS, Study
 
-# Each readout's linear and kNN metric (results.json's names); a study without plain-pooling probes has only the first.
-READOUTS = {"through its head": ("linear_top1", "knn_top1"), "plain pooling": ("pool_linear_top1", "pool_knn_top1")}
-METRICS = [metric for pair in READOUTS.values() for metric in pair]
+# Each readout's linear and kNN metric; a study without plain-pooling probes has only the first.
+READOUTS = {"through its head": PROBE_METRICS[:2], "plain pooling": PROBE_METRICS[2:]}
 BLOCKS = ("block4", CONCAT)
 
 
@@ -42,15 +42,18 @@ def frontier_points(study: Study, variants: list[str]) -> list[dict[str, Any]]:
     results = Path(study.out) / "results.json"
     if not results.is_file():
         raise ConfigError(f"{results} does not exist: run the study (blockssl study STUDY.yaml) first")
-    summary = json.loads(results.read_text())["summary"]
+    # results.json writes NaN (a spread or interval of one seed) as null; the tables' cells read NaN
+    summary = [{k: math.nan if v is None else v for k, v in s.items()}
+               for s in json.loads(results.read_text())["summary"]]
     index = {(s["variant"], s["block"], s["metric"]): s for s in summary}
     points = []
     for variant in variants:
         cfg = study.config(variant, study.seeds_of(variant)[0])
         cost = count_model(cfg)  # this model's counts only: the end-to-end reference is not drawn
         total = cost.total
-        accuracy = {block: {metric: {k: s[k] for k in ("mean", "std", "seeds", "baseline", "diff_mean", "diff_ci95")}
-                            for metric in METRICS if (s := index.get((variant, block, metric))) is not None}
+        accuracy = {block: {metric: {k: s[k] for k in ("mean", "std", "seeds", "baseline", "diff_mean", "diff_ci95",
+                                                       "diff_seeds")}
+                            for metric in PROBE_METRICS if (s := index.get((variant, block, metric))) is not None}
                     for block in BLOCKS}
         points.append({"variant": variant, "accuracy": accuracy, "cost": {
             "params": total.params, "train_flops": total.train_flops, "saved_peak": cost.saved_peak,
@@ -60,9 +63,11 @@ def frontier_points(study: Study, variants: list[str]) -> list[dict[str, Any]]:
 
 def write_frontier(study: Study, variants: list[str]) -> Path:
     """``frontier.json``, ``frontier.md`` and ``frontier.png`` in the study's ``out``; returns the Markdown's path."""
+    from blockssl.eval.robustness import to_json
+
     points = frontier_points(study, variants)
     out = Path(study.out)
-    atomic_write_text(out / "frontier.json", json.dumps(points, indent=1) + "\n")
+    atomic_write_text(out / "frontier.json", json.dumps(to_json(points), indent=1) + "\n")
     _figure(points, out / "frontier.png")
     readouts = [r for r, (linear, _) in READOUTS.items() if any(linear in p["accuracy"]["block4"] for p in points)]
     rows = []
@@ -73,10 +78,10 @@ def write_frontier(study: Study, variants: list[str]) -> Path:
         for i, readout in enumerate(readouts):
             linear, knn = READOUTS[readout]
             rows.append([p["variant"] if i == 0 else "", *(costs if i == 0 else [""] * len(costs)), readout,
-                         _cell(b4.get(linear)), _difference(p["variant"], b4.get(linear)), _cell(b4.get(knn)),
-                         _cell(concat.get(linear)), _cell(concat.get(knn))])
+                         summary_cell(b4.get(linear)), _difference(p["variant"], b4.get(linear)),
+                         summary_cell(b4.get(knn)), summary_cell(concat.get(linear)), summary_cell(concat.get(knn))])
     header = ["variant", "train MFLOPs", "memory (MiB)", "saved peak (KiB)", "params (M)", "readout",
-              "block4 linear top-1", "block4 linear: - baseline [95% interval]", "block4 kNN top-1",
+              "block4 linear top-1", "block4 linear: - baseline [95% interval] (per seed)", "block4 kNN top-1",
               f"{CONCAT} linear top-1", f"{CONCAT} kNN top-1"]
     text = ["# Accuracy against cost", "", *markdown_table(header, rows), "",
             "Costs counted by `blockssl cost` on each variant's model and training step: FLOPs and the "
@@ -91,25 +96,15 @@ def write_frontier(study: Study, variants: list[str]) -> Path:
 
 
 def _std(stats: dict[str, Any]) -> float:
-    """The spread over seeds; 0 where there is none (one seed: results.json holds null)."""
-    std = stats["std"]
-    return 0.0 if std is None or math.isnan(std) else float(std)
-
-
-def _cell(stats: dict[str, Any] | None) -> str:
-    if stats is None:
-        return "-"
-    return f"{stats['mean']:.2f} ± {_std(stats):.2f} ({', '.join(f'{v:.2f}' for v in stats['seeds'].values())})"
+    """The spread over seeds as an error bar; 0 where there is none (one seed)."""
+    return 0.0 if math.isnan(stats["std"]) else float(stats["std"])
 
 
 def _difference(variant: str, stats: dict[str, Any] | None) -> str:
     """The paired difference to the baseline with its 95% interval; none for the baseline itself."""
     if stats is None or stats["baseline"] == variant:
         return "-"
-    mean, half = stats["diff_mean"], stats["diff_ci95"]
-    if half is None:  # one seed: results.json holds no interval
-        return f"{mean:+.2f} (one seed) vs {stats['baseline']}"
-    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] vs {stats['baseline']}"
+    return f"{difference_cell(stats['diff_mean'], stats['diff_ci95'], stats['diff_seeds'])} vs {stats['baseline']}"
 
 
 def _figure(points: list[dict[str, Any]], path: Path) -> None:

@@ -17,7 +17,6 @@ from blockssl.stats import ALPHA, paired
 from blockssl.study.depth import depth_key
 from blockssl.study.progress import is_done
 from blockssl.study.results import (
-    BUDGET_METRICS,
     Values,
     budget_results,
     by_seed,
@@ -26,7 +25,7 @@ from blockssl.study.results import (
     primary_results,
     summary,
 )
-from blockssl.study.spec import AT_INIT, PIXELS, Comparison, Study
+from blockssl.study.spec import AT_INIT, PIXELS, PROBE_METRICS, Comparison, Study
 
 # pool_*: each block read by plain global pooling of its output (probe.readouts), the same readout for every scheme
 METRIC_TITLES = {"linear_top1": "Linear probe top-1 (%)", "knn_top1": "kNN top-1 (%)",
@@ -41,14 +40,14 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
 
-def _cell(stats: dict[str, Any] | None) -> str:
+def summary_cell(stats: dict[str, Any] | None) -> str:
     """``mean ± std (per-seed values)`` of a summary row."""
     if stats is None or not stats["seeds"]:
         return "-"
     return _pm(stats["mean"], stats["std"]) + " (" + ", ".join(f"{x:.2f}" for x in stats["seeds"].values()) + ")"
 
 
-def _diff_cell(mean: float, half_width: float, seeds: dict[int, float]) -> str:
+def difference_cell(mean: float, half_width: float, seeds: dict[int, float]) -> str:
     """Paired differences as ``mean [95% interval] (per-seed differences)``; no interval below two seeds."""
     if not seeds:
         return "-"
@@ -98,13 +97,13 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
         if not variants:
             continue
         header = ["variant", *blocks]
-        rows = [[v, *(_cell(index.get((v, b, metric))) for b in blocks)] for v in variants]
+        rows = [[v, *(summary_cell(index.get((v, b, metric))) for b in blocks)] for v in variants]
         tables += ["", f"## {title}", "", *markdown_table(header, rows)]
         pixels = index.get((PIXELS, PIXELS, metric))
         if pixels is not None:
-            tables += ["", f"Raw pixels under the same probe settings (no network): {_cell(pixels)}."]
+            tables += ["", f"Raw pixels under the same probe settings (no network): {summary_cell(pixels)}."]
         compared = [v for v in variants if v != study.baseline]
-        cells = {(v, b): _diff_cell(s["diff_mean"], s["diff_ci95"], s["diff_seeds"]) if s else "-"
+        cells = {(v, b): difference_cell(s["diff_mean"], s["diff_ci95"], s["diff_seeds"]) if s else "-"
                  for v in compared for b in blocks for s in [index.get((v, b, metric))]}
         explored += sum(cell != "-" for cell in cells.values())
         if compared:
@@ -120,7 +119,7 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
                    "The paired difference (variant - baseline) of each pair of a `budget` series at the deepest block "
                    "both have, against the pair's `train.epochs`: mean [95% interval] (per-seed differences).", ""]
         points = {(r["series"], r["variant"], r["baseline"], r["metric"]): r for r in budget}
-        metrics = [m for m in BUDGET_METRICS if any(r["metric"] == m for r in budget)]
+        metrics = [m for m in PROBE_METRICS if any(r["metric"] == m for r in budget)]
         rows = []
         for series, pairs in study.budget.items():
             for variant, baseline in pairs:
@@ -128,7 +127,7 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
                 if any(found):
                     first = next(r for r in found if r)
                     rows.append([series, str(first["epochs"]), f"{variant} - {baseline}", first["block"],
-                                 *(_diff_cell(r["mean"], r["mean"] - r["ci95_low"], r["seeds"]) if r else "-"
+                                 *(difference_cell(r["mean"], r["mean"] - r["ci95_low"], r["seeds"]) if r else "-"
                                    for r in found)])
         tables += markdown_table(["series", "train.epochs", "comparison", "block",
                                   *(METRIC_TITLES[m].removesuffix(" (%)") for m in metrics)], rows)
@@ -299,7 +298,7 @@ def _budget_figure(budget: list[dict[str, Any]], stats: list[dict[str, Any]], ou
     the same probe, so that the figure says both how the gap and how each scheme's level move with the budget."""
     from matplotlib.figure import Figure
 
-    metrics = [m for m in BUDGET_METRICS if any(r["metric"] == m for r in budget)]
+    metrics = [m for m in PROBE_METRICS if any(r["metric"] == m for r in budget)]
     if not metrics:
         return None
     index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
@@ -333,11 +332,11 @@ def _budget_figure(budget: list[dict[str, Any]], stats: list[dict[str, Any]], ou
             # Each side of the series: the pairs' variants solid, their baselines dashed and hollow
             left, _, right = name.partition(" - ")
             for j, (side, style, face) in enumerate((("variant", "-", color), ("baseline", "--", "white"))):
-                entries = [e for r in mine if (e := index.get((r[side], r["block"], metric))) is not None]
-                if not entries:
+                found = [(r["epochs"], e) for r in mine if (e := index.get((r[side], r["block"], metric))) is not None]
+                if not found:
                     continue
-                xs = [shifted(r["epochs"], 2 * k + j, 2 * len(series)) for r in mine
-                      if (r[side], r["block"], metric) in index]
+                xs = [shifted(epochs, 2 * k + j, 2 * len(series)) for epochs, _ in found]
+                entries = [entry for _, entry in found]
                 level.errorbar(xs, [e["mean"] for e in entries], yerr=[e["std"] for e in entries], color=color,
                                linestyle=style, marker="o", mfc=face, capsize=3,
                                label=(left if side == "variant" else right) if right else f"{name}: {side}")

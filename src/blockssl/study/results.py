@@ -13,7 +13,7 @@ from blockssl.names import CONCAT
 from blockssl.reporting import read_json, read_metrics
 from blockssl.stats import ALPHA, Paired, holm, mean_std, paired
 from blockssl.study.depth import depth_key, depth_names
-from blockssl.study.spec import AT_INIT, PIXELS, TIMING, Comparison, Study
+from blockssl.study.spec import AT_INIT, PIXELS, PROBE_METRICS, TIMING, Comparison, Study
 
 
 def collect_rows(study: Study) -> list[dict[str, Any]]:
@@ -130,19 +130,15 @@ def primary_results(study: Study, values: Values) -> list[dict[str, Any]]:
             for c, d, h in zip(study.primary, tested, adjusted, strict=True)]
 
 
-# The probe metrics a budget series follows: through the heads, then by plain pooling (the equal readout)
-BUDGET_METRICS = ("linear_top1", "knn_top1", "pool_linear_top1", "pool_knn_top1")
-
-
 def budget_results(study: Study, values: Values) -> list[dict[str, Any]]:
-    """Per ``budget`` series, pair and probe metric (``BUDGET_METRICS``, those probed): the pair's ``train.epochs``
+    """Per ``budget`` series, pair and probe metric (``PROBE_METRICS``, those probed): the pair's ``train.epochs``
     and its paired difference at the deepest block both variants have (pairs with no paired seed yet are left
     out)."""
     out = []
     for series, pairs in study.budget.items():
         for variant, baseline in pairs:
             epochs = study.config(variant, study.seeds[0]).train.epochs
-            for metric in BUDGET_METRICS:
+            for metric in PROBE_METRICS:
                 blocks = [b for (v, b, m) in values if v == variant and m == metric and b != CONCAT
                           and (baseline, b, metric) in values]
                 if not blocks:

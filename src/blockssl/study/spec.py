@@ -19,8 +19,9 @@ EVALUATIONS = ("probe", "robustness")
 PIXELS = "pixels"  # the raw-pixel probe: its folder under out, its row in the results
 AT_INIT = "@init"  # suffix of a variant's rows probed at random initialisation (probe.random_init=true)
 TIMING = "study_timing.json"  # seconds spent per stage on a run, summed over resumptions
-EVALUATION_OF = {"linear_top1": "probe", "knn_top1": "probe", "pool_linear_top1": "probe", "pool_knn_top1": "probe",
-                 "mce": "robustness", "relative_mce": "robustness"}
+# The probe's metrics: through each block's head, then by plain pooling of its output (probe.readouts)
+PROBE_METRICS = ("linear_top1", "knn_top1", "pool_linear_top1", "pool_knn_top1")
+EVALUATION_OF = {**dict.fromkeys(PROBE_METRICS, "probe"), "mce": "robustness", "relative_mce": "robustness"}
 
 
 @dataclass(frozen=True)
