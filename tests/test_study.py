@@ -321,7 +321,7 @@ def test_differences_are_paired_with_each_variants_own_baseline():
     # the 95% interval of two paired differences: t(0.975, 1) = 12.706 standard errors
     half = 12.706 * statistics.stdev([3.0, 4.0]) / math.sqrt(2)
     assert stats["simclr"]["diff_ci95"] == pytest.approx(half)
-    cell = render._diff_cell(stats["simclr"]["diff_mean"], half, stats["simclr"]["diff_seeds"])
+    cell = render.difference_cell(stats["simclr"]["diff_mean"], half, stats["simclr"]["diff_seeds"])
     assert cell == f"+3.50 [{3.5 - half:.2f}, {3.5 + half:.2f}] (3.00, 4.00)"
     three = [dict(r, seed=2, value=r["value"] + (0.9 if r["variant"] == "simclr" else 0.0)) for r in rows
              if r["seed"] == 0]
@@ -330,7 +330,7 @@ def test_differences_are_paired_with_each_variants_own_baseline():
     half = 4.303 * statistics.stdev([3.0, 4.0, 3.9]) / math.sqrt(3)
     assert resolved["diff_ci95"] == pytest.approx(half)
     # exploratory: an interval that excludes zero is shown as it is, unstarred
-    assert render._diff_cell(resolved["diff_mean"], half, resolved["diff_seeds"]) == (
+    assert render.difference_cell(resolved["diff_mean"], half, resolved["diff_seeds"]) == (
         f"+3.63 [{3.63333 - half:.2f}, {3.63333 + half:.2f}] (3.00, 4.00, 3.90)")
     assert stats["e2e_simclr"]["diff_mean"] == pytest.approx(-10.5) and stats["e2e"]["diff_mean"] == 0
     # a baseline still missing a seed: the difference is paired over the seed both have
