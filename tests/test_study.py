@@ -23,7 +23,7 @@ from blockssl.study import driver, render
 from blockssl.study.depth import depth_key, depth_names
 from blockssl.study.driver import parse_only, run_commands, run_one, run_study, submit_slurm
 from blockssl.study.progress import format_status, status
-from blockssl.study.render import difference_metrics, write_results
+from blockssl.study.render import difference_metrics, per_block_panels, write_results
 from blockssl.study.results import summary as summarize
 from blockssl.study.spec import Study, check_unchanged, load_study
 from blockssl.train import pretrain
@@ -295,6 +295,22 @@ def test_differences_figure_draws_every_declared_top1(tmp_path):
     assert difference_metrics(pooled, values) == ["linear_top1", "knn_top1", "pool_linear_top1"]
     del values[("blockwise", "block4", "knn_top1")], values[("end_to_end", "block4", "knn_top1")]
     assert difference_metrics(pooled, values) == ["linear_top1", "pool_linear_top1"]
+
+
+def test_the_per_block_figure_sets_each_baseline_beside_its_variants_at_both_readouts(tmp_path):
+    study = replace(_fake_study(tmp_path), baselines={"c": "a", "a_long": "base_long"})
+
+    def stats(metrics: tuple[str, ...]) -> list[dict[str, object]]:
+        return [{"variant": v, "block": "block4", "metric": m} for v in study.variants for m in metrics]
+
+    rows = [("base", ["base", "a", "b", "base_long"]), ("a", ["a", "c"]), ("base_long", ["base_long", "a_long"])]
+    # the raw-pixel probe's plain pooling (pixels have no head) makes no column of its own
+    pixels = [{"variant": "pixels", "block": "pixels", "metric": "pool_linear_top1"}]
+    assert per_block_panels(study, stats(("linear_top1", "knn_top1")) + pixels) == [
+        (b, "linear_top1", m) for b, m in rows]
+    assert per_block_panels(study, stats(("pool_linear_top1", "linear_top1"))) == [
+        (b, metric, m) for b, m in rows for metric in ("linear_top1", "pool_linear_top1")]
+    assert per_block_panels(study, stats(("knn_top1",))) == []
 
 
 def test_robustness_variants_may_grow_but_not_shrink(tmp_path):

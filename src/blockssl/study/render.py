@@ -158,36 +158,49 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
     return "\n".join(lines)
 
 
+# the per-block figure's readouts: through each block's trained head, and plain pooling, the same for every scheme
+PER_BLOCK_READOUTS = {"linear_top1": "through each block's head", "pool_linear_top1": "plain pooling (equal readout)"}
+
+
+def per_block_panels(study: Study, stats: list[dict[str, Any]]) -> list[tuple[str, str, list[str]]]:
+    """The per-block figure's panels, in reading order: (baseline, readout metric, the variants drawn). One row per
+    baseline, holding it and the variants compared with it, so that each row answers its own question; one column
+    per readout the study has, so that schemes whose heads differ are also seen at the equal readout."""
+    groups: dict[str, list[str]] = {study.baseline: [study.baseline]}
+    for v in study.variants:
+        if v != study.baseline:
+            groups.setdefault(study.baseline_of(v), [study.baseline_of(v)]).append(v)
+    readouts = [m for m in PER_BLOCK_READOUTS if any(s["metric"] == m and s["variant"] != PIXELS for s in stats)]
+    return [(baseline, metric, members) for baseline, members in groups.items() for metric in readouts]
+
+
 def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> str | None:
-    """Per-block linear top-1 with error bars, a panel per baseline with the variants compared with it, each beside
-    its network at random initialisation where probed (dotted, hollow markers), the raw-pixel probe as a line."""
+    """Per-block linear top-1 with error bars (``per_block_panels``), each variant beside its network at random
+    initialisation where probed (dotted, hollow markers), the raw-pixel probe as a line."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    linear = [s for s in stats if s["metric"] == "linear_top1" and s["variant"] != PIXELS]
-    pixels = next((s for s in stats if s["metric"] == "linear_top1" and s["variant"] == PIXELS), None)
-    if not linear:
+    panels = per_block_panels(study, stats)
+    if not panels:
         return None
-    blocks = sorted({s["block"] for s in linear}, key=depth_key)
-    index = {(s["variant"], s["block"]): s for s in linear}
-    # one panel per baseline, holding it and the variants compared with it: each panel answers its own question
-    panels: dict[str, list[str]] = {study.baseline: [study.baseline]}
-    for v in study.variants:
-        if v != study.baseline:
-            panels.setdefault(study.baseline_of(v), [study.baseline_of(v)]).append(v)
-    columns = min(2, len(panels))
+    # raw pixels have no head: one probe, the same line under both readouts
+    pixels = next((s for s in stats if s["metric"] == "linear_top1" and s["variant"] == PIXELS), None)
+    index = {(s["metric"], s["variant"], s["block"]): s for s in stats if s["variant"] != PIXELS}
+    blocks = sorted({b for m, _, b in index if m in PER_BLOCK_READOUTS}, key=depth_key)
+    readouts = len({metric for _, metric, _ in panels})
+    columns = readouts if readouts > 1 else min(2, len(panels))
     rows = math.ceil(len(panels) / columns)
     fig = Figure(figsize=(7.5 * columns, 4.2 * rows), layout="constrained")
     axes = fig.subplots(rows, columns, sharey=True, squeeze=False).ravel()
     colors = colormaps["tab20"]  # 20 distinct colours, one per variant in every panel
     number = {v: i for i, v in enumerate(study.variants)}
-    for ax, (baseline, members) in zip(axes, panels.items(), strict=False):
+    for k, (ax, (baseline, metric, members)) in enumerate(zip(axes, panels, strict=False)):
         lines = [(row, row == m) for m in members for row in (m, f"{m}{AT_INIT}")]  # (row, trained)
         for position, (v, trained) in enumerate(lines):
             i = number[v.removesuffix(AT_INIT)]
             offset = (position - (len(lines) - 1) / 2) * 0.04
-            xs = [j + offset for j, b in enumerate(blocks) if (v, b) in index]
-            ss = [index[(v, b)] for b in blocks if (v, b) in index]
+            xs = [j + offset for j, b in enumerate(blocks) if (metric, v, b) in index]
+            ss = [index[(metric, v, b)] for b in blocks if (metric, v, b) in index]
             # a line through the blocks; the concatenation of all blocks is no next block, so its point stands apart
             chained = [k for k, s in enumerate(ss) if s["block"] != CONCAT]
             style: dict[str, Any] = dict(color=colors(i % 20), marker="os^Dv<>p"[i % 8], capsize=3, markersize=5,
@@ -201,9 +214,10 @@ def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> s
         if pixels is not None:
             ax.axhline(pixels["mean"], color="gray", linestyle="--", linewidth=1, label="raw pixels")
         ax.set_xticks(range(len(blocks)), blocks)
-        ax.set_title(f"against {baseline}", fontsize=10)
+        ax.set_title(f"against {baseline}, {PER_BLOCK_READOUTS[metric]}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        if readouts == 1 or k % columns == columns - 1:  # a row's readouts draw the same variants: one legend
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     for ax in axes[::columns]:
