@@ -557,6 +557,9 @@ def test_the_figures_and_the_budget_series_are_written(tmp_path):
         (1, "linear_top1", "block4", 2.0), (1, "knn_top1", "block4", 2.0),
         (2, "linear_top1", "block4", 3.0), (2, "knn_top1", "block4", 3.0), (2, "pool_linear_top1", "block4", 3.0)]
     assert "| comparison | block | Linear probe top-1 | kNN top-1 | Linear probe top-1, plain pooling |" in md
+    # raw pixels have no head: the same probe under every readout's table
+    pooled_table = md.split("## Linear probe top-1, plain pooling (%)")[1].split("\n## ")[0]
+    assert "Raw pixels under the same probe settings (no network): 71.00 ± 0.00 (71.00, 71.00, 71.00)." in pooled_table
     assert "| a - base | 1 | a - base | block4 | +2.00 [-0.48, 4.48] (1.00, 2.00, 3.00) | " in md
     assert ("| a - base | 2 | a_long - base_long | block4 | +3.00 [0.52, 5.48] (2.00, 3.00, 4.00) | "
             "+3.00 [0.52, 5.48] (2.00, 3.00, 4.00) | +3.00 [0.52, 5.48] (2.00, 3.00, 4.00) |") in md

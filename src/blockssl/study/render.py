@@ -99,7 +99,7 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
         header = ["variant", *blocks]
         rows = [[v, *(summary_cell(index.get((v, b, metric))) for b in blocks)] for v in variants]
         tables += ["", f"## {title}", "", *markdown_table(header, rows)]
-        pixels = index.get((PIXELS, PIXELS, metric))
+        pixels = index.get((PIXELS, PIXELS, metric.removeprefix("pool_")))  # pixels have no head: one readout
         if pixels is not None:
             tables += ["", f"Raw pixels under the same probe settings (no network): {summary_cell(pixels)}."]
         compared = [v for v in variants if v != study.baseline]
