@@ -40,6 +40,12 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
 
+def _pixel_stats(index: dict[tuple[str, str, str], dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The raw-pixel probe's summary under ``metric``'s readout, from a (variant, block, metric) index: pixels have
+    no head, so every readout reads the one probe."""
+    return index.get((PIXELS, PIXELS, metric.removeprefix("pool_")))
+
+
 def summary_cell(stats: dict[str, Any] | None) -> str:
     """``mean ± std (per-seed values)`` of a summary row."""
     if stats is None or not stats["seeds"]:
@@ -99,7 +105,7 @@ def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str,
         header = ["variant", *blocks]
         rows = [[v, *(summary_cell(index.get((v, b, metric))) for b in blocks)] for v in variants]
         tables += ["", f"## {title}", "", *markdown_table(header, rows)]
-        pixels = index.get((PIXELS, PIXELS, metric.removeprefix("pool_")))  # pixels have no head: one readout
+        pixels = _pixel_stats(index, metric)
         if pixels is not None:
             tables += ["", f"Raw pixels under the same probe settings (no network): {summary_cell(pixels)}."]
         compared = [v for v in variants if v != study.baseline]
@@ -183,10 +189,8 @@ def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> s
     panels = per_block_panels(study, stats)
     if not panels:
         return None
-    # raw pixels have no head: one probe, the same line under both readouts
-    pixels = next((s for s in stats if s["metric"] == "linear_top1" and s["variant"] == PIXELS), None)
-    index = {(s["metric"], s["variant"], s["block"]): s for s in stats if s["variant"] != PIXELS}
-    blocks = sorted({b for m, _, b in index if m in PER_BLOCK_READOUTS}, key=depth_key)
+    index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
+    blocks = sorted({b for v, b, m in index if m in PER_BLOCK_READOUTS and v != PIXELS}, key=depth_key)
     readouts = len({metric for _, metric, _ in panels})
     columns = readouts if readouts > 1 else min(2, len(panels))
     rows = math.ceil(len(panels) / columns)
@@ -194,13 +198,13 @@ def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> s
     axes = fig.subplots(rows, columns, sharey=True, squeeze=False).ravel()
     colors = colormaps["tab20"]  # 20 distinct colours, one per variant in every panel
     number = {v: i for i, v in enumerate(study.variants)}
-    for k, (ax, (baseline, metric, members)) in enumerate(zip(axes, panels, strict=False)):
+    for place, (ax, (baseline, metric, members)) in enumerate(zip(axes, panels, strict=False)):
         lines = [(row, row == m) for m in members for row in (m, f"{m}{AT_INIT}")]  # (row, trained)
         for position, (v, trained) in enumerate(lines):
             i = number[v.removesuffix(AT_INIT)]
             offset = (position - (len(lines) - 1) / 2) * 0.04
-            xs = [j + offset for j, b in enumerate(blocks) if (metric, v, b) in index]
-            ss = [index[(metric, v, b)] for b in blocks if (metric, v, b) in index]
+            xs = [j + offset for j, b in enumerate(blocks) if (v, b, metric) in index]
+            ss = [index[(v, b, metric)] for b in blocks if (v, b, metric) in index]
             # a line through the blocks; the concatenation of all blocks is no next block, so its point stands apart
             chained = [k for k, s in enumerate(ss) if s["block"] != CONCAT]
             style: dict[str, Any] = dict(color=colors(i % 20), marker="os^Dv<>p"[i % 8], capsize=3, markersize=5,
@@ -211,12 +215,12 @@ def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> s
                             yerr=[ss[k]["std"] for k in part], linestyle=line,
                             label=(v if trained else f"{v.removesuffix(AT_INIT)} at random init")
                             if line != "none" and part else None, **style)
-        if pixels is not None:
+        if (pixels := _pixel_stats(index, metric)) is not None:
             ax.axhline(pixels["mean"], color="gray", linestyle="--", linewidth=1, label="raw pixels")
         ax.set_xticks(range(len(blocks)), blocks)
         ax.set_title(f"against {baseline}, {PER_BLOCK_READOUTS[metric]}", fontsize=10)
         ax.grid(alpha=0.3)
-        if readouts == 1 or k % columns == columns - 1:  # a row's readouts draw the same variants: one legend
+        if readouts == 1 or place % columns == columns - 1:  # a row's readouts draw the same variants: one legend
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for ax in axes[len(panels):]:
         ax.set_visible(False)
@@ -355,7 +359,7 @@ def _budget_figure(budget: list[dict[str, Any]], stats: list[dict[str, Any]], ou
                                linestyle=style, marker="o", mfc=face, capsize=3,
                                label=(left if side == "variant" else right) if right else f"{name}: {side}")
                 seeds(level, xs, entries, color)
-        pixels = index.get((PIXELS, PIXELS, metric.removeprefix("pool_")))
+        pixels = _pixel_stats(index, metric)
         if pixels is not None:
             level.axhline(pixels["mean"], color="gray", linestyle=":", label="raw pixels")
         for ax in (gap, level):
