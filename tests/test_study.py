@@ -530,6 +530,18 @@ def test_primary_comparisons_are_tested_and_holm_corrected_the_rest_is_explorato
     assert "Everything else is exploratory: the 50 differences" in md and "*" not in md.replace("**", "")
 
 
+def test_primary_comparisons_have_no_verdict_until_every_one_has_its_seeds(tmp_path):
+    # b's last seed is missing: Holm's family is incomplete, so even a's comparison, with all its seeds, waits
+    primary = [dict(variant="a", baseline="base", block="block4", metric="linear_top1"),
+               dict(variant="b", baseline="base", block="block4", metric="knn_top1")]
+    study = _fake_study(tmp_path, primary=primary)
+    (study.run_dir("b", 2) / "probe.json").unlink()
+    md = write_results(study).read_text()
+    results = json.loads((Path(study.out) / "results.json").read_text())["primary"]
+    assert [r["verdict"] for r in results] == ["pending (3 of 3 seeds)", "pending (2 of 3 seeds)"]
+    assert [r["n"] for r in results] == [3, 2] and "| holds |" not in md and "| pending (2 of 3 seeds) |" in md
+
+
 def test_no_primary_declared_says_so(tmp_path):
     md = write_results(_fake_study(tmp_path)).read_text()
     assert "None declared (`primary:` in the study file, before its runs)." in md

@@ -86,7 +86,8 @@ def _primary_lines(primary: list[dict[str, Any]]) -> list[str]:
     return [*lines, "", f"Differences paired by seed (variant - baseline). p: two-sided paired t-test over the seeds; "
             f"Holm p: Holm's step-down adjustment over the {len(primary)} declared comparisons. A comparison holds, in "
             f"the direction of its mean, where its Holm p is below {ALPHA} (family-wise error {ALPHA}); its interval "
-            "is the unadjusted 95% interval (Student's t)."]
+            "is the unadjusted 95% interval (Student's t). The adjustment is over the whole family, so none has a "
+            "verdict until every one has all its declared seeds (`pending` until then)."]
 
 
 def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str, Any]],

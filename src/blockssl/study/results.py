@@ -123,11 +123,23 @@ def _interval(d: Paired) -> dict[str, Any]:
 
 def primary_results(study: Study, values: Values) -> list[dict[str, Any]]:
     """The declared comparisons: their paired differences with the 95% interval, the paired t-test's p-value and
-    Holm's adjustment of it over the declared family; one holds where its adjusted p-value is below ``ALPHA``."""
+    Holm's adjustment of it over the declared family; one holds where its adjusted p-value is below ``ALPHA``.
+
+    Holm's adjustment is over the whole family, so no comparison gets a verdict until every one has all the seeds its
+    two variants are declared with: before that each is ``pending (n of m seeds)``, and reading a verdict off a
+    study stopped early is not possible."""
     tested = [paired(differences(values, c)) for c in study.primary]
+    declared = [len(set(study.seeds_of(c.variant)) & set(study.seeds_of(c.baseline))) for c in study.primary]
+    complete = all(len(d.seeds) == m for d, m in zip(tested, declared, strict=True))
     adjusted = holm([d.p for d in tested])
-    return [dict(asdict(c), **_interval(d), p=d.p, p_holm=h, verdict="holds" if h < ALPHA else "not resolved")
-            for c, d, h in zip(study.primary, tested, adjusted, strict=True)]
+
+    def verdict(d: Paired, m: int, h: float) -> str:
+        if not complete:
+            return f"pending ({len(d.seeds)} of {m} seeds)"
+        return "holds" if h < ALPHA else "not resolved"
+
+    return [dict(asdict(c), **_interval(d), p=d.p, p_holm=h, verdict=verdict(d, m, h))
+            for c, d, m, h in zip(study.primary, tested, declared, adjusted, strict=True)]
 
 
 def budget_results(study: Study, values: Values) -> list[dict[str, Any]]:
