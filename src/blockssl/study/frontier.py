@@ -21,6 +21,7 @@ from blockssl.config import ConfigError
 from blockssl.names import CONCAT
 from blockssl.reporting import markdown_table, palette
 from blockssl.study.render import difference_cell, summary_cell
+from blockssl.study.results import summary_index
 from blockssl.study.spec import PROBE_METRICS, Study
 
 # Each readout's linear and kNN metric; a study without plain-pooling probes has only the first.
@@ -45,7 +46,7 @@ def frontier_points(study: Study, variants: list[str]) -> list[dict[str, Any]]:
     # results.json writes NaN (a spread or interval of one seed) as null; the tables' cells read NaN
     summary = [{k: math.nan if v is None else v for k, v in s.items()}
                for s in json.loads(results.read_text())["summary"]]
-    index = {(s["variant"], s["block"], s["metric"]): s for s in summary}
+    index = summary_index(summary)
     points = []
     for variant in variants:
         cfg = study.config(variant, study.seeds_of(variant)[0])

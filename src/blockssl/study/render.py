@@ -17,6 +17,7 @@ from blockssl.stats import ALPHA, paired
 from blockssl.study.depth import depth_key
 from blockssl.study.progress import is_done
 from blockssl.study.results import (
+    SummaryIndex,
     Values,
     budget_results,
     by_seed,
@@ -24,6 +25,7 @@ from blockssl.study.results import (
     differences,
     primary_results,
     summary,
+    summary_index,
 )
 from blockssl.study.spec import AT_INIT, PIXELS, PROBE_METRICS, Comparison, Study
 
@@ -40,7 +42,7 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
 
-def _pixel_stats(index: dict[tuple[str, str, str], dict[str, Any]], metric: str) -> dict[str, Any] | None:
+def _pixel_stats(index: SummaryIndex, metric: str) -> dict[str, Any] | None:
     """The raw-pixel probe's summary under ``metric``'s readout, from a (variant, block, metric) index: pixels have
     no head, so every readout reads the one probe."""
     return index.get((PIXELS, PIXELS, metric.removeprefix("pool_")))
@@ -92,7 +94,7 @@ def _primary_lines(primary: list[dict[str, Any]]) -> list[str]:
 
 def _markdown(study: Study, stats: list[dict[str, Any]], primary: list[dict[str, Any]],
               budget: list[dict[str, Any]], figures: list[str]) -> str:
-    index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
+    index = summary_index(stats)
     tables: list[str] = []
     explored = 0  # exploratory differences shown: how many intervals could exclude zero by chance
     for metric, title in METRIC_TITLES.items():
@@ -190,7 +192,7 @@ def _per_block_figure(study: Study, stats: list[dict[str, Any]], out: Path) -> s
     panels = per_block_panels(study, stats)
     if not panels:
         return None
-    index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
+    index = summary_index(stats)
     blocks = sorted({b for v, b, m in index if m in PER_BLOCK_READOUTS and v != PIXELS}, key=depth_key)
     readouts = len({metric for _, metric, _ in panels})
     columns = readouts if readouts > 1 else min(2, len(panels))
@@ -320,7 +322,7 @@ def _budget_figure(budget: list[dict[str, Any]], stats: list[dict[str, Any]], ou
     metrics = [m for m in PROBE_METRICS if any(r["metric"] == m for r in budget)]
     if not metrics:
         return None
-    index = {(s["variant"], s["block"], s["metric"]): s for s in stats}
+    index = summary_index(stats)
     series = list(dict.fromkeys(r["series"] for r in budget))
     epochs = sorted({r["epochs"] for r in budget})
     log = epochs[-1] >= 4 * epochs[0]  # budgets that grow by factors

@@ -117,6 +117,14 @@ def summary(rows: list[dict[str, Any]], baseline_of: Callable[[str], str]) -> li
     return out
 
 
+SummaryIndex = dict[tuple[str, str, str], dict[str, Any]]
+
+
+def summary_index(stats: list[dict[str, Any]]) -> SummaryIndex:
+    """``summary``'s rows by (variant, block, metric)."""
+    return {(s["variant"], s["block"], s["metric"]): s for s in stats}
+
+
 def _interval(d: Paired) -> dict[str, Any]:
     return dict(n=len(d.seeds), mean=d.mean, ci95_low=d.mean - d.ci95, ci95_high=d.mean + d.ci95, seeds=d.seeds)
 
@@ -132,14 +140,10 @@ def primary_results(study: Study, values: Values) -> list[dict[str, Any]]:
     declared = [len(set(study.seeds_of(c.variant)) & set(study.seeds_of(c.baseline))) for c in study.primary]
     complete = all(len(d.seeds) == m for d, m in zip(tested, declared, strict=True))
     adjusted = holm([d.p for d in tested])
-
-    def verdict(d: Paired, m: int, h: float) -> str:
-        if not complete:
-            return f"pending ({len(d.seeds)} of {m} seeds)"
-        return "holds" if h < ALPHA else "not resolved"
-
-    return [dict(asdict(c), **_interval(d), p=d.p, p_holm=h, verdict=verdict(d, m, h))
-            for c, d, m, h in zip(study.primary, tested, declared, adjusted, strict=True)]
+    verdicts = [("holds" if h < ALPHA else "not resolved") if complete else f"pending ({len(d.seeds)} of {m} seeds)"
+                for d, m, h in zip(tested, declared, adjusted, strict=True)]
+    return [dict(asdict(c), **_interval(d), p=d.p, p_holm=h, verdict=v)
+            for c, d, h, v in zip(study.primary, tested, adjusted, verdicts, strict=True)]
 
 
 def budget_results(study: Study, values: Values) -> list[dict[str, Any]]:
